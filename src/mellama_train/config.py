@@ -1,0 +1,489 @@
+"""Typed run configuration: dataclasses, profile/recipe/CLI resolution and start-up validation.
+
+Resolution order (later wins): dataclass defaults <- named profile (``profiles/<name>.yaml``) <- recipe YAML
+(``--config``) <- CLI aliases (``--output-dir`` ...) <- ``--set key.sub=value`` overrides.
+
+Nothing here imports DeepSpeed or torch: the config is plain data that every other module reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SAMPLE_DATA_DIR = Path(__file__).parent / "sample_data"
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+# `${sample_data}` in a path resolves to the data shipped inside the package, so the tiny profile works from
+# any working directory and from an installed wheel.
+SAMPLE_DATA_VAR = "${sample_data}"
+
+
+class ConfigError(ValueError):
+    """Every problem found at start-up, one per line, each naming the field and the fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    """Short name used in metrics (`train/loss/<name>`, `data/tokens/<name>`); letters, digits, `_`, `-`."""
+    paths: list[str] = field(default_factory=list)
+    """Files, directories or globs (`**` recurses). jsonl(.gz/.zst), csv(.gz), parquet, txt (one document per
+    file), PubMed baseline XML(.gz) and `datasets.save_to_disk` directories are read as they are."""
+    weight: float = 1.0
+    """Relative share of training TOKENS (not documents): weights 15:1:4 give 75% / 5% / 20% of tokens."""
+    text_field: str | None = None
+    """Column / JSON key holding the text (default `text`); ignored for txt and PubMed XML."""
+    cleaners: list[str] = field(default_factory=list)
+    """Text cleaners applied in order before tokenizing, e.g. [mimic_deid]; off by default."""
+
+
+@dataclass
+class DataConfig:
+    seq_len: int = 4096
+    """Tokens per packed training sequence (LLaMA-2's context is 4096)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The corpora mixed into training, each with its token weight."""
+    seed: int = 1234
+    """Seeds the per-epoch file order of every source; the same seed replays the same token stream."""
+
+
+@dataclass
+class ArchConfig:
+    """LLaMA shape: used to build a random-init model (tiny profile) and for FLOP/memory arithmetic."""
+
+    vocab_size: int = 32000
+    """Vocabulary size; must match the tokenizer."""
+    hidden_size: int = 5120
+    """Model width."""
+    intermediate_size: int = 13824
+    """SwiGLU MLP width."""
+    num_layers: int = 40
+    """Decoder layers."""
+    num_heads: int = 40
+    """Attention heads."""
+    num_kv_heads: int = 40
+    """Key/value heads (grouped-query attention when < num_heads; 70B uses 8)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the RoPE positions are trained for."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+
+
+@dataclass
+class ModelConfig:
+    init: str = "pretrained"
+    """`pretrained`: load weights from `path` (continual pretraining); `random`: build from `arch` (demo, tests)."""
+    path: str | None = None
+    """Hugging Face model directory (config.json + safetensors), e.g. a local LLaMA-2 13B checkout."""
+    tokenizer: str | None = None
+    """Tokenizer directory; defaults to `path`. Any tokenizer `AutoTokenizer` loads."""
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    """Model shape for `init: random`; for `pretrained` it is read from `path`'s config.json."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: trades ~30% compute for activation memory."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: sdpa (default), flash_attention_2, eager."""
+    trust_remote_code: bool = False
+    """Run model code shipped inside the model directory. Off: only enable for directories you trust."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 8e-6
+    """Peak learning rate (Me-LLaMA: 8e-6)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio (the floor), as LLaMA-2 decayed to 10% of peak."""
+    warmup_ratio: float = 0.05
+    """Fraction of total steps of linear warmup (Me-LLaMA: 0.05)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2); Me-LLaMA uses beta2 = 0.95."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices; norms and biases are never decayed."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 1024
+    """Sequences per optimizer step over all ranks (1024 x 4096 = 4M tokens, LLaMA-2's batch)."""
+    micro_batch_size: int = 1
+    """Sequences per rank per forward pass; gradient accumulation = global / (micro x world size)."""
+    train_tokens: int = 129_000_000_000
+    """Token budget of the run (Me-LLaMA: 129B); gives the total steps unless max_steps is set."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps; overrides the token budget (and so shapes the schedule)."""
+    precision: str = "bf16"
+    """bf16 (the recipe) or fp32 (CPU demo: bf16 matmuls are slow on most CPUs)."""
+    seed: int = 42
+    """Seeds model init and dropout."""
+    log_every: int = 10
+    """Steps between metric lines (each log is a host sync)."""
+    save_every: int = 500
+    """Steps between checkpoints; a final checkpoint is always written."""
+    keep_last: int = 3
+    """Complete checkpoints kept on disk (>= 2, so a crash while saving leaves a good one)."""
+    output_dir: str | None = None
+    """Run directory; default: a new `runs/<profile>-<timestamp>`."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir; never: refuse if one exists; or a path."""
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON; its "auto" values are filled from this config."""
+    dist_timeout_minutes: int = 30
+    """Collective timeout: a rank stuck longer than this fails the job instead of hanging it."""
+    world_size: int = 0
+    """Data-parallel ranks; 0 = read from WORLD_SIZE (set by the launcher), else 1. Set it for a dry-run."""
+
+
+@dataclass
+class Config:
+    profile: str = "tiny"
+    """Named profile this config started from."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    # ---- derived numbers -------------------------------------------------------------------------------
+    @property
+    def world_size(self) -> int:
+        return self.train.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return max(1, self.train.global_batch_size // (self.train.micro_batch_size * self.world_size))
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.global_batch_size * self.data.seq_len
+
+    @property
+    def total_steps(self) -> int:
+        if self.train.max_steps:
+            return self.train.max_steps
+        return max(1, math.ceil(self.train.train_tokens / self.tokens_per_step))
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.optim.warmup_ratio * self.total_steps)
+
+    def source_fractions(self) -> dict[str, float]:
+        total = sum(s.weight for s in self.data.sources) or 1.0
+        return {s.name: s.weight / total for s in self.data.sources}
+
+    def derived(self) -> dict[str, Any]:
+        tokens = self.total_steps * self.tokens_per_step
+        return {
+            "world_size": self.world_size,
+            "grad_accum_steps": self.grad_accum_steps,
+            "global_batch_sequences": self.train.global_batch_size,
+            "global_batch_tokens": self.tokens_per_step,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "total_tokens": tokens,
+            "tokens_per_source": {n: round(f * tokens) for n, f in self.source_fractions().items()},
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---- building a Config from nested dicts ---------------------------------------------------------------
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
+    """Check/convert one YAML value against a dataclass field type; record a problem instead of raising."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where, problems)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            problems.append(f"{where} must be a mapping (got {type(value).__name__}); see the profile YAMLs")
+            return typ()
+        return _build(typ, value, where, problems)
+    if origin is list:
+        (item_type,) = typing.get_args(typ)
+        if isinstance(value, (str, int, float)) and item_type is str:
+            value = [value]  # `paths: /data/x.jsonl` means a one-element list
+        if not isinstance(value, list):
+            problems.append(f"{where} must be a list (got {value!r})")
+            return []
+        return [_coerce(v, item_type, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads `8e-6` (no dot) as a string
+        except ValueError:
+            pass
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)  # `train_tokens: 129e9`
+    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+        problems.append(f"{where} must be {typ.__name__} (got {value!r})")
+        return None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> Any:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in types_:
+            hint = difflib.get_close_matches(key, types_, n=1)
+            fix = f"did you mean `{hint[0]}`?" if hint else f"known fields: {', '.join(types_)}"
+            problems.append(f"{where}.{key}: unknown field; {fix}".lstrip("."))
+            continue
+        kwargs[key] = _coerce(value, types_[key], f"{where}.{key}".lstrip("."), problems)
+    return cls(**{k: v for k, v in kwargs.items() if v is not None or k in _nullable(cls)})
+
+
+def _nullable(cls: type) -> set[str]:
+    return {k for k, t in _field_types(cls).items() if typing.get_origin(t) in (typing.Union, types.UnionType)}
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if key == "sources" and isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = _merge_sources(out[key], value)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _merge_sources(base: list[Any], over: list[Any]) -> list[Any]:
+    """A recipe's sources replace the profile's list, but a recipe source named like a profile source inherits
+    its unset fields: a recipe may give only `{name: pubmed, paths: [...]}` and keep the profile's weight."""
+    by_name = {s.get("name"): s for s in base if isinstance(s, dict)}
+    return [_deep_merge(by_name.get(s.get("name"), {}), s) if isinstance(s, dict) else s for s in over]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: file not found; check the --config/--profile path"]) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"{path}:{line} is not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: top level must be a mapping of sections (model, data, optim, train)"])
+    return data
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Apply `a.b.c=value`; list items are addressed by index (`data.sources.0.weight`) or by source name
+    (`data.sources.pubmed.weight`)."""
+    parts = dotted.split(".")
+    node: Any = tree
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = int(part) if part.isdigit() else next(
+                (j for j, s in enumerate(node) if isinstance(s, dict) and s.get("name") == part), None
+            )
+            if idx is None or idx >= len(node):
+                names = [s.get("name") for s in node if isinstance(s, dict)]
+                raise ConfigError([f"--set {dotted}: no list item `{part}` (have {names}); use an index or a name"])
+            if last:
+                node[idx] = value
+            node = node[idx]
+        else:
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected key.sub=value, e.g. --set optim.lr=1e-5"])
+    key, raw = text.split("=", 1)
+    # YAML parsing gives numbers, booleans, null and lists (`[a, b]`) their types.
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def resolve(
+    profile: str = "tiny",
+    recipe: str | None = None,
+    overrides: list[str] | None = None,
+    aliases: dict[str, Any] | None = None,
+) -> Config:
+    """Resolve profile <- recipe <- aliases <- --set into a Config. Type problems raise ConfigError at once;
+    value checks are `validate()`'s job so a dry-run can print the config beside its problems."""
+    profile_path = PROFILES_DIR / f"{profile}.yaml"
+    if not profile_path.exists():
+        raise ConfigError([f"--profile {profile}: unknown profile; choose one of {', '.join(profile_names())}"])
+    tree = load_yaml(profile_path)
+    if recipe:
+        tree = _deep_merge(tree, load_yaml(recipe))
+    for key, value in (aliases or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    tree["profile"] = profile
+    problems: list[str] = []
+    cfg = _build(Config, tree, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    _expand_sample_paths(cfg)
+    cfg.train.ds_config = _find_ds_config(cfg.train.ds_config)
+    return cfg
+
+
+def _find_ds_config(path: str) -> str:
+    """`ds_configs/zero3.json` is relative to the repo root in every documented command; accept it from any
+    working directory by falling back to the checkout this package lives in."""
+    if Path(path).exists() or Path(path).is_absolute():
+        return path
+    repo_copy = Path(__file__).resolve().parents[2] / path
+    return str(repo_copy) if repo_copy.exists() else path
+
+
+def _expand_sample_paths(cfg: Config) -> None:
+    def expand(p: str | None) -> str | None:
+        return p.replace(SAMPLE_DATA_VAR, str(SAMPLE_DATA_DIR)) if p else p
+
+    cfg.model.path = expand(cfg.model.path)
+    cfg.model.tokenizer = expand(cfg.model.tokenizer)
+    for src in cfg.data.sources:
+        src.paths = [expand(p) for p in src.paths]
+
+
+# ---- validation ----------------------------------------------------------------------------------------
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def validate(cfg: Config) -> tuple[list[str], list[str]]:
+    """Return (problems, missing): every invalid value with its fix, and the fields a real run still needs.
+
+    Missing inputs are listed apart so `--dry-run` of a bare profile succeeds and shows what to fill in."""
+    from mellama_train.data.cleaners import CLEANERS
+    from mellama_train.ds_config import check_ds_config
+
+    p: list[str] = []
+    missing: list[str] = []
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+
+    if m.init not in ("pretrained", "random"):
+        p.append(f"model.init must be pretrained or random (got {m.init!r})")
+    if m.init == "pretrained":
+        if not m.path:
+            missing.append("model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)")
+        elif not (Path(m.path) / "config.json").is_file():
+            p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
+    if m.init == "random" and not (m.tokenizer or m.path):
+        missing.append("model.tokenizer: a tokenizer directory (a random-init model has none of its own)")
+    if m.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3", "eager"):
+        p.append(f"model.attn_implementation must be sdpa, flash_attention_2 or eager (got {m.attn_implementation!r})")
+
+    a = m.arch
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+        if getattr(a, name) <= 0:
+            p.append(f"model.arch.{name} must be > 0 (got {getattr(a, name)})")
+    if a.num_heads > 0 and a.hidden_size % a.num_heads:
+        p.append(f"model.arch.hidden_size ({a.hidden_size}) must be divisible by num_heads ({a.num_heads})")
+    if a.num_kv_heads > 0 and a.num_heads % a.num_kv_heads:
+        p.append(f"model.arch.num_heads ({a.num_heads}) must be divisible by num_kv_heads ({a.num_kv_heads})")
+
+    if d.seq_len <= 0:
+        p.append(f"data.seq_len must be > 0 (got {d.seq_len})")
+    elif m.init == "random" and d.seq_len > a.max_position_embeddings:
+        p.append(
+            f"data.seq_len ({d.seq_len}) exceeds model.arch.max_position_embeddings ({a.max_position_embeddings});"
+            " lower seq_len or raise max_position_embeddings"
+        )
+    if not d.sources:
+        p.append("data.sources is empty; add at least one {name, paths, weight} source")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        label = f"data.sources[{s.name or i}]"
+        if not _NAME_RE.match(s.name or ""):
+            p.append(f"{label}.name must be letters, digits, _ or - (got {s.name!r}); it names metrics")
+        if names.count(s.name) > 1 and names.index(s.name) == i:
+            p.append(f"{label}.name is used by {names.count(s.name)} sources; give each source its own name")
+        if not s.weight > 0:
+            p.append(f"{label}.weight must be > 0 (got {s.weight}); drop the source or give it a weight")
+        if not s.paths:
+            missing.append(f"{label}.paths: the files, directories or globs of this source")
+        unknown = [c for c in s.cleaners if c not in CLEANERS]
+        if unknown:
+            p.append(f"{label}.cleaners: unknown {unknown}; known: {', '.join(CLEANERS)}")
+
+    if not o.lr > 0:
+        p.append(f"optim.lr must be > 0 (got {o.lr})")
+    if not 0 <= o.min_lr_ratio <= 1:
+        p.append(f"optim.min_lr_ratio must be in [0, 1] (got {o.min_lr_ratio})")
+    if not 0 <= o.warmup_ratio < 1:
+        p.append(f"optim.warmup_ratio must be in [0, 1) (got {o.warmup_ratio})")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas must be two numbers in [0, 1) (got {o.betas})")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay must be >= 0 (got {o.weight_decay})")
+    if o.grad_clip < 0:
+        p.append(f"optim.grad_clip must be >= 0 (got {o.grad_clip}); 0 disables clipping")
+
+    if t.precision not in ("bf16", "fp32"):
+        p.append(f"train.precision must be bf16 or fp32 (got {t.precision!r}); fp16 is not supported for LLaMA-2")
+    if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
+        p.append("train.micro_batch_size and train.global_batch_size must be > 0")
+    else:
+        per_step = t.micro_batch_size * cfg.world_size
+        if t.global_batch_size % per_step:
+            p.append(
+                f"train.global_batch_size ({t.global_batch_size}) must be divisible by micro_batch_size"
+                f" ({t.micro_batch_size}) x world size ({cfg.world_size}) = {per_step}; change one of them"
+            )
+    if t.max_steps is not None and t.max_steps <= 0:
+        p.append(f"train.max_steps must be > 0 (got {t.max_steps})")
+    if t.train_tokens <= 0 and not t.max_steps:
+        p.append("train.train_tokens must be > 0, or set train.max_steps")
+    if t.save_every <= 0:
+        p.append(f"train.save_every must be > 0 (got {t.save_every})")
+    if t.log_every <= 0:
+        p.append(f"train.log_every must be > 0 (got {t.log_every})")
+    if t.keep_last < 2:
+        p.append(f"train.keep_last must be >= 2 (got {t.keep_last}) so a crash mid-save leaves a complete checkpoint")
+    if not (t.resume in ("auto", "never") or Path(t.resume).exists()):
+        p.append(f"train.resume must be auto, never or an existing checkpoint path (got {t.resume!r})")
+    if not Path(t.ds_config).is_file():
+        p.append(f"train.ds_config: {t.ds_config} not found; pass --ds with a DeepSpeed JSON, e.g. ds_configs/zero3.json")
+    else:
+        p.extend(check_ds_config(t.ds_config, cfg))
+    return p, missing

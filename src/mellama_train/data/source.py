@@ -1,0 +1,162 @@
+"""One corpus as an endless, resumable stream of tokenized documents for one data-parallel rank.
+
+Order: each epoch visits the source's files in a seeded permutation (the same on every rank), and each file's
+records in file order. Rank sharding: record i of the k-th file of the epoch belongs to rank (i + k) % world.
+Every record has exactly one owner, so across ranks no document is duplicated or dropped; rotating the start by
+k spreads one-document-per-file sources (MIMIC-CXR reports) evenly instead of giving them all to rank 0.
+
+State (a few integers plus the unconsumed tail of the current document) is enough to continue at the exact next
+token: a resumed reader reopens the same file and skips to the saved record index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from mellama_train.config import SourceConfig
+from mellama_train.data.cleaners import get_cleaner
+from mellama_train.data.readers import Skip, expand_paths, iter_texts
+
+log = logging.getLogger(__name__)
+
+# Skips are logged with their location only (file:line), never their content: the text may be clinical.
+MAX_SKIP_WARNINGS = 20
+
+
+@dataclass
+class SourceState:
+    epoch: int = 0
+    """Epochs started so far minus one: 0 during the first pass over the files."""
+    file_pos: int = 0
+    """Index into this epoch's file permutation."""
+    record: int = 0
+    """Next record index to read in the current file."""
+    pending: list[int] = field(default_factory=list)
+    """Tokens of the current document not yet handed out (it may span sequences)."""
+    documents: int = 0
+    """Documents this rank has read from this source (all epochs)."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Records skipped by reason (bad_json, missing_field, empty, not_text)."""
+
+
+class SourceStream:
+    """One source's token stream: `take(n)` returns up to n tokens of the current document."""
+
+    def __init__(
+        self,
+        cfg: SourceConfig,
+        encode: Callable[[str], list[int]],
+        bos_id: int | None,
+        eos_id: int | None,
+        rank: int,
+        world_size: int,
+        seed: int,
+    ):
+        self.name = cfg.name
+        self.text_field = cfg.text_field
+        self.files = expand_paths(cfg.paths, cfg.name)
+        self.clean = get_cleaner(cfg.cleaners)
+        self.encode, self.bos_id, self.eos_id = encode, bos_id, eos_id
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.state = SourceState()
+        self._records: Iterator[tuple[int, str | Skip]] | None = None
+        self._warned = 0
+
+    # ---- ordering and sharding ------------------------------------------------------------------------
+    def _epoch_files(self, epoch: int) -> list[str]:
+        order = list(self.files)
+        # str seeds hash deterministically in `random` (unlike hash()), so every rank and every restart agree.
+        random.Random(f"{self.seed}:{self.name}:{epoch}").shuffle(order)
+        return order
+
+    def _open_current(self) -> None:
+        s = self.state
+        path = self._epoch_files(s.epoch)[s.file_pos]
+        offset, world, rank = s.file_pos, self.world_size, self.rank
+        self._records = iter_texts(path, self.text_field, want=lambda i: (i + offset) % world == rank, start=s.record)
+
+    def _next_document(self) -> list[int]:
+        s = self.state
+        wraps = 0  # two epoch ends in one call means a whole epoch held nothing for this rank
+        while True:
+            if self._records is None:
+                self._open_current()
+            item = next(self._records, None)
+            if item is None:  # file exhausted: next file, or next epoch
+                self._records = None
+                s.file_pos, s.record = s.file_pos + 1, 0
+                if s.file_pos == len(self.files):
+                    s.epoch, s.file_pos, wraps = s.epoch + 1, 0, wraps + 1
+                    if wraps >= 2:
+                        raise ValueError(
+                            f"data.sources[{self.name}]: rank {self.rank} of {self.world_size} found no usable "
+                            f"document in {len(self.files)} file(s); a source needs at least one document per rank"
+                        )
+                continue
+            index, text = item
+            s.record = index + 1
+            if isinstance(text, Skip):
+                self._count_skip(text)
+                continue
+            ids = self.encode(self.clean(text))
+            if not ids:
+                self._count_skip(Skip("empty", f"record {index}"))
+                continue
+            s.documents += 1
+            return ([self.bos_id] if self.bos_id is not None else []) + ids + (
+                [self.eos_id] if self.eos_id is not None else []
+            )
+
+    def _count_skip(self, skip: Skip) -> None:
+        self.state.skipped[skip.reason] = self.state.skipped.get(skip.reason, 0) + 1
+        if self._warned < MAX_SKIP_WARNINGS:
+            self._warned += 1
+            log.warning("source %s: skipped a record (%s) at %s", self.name, skip.reason, skip.where)
+
+    # ---- the stream ------------------------------------------------------------------------------------
+    def take(self, max_tokens: int) -> list[int]:
+        """Up to `max_tokens` tokens of the current document (a new document once the last one is used up)."""
+        s = self.state
+        if not s.pending:
+            s.pending = self._next_document()
+        chunk, s.pending = s.pending[:max_tokens], s.pending[max_tokens:]
+        return chunk
+
+    @property
+    def epochs_completed(self) -> int:
+        return self.state.epoch
+
+    # ---- resume ----------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the file list: resuming over different files cannot continue at the same position."""
+        h = hashlib.sha256()
+        for path in self.files:
+            h.update(f"{path}\0{os.path.getsize(path) if os.path.isfile(path) else 0}\0".encode())
+        return h.hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {**s.__dict__, "pending": list(s.pending), "skipped": dict(s.skipped), "files": self.fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        saved = state.pop("files", None)
+        if saved is not None and saved != self.fingerprint():
+            raise ValueError(
+                f"data.sources[{self.name}]: its files changed since the checkpoint (names or sizes), so the "
+                "saved position no longer points at the same documents; restore the files or start a new run"
+            )
+        self.state = SourceState(**state)
+        self._records = None
+
+
+def skip_totals(streams: list[SourceStream]) -> dict[str, int]:
+    """Skipped records per source (all reasons), for metrics."""
+    return {s.name: sum(Counter(s.state.skipped).values()) for s in streams}

@@ -1,0 +1,194 @@
+"""The DeepSpeed boundary: the only module that imports deepspeed.
+
+Everything distributed goes through here: process-group start-up, ZeRO-3 partitioned model construction,
+the wrapped model's forward/backward/step, checkpoint save/load and gathering full weights for export.
+The training loop sees a small `Engine` object and never a DeepSpeed type.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed's comm layer calls torch.distributed functions that torch 2.13 deprecates, once per collective:
+# thousands of identical lines per run that a user can do nothing about.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int) -> DistEnv:
+    """Join (or, without a launcher, create) the process group.
+
+    Without a launcher, `deepspeed.init_distributed()` would fall into MPI discovery and fail, so a plain
+    `python launch/pretrain.py` is made a world of one by setting the variables a launcher would set.
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    # gloo on CPU: DeepSpeed's CPU accelerator would otherwise ask for oneCCL, which a laptop does not have.
+    backend = "nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    log.debug("rank %d/%d on %s (accelerator %s)", rank, world, device, get_accelerator().device_name())
+    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+    """Context in which transformers builds or loads the model.
+
+    Under ZeRO-3 a live `HfDeepSpeedConfig` makes `from_pretrained`/`from_config` construct the model inside
+    `deepspeed.zero.Init`: each parameter is partitioned as soon as it is created or loaded, so no rank ever
+    holds the whole 70B model. The object must stay referenced while the model is built (transformers keeps
+    only a weak reference), and is kept for the engine's lifetime after that.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+
+    holder = HfDeepSpeedConfig(ds_config)
+    _LIVE_HF_DS_CONFIGS.append(holder)
+    yield
+
+
+_LIVE_HF_DS_CONFIGS: list[Any] = []
+
+
+class Engine:
+    """A DeepSpeed-wrapped model, seen by the loop through a few verbs."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ds_config: dict[str, Any],
+        param_groups: list[dict[str, Any]],
+        lr_lambda: Callable[[int], float],
+    ):
+        import deepspeed
+
+        def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+        if not torch.cuda.is_available():
+            # FusedAdam is a CUDA kernel; on CPU use torch's AdamW (same update rule) instead of JIT-building one.
+            ds_config.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = True
+        self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
+        )
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._ds.module
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        return self._ds(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps here: the loop passes the micro-batch mean.
+        self._ds.backward(loss)
+
+    def step(self) -> None:
+        """Call after every micro-batch; the optimizer (and the lr schedule) steps only at accumulation ends."""
+        self._ds.step()
+
+    def train(self) -> None:
+        self._ds.train()
+
+    def eval(self) -> None:
+        self._ds.eval()
+
+    @property
+    def lr(self) -> float:
+        return self._ds.get_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step (before clipping)."""
+        norm = self._ds.get_global_grad_norm()
+        return float(norm) if norm is not None else None
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self._ds.global_steps
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def save(self, checkpoints_dir: str, tag: str) -> None:
+        """Collective: every rank writes its shard of the model, optimizer and scheduler states."""
+        self._ds.save_checkpoint(checkpoints_dir, tag=tag, save_latest=False)
+
+    def load(self, checkpoints_dir: str, tag: str) -> None:
+        path, _ = self._ds.load_checkpoint(checkpoints_dir, tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if path is None:
+            # DeepSpeed only warns and returns None: training would silently restart from step 0.
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoints_dir}/{tag}; see its log above")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: gather the full 16-bit weights on rank 0 (None on other ranks) for the HF export."""
+        if self._ds.zero_optimization_partition_weights():
+            return self._ds._zero3_consolidated_16bit_state_dict()
+        state = self._ds.module.state_dict()
+        return state if torch.distributed.get_rank() == 0 else None
+
+
+# ---- collectives the loop needs, kept here so the loop never touches the process group itself ----------
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small tensor over ranks (a host sync on GPU: call it only when logging)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

@@ -1,0 +1,56 @@
+"""Metrics sinks: metrics.jsonl (one JSON object per line, each with `step`, flushed as written) and
+TensorBoard scalars. Rank 0 writes; other ranks get a no-op logger.
+
+Only numbers pass through here: decoded training text never reaches a metric, a log line or TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self._jsonl = None
+        self._tb = None
+        if enabled:
+            # Append: a resumed run continues the same file; readers merge lines of the same step.
+            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: v for k, v in values.items() if isinstance(v, numbers.Number) and math.isfinite(v)}
+        # Non-finite values (a nan loss) are kept in the JSON line as strings so they are seen, not dropped.
+        odd = {k: str(v) for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
+        self._jsonl.write(json.dumps({"step": step, **clean, **odd}) + "\n")
+        self._jsonl.flush()
+        for key, value in clean.items():
+            self._tb.add_scalar(key, value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._jsonl:
+            self._jsonl.close()
+        if self._tb:
+            self._tb.close()
+
+
+def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl -> {step: merged values}; later lines of a step win (a resumed run re-logs nothing twice,
+    but an eval line may share a step with a train line)."""
+    merged: dict[int, dict[str, Any]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                merged.setdefault(record["step"], {}).update(record)
+    return merged

@@ -1,0 +1,101 @@
+"""Tokenizer and LLaMA model construction (from a Hugging Face directory or a profile's shape), parameter
+groups for weight decay, and the FLOP count behind MFU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from mellama_train.config import Config
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    path = cfg.model.tokenizer or cfg.model.path
+    # transformers 5 builds a LLaMA tokenizer from `tokenizer.model` only through from_pretrained(dir);
+    # constructing LlamaTokenizer(vocab_file=...) directly silently yields an empty vocabulary.
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    if tok.eos_token_id is None:
+        raise ValueError(f"model.tokenizer: {path} defines no EOS token; documents could not be separated")
+    return tok
+
+
+def model_config(cfg: Config, vocab_size: int) -> Any:
+    """The transformers config of the model to train: read from model.path, or built from model.arch."""
+    if cfg.model.init == "pretrained":
+        return AutoConfig.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    a = cfg.model.arch
+    return LlamaConfig(
+        vocab_size=max(a.vocab_size, vocab_size),
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_layers,
+        num_attention_heads=a.num_heads,
+        num_key_value_heads=a.num_kv_heads,
+        max_position_embeddings=a.max_position_embeddings,
+        rms_norm_eps=a.rms_norm_eps,
+        rope_theta=a.rope_theta,
+        tie_word_embeddings=False,  # LLaMA-2 keeps separate input embedding and output head
+    )
+
+
+def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+    """Build or load the model. Call inside `engine.model_construction` so ZeRO-3 partitions it as it loads."""
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    common = {"attn_implementation": cfg.model.attn_implementation, "dtype": dtype}
+    if cfg.model.init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, **common
+        )
+    else:
+        torch.manual_seed(cfg.train.seed)  # every rank draws the same initial weights
+        model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer)), **common)
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(
+            f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size};"
+            " use the tokenizer that belongs to the model"
+        )
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    if cfg.model.gradient_checkpointing:
+        # Non-reentrant checkpointing works with ZeRO-3's parameter gathering hooks and needs no input grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: norms and biases (1-D tensors) are left undecayed, as in LLaMA and Megatron."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        # Under ZeRO-3 a partitioned parameter's .shape is empty; ds_shape keeps its real shape.
+        shape = getattr(param, "ds_shape", param.shape)
+        (decay if len(shape) >= 2 else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N for the matmuls (forward + backward) plus
+    12 * layers * hidden * seq_len for attention scores and values. N excludes the input embedding,
+    a lookup rather than a matmul. Recomputation from gradient checkpointing is not counted (MFU, not HFU)."""
+    n_matmul = n_params - hf_config.vocab_size * hf_config.hidden_size
+    return 6 * n_matmul + 12 * hf_config.num_hidden_layers * hf_config.hidden_size * seq_len
+
+
+# Dense bf16 peak per device, for MFU. Extend as needed; unknown devices report no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)

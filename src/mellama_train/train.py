@@ -1,0 +1,160 @@
+"""The continual-pretraining loop: build everything, then `while step < total_steps`: forward, backward, step,
+log, save. Setup, checkpoint I/O, metrics and export live in their own modules and are called from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from mellama_train import checkpoint, engine, export
+from mellama_train.config import Config
+from mellama_train.data.pipeline import build_train_batches, data_manifest
+from mellama_train.data.source import skip_totals
+from mellama_train.ds_config import resolve_ds_config
+from mellama_train.loss import forward_loss
+from mellama_train.metrics import MetricsLogger
+from mellama_train.model import (
+    build_model,
+    count_params,
+    device_peak_flops,
+    flops_per_token,
+    load_tokenizer,
+    param_groups,
+)
+from mellama_train.outputs import default_output_dir, write_run_record
+from mellama_train.schedule import lr_lambda
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Window:
+    """Loss sums, token counts and time since the last log line; kept on device until logging."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    steps: int = 0
+    started: float = 0.0
+
+    @classmethod
+    def new(cls, num_sources: int, device: torch.device) -> Window:
+        zeros = torch.zeros(num_sources, dtype=torch.float64, device=device)
+        return cls(zeros, zeros.clone(), 0, time.perf_counter())
+
+
+def train(cfg: Config) -> Path:
+    env = engine.init_distributed(cfg.train.dist_timeout_minutes)
+    run_dir = Path(engine.broadcast_object(cfg.train.output_dir or str(default_output_dir(cfg))))
+    cfg.train.output_dir = str(run_dir)
+    # Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
+    found = checkpoint.find_resume_point(run_dir, cfg.train.resume) if env.is_main else None
+    resume_from = engine.broadcast_object(str(found) if found else None)
+    resume_from = Path(resume_from) if resume_from else None
+    ds_config = resolve_ds_config(cfg.train.ds_config, cfg)
+    if env.is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_run_record(run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from) if resume_from else None)
+    engine.barrier()
+
+    log.info("run directory %s (world size %d)", run_dir, env.world_size)
+    tokenizer = load_tokenizer(cfg)
+    with engine.model_construction(ds_config):
+        model = build_model(cfg, tokenizer)
+    n_params = count_params(model)
+    flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len)
+    eng = engine.Engine(
+        model, ds_config, param_groups(model, cfg.optim.weight_decay),
+        lr_lambda(cfg.warmup_steps, cfg.total_steps, cfg.optim.min_lr_ratio),
+    )
+    log.info("model ready: %.1fM parameters, %d steps of %d tokens", n_params / 1e6, cfg.total_steps,
+             cfg.tokens_per_step)
+    data = build_train_batches(cfg, tokenizer, env.rank, env.world_size)
+    state = checkpoint.TrainerState(world_size=env.world_size)
+    if resume_from is not None:
+        state, data_state = checkpoint.load(eng, resume_from, env.rank, env.world_size)
+        data.load_state_dict(data_state)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+
+    names = data.source_names
+    metrics = MetricsLogger(run_dir, env.is_main)
+    peak_flops = device_peak_flops(env.device)
+    progress = tqdm(total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    window = Window.new(len(names), env.device)
+    eng.train()
+    while state.step < cfg.total_steps:
+        lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
+        for _ in range(cfg.grad_accum_steps):
+            batch = next(data)
+            loss, sums, counts = forward_loss(eng, batch, len(names), env.device)
+            eng.backward(loss)
+            eng.step()  # optimizer + lr schedule step only on the last micro-batch
+            window.sums += sums
+            window.counts += counts
+        state.step += 1
+        window.steps += 1
+
+        last = state.step == cfg.total_steps
+        if state.step % cfg.train.log_every == 0 or last:
+            values = _window_metrics(window, eng, data, names, cfg, flops_tok, peak_flops, env.world_size)
+            values["train/lr"] = lr
+            state.tokens_by_source = {n: int(values[f"data/tokens/{n}"]) for n in names}
+            metrics.log(state.step, values)
+            progress.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}")
+            window = Window.new(len(names), env.device)
+        progress.update(1)
+        if state.step % cfg.train.save_every == 0 or last:
+            if not (state.step % cfg.train.log_every == 0 or last):
+                state.tokens_by_source = _global_tokens(data, names, env.device)
+            checkpoint.save(eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last)
+    progress.close()
+
+    probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
+    metrics.log(state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device)})
+    export.write_hf_model(eng, tokenizer, run_dir / "final", env.is_main)
+    metrics.close()
+    engine.barrier()
+    return run_dir
+
+
+def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[str, int]:
+    local = torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=device)
+    return {n: int(v) for n, v in zip(names, engine.all_reduce_sum(local).tolist())}
+
+
+def _window_metrics(
+    window: Window, eng: engine.Engine, data: Any, names: list[str], cfg: Config,
+    flops_tok: float, peak_flops: float | None, world_size: int,
+) -> dict[str, float]:
+    """One all-reduce of loss sums, token counts and data counters; the only host sync of a logged step."""
+    n = len(names)
+    local = torch.cat([
+        window.sums, window.counts,
+        torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=window.sums.device),
+        torch.tensor(list(skip_totals(data.mixture.streams).values()), dtype=torch.float64, device=window.sums.device),
+    ])
+    total = engine.all_reduce_sum(local).tolist()
+    sums, counts, tokens, skipped = total[:n], total[n:2 * n], total[2 * n:3 * n], total[3 * n:]
+    elapsed = time.perf_counter() - window.started
+    tokens_per_sec = window.steps * cfg.tokens_per_step / max(elapsed, 1e-9)
+    values = {
+        "train/loss": sum(sums) / max(sum(counts), 1.0),
+        "train/tokens_per_sec": tokens_per_sec,
+        "train/tokens": sum(tokens),
+    }
+    if (norm := eng.grad_norm) is not None:
+        values["train/grad_norm"] = norm
+    if peak_flops:
+        values["train/mfu"] = flops_tok * tokens_per_sec / (peak_flops * world_size)
+    for i, name in enumerate(names):
+        if counts[i]:
+            values[f"train/loss/{name}"] = sums[i] / counts[i]
+        values[f"data/tokens/{name}"] = tokens[i]
+        values[f"data/skipped/{name}"] = skipped[i]
+    return values

@@ -1,0 +1,313 @@
+"""Readers and cleaners on small files built in tmp_path: every format, skips, selection, errors."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from mellama_train.data import readers
+from mellama_train.data.cleaners import get_cleaner, mimic_deid
+from mellama_train.data.readers import (
+    DataFileError,
+    Skip,
+    count_records,
+    detect_format,
+    expand_paths,
+    iter_texts,
+)
+
+SENTINEL = "PATIENT-SECRET-4711"
+DOCS = ["first doc", "second doc", "third doc", "fourth doc", "fifth doc"]
+
+
+def read(path, text_field=None, **kwargs) -> list:
+    return list(iter_texts(str(path), text_field, **kwargs))
+
+
+def as_records(texts: list[str]) -> list:
+    return list(enumerate(texts))
+
+
+def write_jsonl(path, lines: list[str]) -> str:
+    data = ("\n".join(lines) + "\n").encode()
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    elif str(path).endswith(".zst"):
+        data = zstandard.ZstdCompressor().compress(data)
+    path.write_bytes(data)
+    return str(path)
+
+
+# --- jsonl -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a.jsonl", "a.jsonl.gz", "a.jsonl.zst", "a.ndjson"])
+def test_jsonl_plain_and_compressed_give_the_same_records(tmp_path, name):
+    path = write_jsonl(tmp_path / name, [json.dumps({"text": doc, "id": i}) for i, doc in enumerate(DOCS)])
+    assert read(path) == as_records(DOCS)
+    assert count_records(path) == len(DOCS)
+
+
+def test_jsonl_skips_are_counted_located_and_content_free(tmp_path):
+    lines = [
+        json.dumps({"text": "ok 0"}),
+        "",  # blank lines are not records but still count as lines for the location
+        '{"text": "' + SENTINEL + '", broken',
+        json.dumps({"body": SENTINEL}),
+        json.dumps({"text": 42}),
+        json.dumps({"text": "  \n "}),
+        json.dumps([SENTINEL]),
+        json.dumps({"text": "ok 6"}),
+    ]
+    path = write_jsonl(tmp_path / "a.jsonl", lines)
+    records = read(path)
+    assert [index for index, _ in records] == list(range(7))
+    assert records[0] == (0, "ok 0") and records[6] == (6, "ok 6")
+    assert [rec for _, rec in records[1:6]] == [
+        Skip("bad_json", f"{path}:line 3"),
+        Skip("missing_field", f"{path}:line 4"),
+        Skip("not_text", f"{path}:line 5"),
+        Skip("empty", f"{path}:line 6"),
+        Skip("bad_json", f"{path}:line 7"),
+    ]
+    assert all(SENTINEL not in rec.where for _, rec in records[1:6])
+    assert count_records(path) == 7
+
+
+def test_jsonl_text_field_and_want_start_select_exact_indices(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [json.dumps({"body": doc}) for doc in DOCS])
+    assert read(path, "body", want=lambda i: i % 2 == 1) == [(1, DOCS[1]), (3, DOCS[3])]
+    assert read(path, "body", start=3) == [(3, DOCS[3]), (4, DOCS[4])]
+    assert read(path, "body", want=lambda i: i != 3, start=2) == [(2, DOCS[2]), (4, DOCS[4])]
+
+
+def test_jsonl_unwanted_lines_are_not_decoded(tmp_path, monkeypatch):
+    lines = [json.dumps({"text": doc}) for doc in DOCS]
+    lines[1] = "not json " + SENTINEL
+    path = write_jsonl(tmp_path / "a.jsonl", lines)
+    decoded = []
+    real_loads = json.loads
+    monkeypatch.setattr(readers.json, "loads", lambda s, *a, **k: decoded.append(s) or real_loads(s, *a, **k))
+    # The bad line 1 is not wanted, so it neither produces a Skip nor gets decoded.
+    assert read(path, want=lambda i: i in (0, 4)) == [(0, DOCS[0]), (4, DOCS[4])]
+    assert len(decoded) == 2
+
+
+def test_json_array_file_is_rejected_with_the_fix(tmp_path):
+    path = tmp_path / "docs.json"
+    path.write_text(json.dumps([{"text": doc} for doc in DOCS]))
+    with pytest.raises(DataFileError, match=r"docs\.json.*JSON array.*one object per line"):
+        read(path)
+
+
+# --- csv ---------------------------------------------------------------------------------------------------
+
+
+def write_csv(path, header: list[str], rows: list[list[str]]) -> str:
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wt", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+def test_csv_gz_with_long_multiline_field_and_row_skips(tmp_path):
+    long_note = "Discharge summary.\n" + "x" * 200_000  # past csv's 131072 default field limit
+    rows = [["1", long_note], ["2", ""], ["3", 'short, quoted "note"']]
+    path = write_csv(tmp_path / "discharge.csv.gz", ["note_id", "text"], rows)
+    assert read(path) == [(0, long_note), (1, Skip("empty", f"{path}:row 2")), (2, rows[2][1])]
+    assert read(path, start=2) == [(2, rows[2][1])]
+    assert count_records(path) == 3
+
+
+def test_csv_missing_column_names_column_file_and_columns(tmp_path):
+    path = write_csv(tmp_path / "notes.csv", ["note_id", "note"], [["1", "a"]])
+    with pytest.raises(DataFileError, match=r"notes\.csv: no column 'text' \(columns: note_id, note\)"):
+        read(path)
+    assert read(path, "note") == [(0, "a")]
+
+
+# --- parquet -----------------------------------------------------------------------------------------------
+
+
+def test_parquet_across_row_groups_with_nulls_and_selection(tmp_path):
+    texts = [f"doc {i}" for i in range(2500)]
+    texts[1500] = None
+    path = str(tmp_path / "a.parquet")
+    pq.write_table(pa.table({"id": list(range(2500)), "text": texts}), path, row_group_size=1000)
+    records = read(path)
+    assert [i for i, _ in records] == list(range(2500))
+    assert records[1500] == (1500, Skip("missing_field", f"{path}:row 1501"))
+    assert records[2499] == (2499, "doc 2499")
+    assert read(path, want=lambda i: i % 1000 == 7, start=1000) == [(1007, "doc 1007"), (2007, "doc 2007")]
+    assert read(path, "id", start=2498) == [(2498, Skip("not_text", f"{path}:row 2499"))] + [
+        (2499, Skip("not_text", f"{path}:row 2500"))
+    ]
+    assert count_records(path) == 2500
+    with pytest.raises(DataFileError, match=r"a\.parquet: no column 'body' \(columns: id, text\)"):
+        read(path, "body")
+
+
+# --- text --------------------------------------------------------------------------------------------------
+
+
+def test_directory_of_text_files_is_one_record_per_file_sorted(tmp_path):
+    reports = tmp_path / "cxr"
+    (reports / "p10").mkdir(parents=True)
+    (reports / "p10" / "s2.txt").write_text("FINDINGS: clear lungs.\n")
+    (reports / "p10" / "s1.txt").write_text("IMPRESSION: no acute process.\n")
+    (reports / "s0.txt.gz").write_bytes(gzip.compress(b"gzipped report"))
+    (reports / "empty.txt").write_text("  \n")
+    (reports / ".hidden.txt").write_text("ignored")
+    (reports / "notes.pdf").write_text("ignored")
+    units = expand_paths([str(reports)], "cxr")
+    names = [os.path.relpath(unit, reports) for unit in units]
+    assert names == ["empty.txt", "p10/s1.txt", "p10/s2.txt", "s0.txt.gz"]
+    assert read(units[0]) == [(0, Skip("empty", units[0]))]
+    assert [read(unit) for unit in units[1:]] == [
+        [(0, "IMPRESSION: no acute process.\n")],
+        [(0, "FINDINGS: clear lungs.\n")],
+        [(0, "gzipped report")],
+    ]
+    assert read(units[1], start=1) == []
+    assert count_records(units[1]) == 1
+
+
+# --- hf_dataset --------------------------------------------------------------------------------------------
+
+
+def test_save_to_disk_dir_is_one_unit_and_is_read(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    texts = [f"note {i}" for i in range(2100)]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(2100))}).save_to_disk(
+        tmp_path / "hf" / "notes"
+    )
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"text": ["v"]})}).save_to_disk(
+        tmp_path / "hf" / "dd"
+    )
+    write_jsonl(tmp_path / "hf" / "extra.jsonl", [json.dumps({"text": "x"})])
+    units = expand_paths([str(tmp_path / "hf")], "hf")
+    assert units == sorted(
+        [str(tmp_path / "hf" / "dd"), str(tmp_path / "hf" / "extra.jsonl"), str(tmp_path / "hf" / "notes")]
+    )
+    # A recursive glob reaches the dataset's own state.json / .arrow files; they must not become units.
+    assert expand_paths([str(tmp_path / "hf" / "**")], "hf") == units
+    notes = str(tmp_path / "hf" / "notes")
+    assert detect_format(notes) == "hf_dataset"
+    assert read(notes) == as_records(texts)
+    assert read(notes, want=lambda i: i % 1000 == 1, start=5) == [(1001, "note 1001"), (2001, "note 2001")]
+    assert count_records(notes) == 2100
+    with pytest.raises(DataFileError, match=r"notes: no column 'body' \(columns: text, n\)"):
+        read(notes, "body")
+    with pytest.raises(DataFileError, match=r"no 'train' split \(splits: validation\)"):
+        read(tmp_path / "hf" / "dd")
+
+
+# --- pubmed_xml --------------------------------------------------------------------------------------------
+
+PUBMED_XML = """<?xml version="1.0" encoding="utf-8"?>
+<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025//EN"
+  "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">
+<PubmedArticleSet>
+<PubmedArticle><MedlineCitation><PMID>1</PMID><Article>
+  <ArticleTitle>Aspirin and <i>H. pylori</i> infection.</ArticleTitle>
+  <Abstract>
+    <AbstractText Label="BACKGROUND" NlmCategory="BACKGROUND">Why we looked.</AbstractText>
+    <AbstractText Label="RESULTS">CO<sub>2</sub> rose.</AbstractText>
+  </Abstract>
+</Article></MedlineCitation></PubmedArticle>
+<PubmedArticle><MedlineCitation><PMID>2</PMID><Article>
+  <ArticleTitle>Title only.</ArticleTitle>
+</Article></MedlineCitation></PubmedArticle>
+<DeleteCitation><PMID>9</PMID></DeleteCitation>
+<PubmedArticle><MedlineCitation><PMID>3</PMID><Article><ArticleTitle/></Article></MedlineCitation></PubmedArticle>
+<PubmedArticle><MedlineCitation><PMID>4</PMID><Article>
+  <ArticleTitle>Plain abstract.</ArticleTitle><Abstract><AbstractText>One part.</AbstractText></Abstract>
+</Article></MedlineCitation></PubmedArticle>
+</PubmedArticleSet>
+"""
+
+
+def test_pubmed_xml_gz_titles_labelled_abstracts_and_empty_skip(tmp_path):
+    path = tmp_path / "pubmed25n0001.xml.gz"
+    path.write_bytes(gzip.compress(PUBMED_XML.encode()))
+    path = str(path)
+    assert detect_format(path) == "pubmed_xml"
+    assert read(path, "ignored") == [
+        (0, "Aspirin and H. pylori infection.\n\nBACKGROUND: Why we looked.\nRESULTS: CO2 rose."),
+        (1, "Title only."),
+        (2, Skip("empty", f"{path}:article 3")),
+        (3, "Plain abstract.\n\nOne part."),
+    ]
+    assert read(path, want=lambda i: i == 3) == [(3, "Plain abstract.\n\nOne part.")]
+    assert count_records(path) == 4
+
+
+def test_truncated_pubmed_xml_names_file_and_line(tmp_path):
+    path = tmp_path / "pubmed25n0002.xml"
+    path.write_text(PUBMED_XML[: PUBMED_XML.index("<PubmedArticle><MedlineCitation><PMID>2")] + "<Pubmed")
+    with pytest.raises(DataFileError, match=r"pubmed25n0002\.xml: malformed XML at line \d+"):
+        read(path)
+
+
+# --- paths, formats and open errors ------------------------------------------------------------------------
+
+
+def test_expand_paths_globs_dedupes_and_reports_empty_patterns(tmp_path):
+    for name in ["b.jsonl", "a.jsonl", "sub/c.jsonl.zst", "sub/.d.jsonl", "readme.rst"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("{}\n")
+    patterns = [str(tmp_path / "**" / "*.jsonl*"), str(tmp_path / "a.jsonl"), str(tmp_path / "*")]
+    assert expand_paths(patterns, "rp") == [
+        str(tmp_path / n) for n in ["a.jsonl", "b.jsonl", "sub/c.jsonl.zst"]
+    ]
+    missing = str(tmp_path / "nope" / "*.jsonl")
+    expected = re.escape(f"data.sources[pubmed].paths: '{missing}' matched no files; check the path or glob")
+    with pytest.raises(DataFileError, match=expected):
+        expand_paths([str(tmp_path / "a.jsonl"), missing], "pubmed")
+
+
+def test_detect_format_and_open_errors_name_the_file(tmp_path):
+    assert [detect_format(n) for n in ["a.NDJSON.zstd", "x.csv.gz", "p.parquet", "r.md", "b.xml"]] == [
+        "jsonl",
+        "csv",
+        "parquet",
+        "text",
+        "pubmed_xml",
+    ]
+    (tmp_path / "a.docx").write_text("x")
+    with pytest.raises(DataFileError, match=r"a\.docx: unknown file type; accepted: \.jsonl"):
+        detect_format(str(tmp_path / "a.docx"))
+    with pytest.raises(DataFileError, match=r"gone\.jsonl: not found; check the path"):
+        read(tmp_path / "gone.jsonl")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataFileError, match=r"bad\.jsonl\.gz: could not read .*truncated or corrupt"):
+        count_records(str(tmp_path / "bad.jsonl.gz"))
+
+
+# --- cleaners ----------------------------------------------------------------------------------------------
+
+
+def test_mimic_deid_replaces_both_placeholder_styles():
+    note = "Admitted [**2150-3-4**] to [**Hospital1 18**] by Dr. [**Last Name (NamePattern1) **].\nSeen by ___ on ____."
+    assert mimic_deid(note) == "Admitted [deid] to [deid] by Dr. [deid].\nSeen by [deid] on [deid]."
+    assert mimic_deid("keep a_b and __ and [* x *]") == "keep a_b and __ and [* x *]"
+
+
+def test_get_cleaner_composes_in_order_and_rejects_unknown_names():
+    clean = get_cleaner(["strip_control", "mimic_deid", "collapse_whitespace"])
+    assert clean("  a\x00b \t [**Name**]\r\n\n\n\n c  ") == "ab [deid]\n\n c"
+    assert get_cleaner([])("as is ") == "as is "
+    with pytest.raises(
+        ValueError, match="'nope'; known cleaners: collapse_whitespace, mimic_deid, strip_control"
+    ):
+        get_cleaner(["mimic_deid", "nope"])
