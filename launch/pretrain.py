@@ -1,13 +1,13 @@
 """Continual pretraining (Me-LLaMA recipe) on DeepSpeed ZeRO-3.
 
-    # the embedded tiny demo: CPU, offline, a couple of minutes
-    python launch/pretrain.py                                           # one process, no launcher
-    deepspeed launch/pretrain.py --ds ds_configs/zero3.json             # DeepSpeed launcher, local devices
-    deepspeed --num_gpus 2 launch/pretrain.py --ds ds_configs/zero3.json  # 2 ranks (gloo on CPU)
+# the embedded tiny demo: CPU, offline, a couple of minutes
+python launch/pretrain.py                                           # one process, no launcher
+deepspeed launch/pretrain.py --ds ds_configs/zero3.json             # DeepSpeed launcher, local devices
+deepspeed --num_gpus 2 launch/pretrain.py --ds ds_configs/zero3.json  # 2 ranks (gloo on CPU)
 
-    # the real thing: LLaMA-2 13B / 70B on a GPU cluster (see README: recipes, multi-node)
-    deepspeed launch/pretrain.py --ds ds_configs/zero3.json --profile 13b --config my_recipe.yaml
-    python launch/pretrain.py --profile 70b --dry-run                   # resolved config + derived numbers
+# the real thing: LLaMA-2 13B / 70B on a GPU cluster (see README: recipes, multi-node)
+deepspeed launch/pretrain.py --ds ds_configs/zero3.json --profile 13b --config my_recipe.yaml
+python launch/pretrain.py --profile 70b --dry-run                   # resolved config + derived numbers
 """
 
 import sys

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,25 +76,39 @@ def test_precedence_profile_recipe_aliases_overrides(tmp_path):
         "train: {save_every: 7}\n"
         "data:\n  sources:\n    - {name: pubmed, paths: [/data/pubmed/*.jsonl.gz]}\n"
     )
-    cfg = resolve("13b", str(recipe), overrides=["optim.lr=2e-5", "data.sources.pubmed.weight=3"],
-                  aliases={"train.save_every": 9, "train.max_steps": None})
+    cfg = resolve(
+        "13b",
+        str(recipe),
+        overrides=["optim.lr=2e-5", "data.sources.pubmed.weight=3"],
+        aliases={"train.save_every": 9, "train.max_steps": None},
+    )
     assert cfg.optim.lr == 2e-5  # --set beats the recipe
     assert cfg.train.save_every == 9  # the alias beats the recipe
     assert cfg.train.max_steps is None  # an alias left unset changes nothing
     # The recipe's source list replaces the profile's, inheriting unset fields from a same-named source.
-    assert [(s.name, s.paths, s.weight) for s in cfg.data.sources] == [("pubmed", ["/data/pubmed/*.jsonl.gz"], 3.0)]
+    assert [(s.name, s.paths, s.weight) for s in cfg.data.sources] == [
+        ("pubmed", ["/data/pubmed/*.jsonl.gz"], 3.0)
+    ]
 
 
 def test_validation_lists_every_problem_with_its_fix():
-    cfg = resolve("tiny", overrides=[
-        "data.sources.mimic.weight=0", "optim.warmup_ratio=1.5", "train.keep_last=1", "train.global_batch_size=7",
-    ])
+    cfg = resolve(
+        "tiny",
+        overrides=[
+            "data.sources.mimic.weight=0",
+            "optim.warmup_ratio=1.5",
+            "train.keep_last=1",
+            "train.global_batch_size=7",
+        ],
+    )
     problems, _ = validate(cfg)
     text = "\n".join(problems)
     assert "data.sources[mimic].weight must be > 0 (got 0.0); drop the source or give it a weight" in text
     assert "optim.warmup_ratio must be in [0, 1) (got 1.5)" in text
     assert "train.keep_last must be >= 2 (got 1)" in text
-    assert "train.global_batch_size (7) must be divisible by micro_batch_size (4) x world size (1) = 4" in text
+    assert (
+        "train.global_batch_size (7) must be divisible by micro_batch_size (4) x world size (1) = 4" in text
+    )
     assert len(problems) == 4
 
 
@@ -145,3 +161,9 @@ def test_sample_data_placeholder_expands_inside_the_package():
     cfg = resolve("tiny")
     assert all("${sample_data}" not in p for s in cfg.data.sources for p in s.paths)
     assert Path(cfg.model.tokenizer, "tokenizer.model").is_file()
+
+
+def test_config_reference_doc_is_current():
+    """docs/CONFIG.md is generated from the dataclass docstrings; a new field must regenerate it."""
+    proc = subprocess.run([sys.executable, str(REPO / "tools/gen_config_docs.py"), "--check"], cwd=REPO)
+    assert proc.returncode == 0, "docs/CONFIG.md is stale: run python tools/gen_config_docs.py"

@@ -50,7 +50,9 @@ def tag_for(step: int) -> str:
 def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     if not checkpoints_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _TAG_RE.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in checkpoints_dir.iterdir() if (m := _TAG_RE.match(p.name)) and p.is_dir()
+    ]
     return sorted(found)
 
 

@@ -23,16 +23,31 @@ def pretrain_parser() -> argparse.ArgumentParser:
         prog="launch/pretrain.py",
         description="Continual pretraining of a LLaMA model on a weighted mixture of corpora (DeepSpeed ZeRO).",
     )
-    p.add_argument("--ds", metavar="PATH", help="DeepSpeed JSON (default ds_configs/zero3.json) = train.ds_config")
-    p.add_argument("--profile", default="tiny", help=f"named profile: {', '.join(profile_names())} (default tiny)")
+    p.add_argument(
+        "--ds", metavar="PATH", help="DeepSpeed JSON (default ds_configs/zero3.json) = train.ds_config"
+    )
+    p.add_argument(
+        "--profile", default="tiny", help=f"named profile: {', '.join(profile_names())} (default tiny)"
+    )
     p.add_argument("--config", metavar="PATH", help="recipe YAML applied over the profile")
-    p.add_argument("--output-dir", metavar="PATH", help="run directory = train.output_dir (default runs/<profile>-<time>)")
+    p.add_argument(
+        "--output-dir",
+        metavar="PATH",
+        help="run directory = train.output_dir (default runs/<profile>-<time>)",
+    )
     p.add_argument("--max-steps", type=int, metavar="N", help="= train.max_steps")
     p.add_argument("--save-every", type=int, metavar="N", help="= train.save_every")
     p.add_argument("--resume", metavar="{auto,never,PATH}", help="= train.resume (default auto)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any field, e.g. --set optim.lr=1e-5 --set data.sources.mimic.weight=2")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any field, e.g. --set optim.lr=1e-5 --set data.sources.mimic.weight=2",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit"
+    )
     # DeepSpeed's launcher passes --local_rank; LOCAL_RANK in the environment is what we actually read.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -51,10 +66,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     d = cfg.derived()
-    lines = ["# resolved config (profile <- recipe <- CLI)", yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(), ""]
+    lines = [
+        "# resolved config (profile <- recipe <- CLI)",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "",
+    ]
     lines.append(f"# derived numbers (world size {d['world_size']}: WORLD_SIZE or train.world_size)")
     lines.append(f"grad_accum_steps:        {d['grad_accum_steps']}")
-    lines.append(f"global batch:            {d['global_batch_sequences']} sequences = {d['global_batch_tokens']:,} tokens")
+    lines.append(
+        f"global batch:            {d['global_batch_sequences']} sequences = {d['global_batch_tokens']:,} tokens"
+    )
     lines.append(f"total steps:             {d['total_steps']:,}")
     lines.append(f"warmup steps:            {d['warmup_steps']:,} ({cfg.optim.warmup_ratio:.0%} of total)")
     lines.append(f"total tokens:            {d['total_tokens']:,}")
@@ -110,6 +131,8 @@ def main(argv: list[str] | None = None) -> Any:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"pretrain": pretrain_main}
     if not argv or argv[0] not in commands:
-        print(f"usage: mellama-train {{{','.join(commands)}}} [options]  (see --help of each)", file=sys.stderr)
+        print(
+            f"usage: mellama-train {{{','.join(commands)}}} [options]  (see --help of each)", file=sys.stderr
+        )
         return EXIT_CONFIG
     return commands[argv[0]](argv[1:])

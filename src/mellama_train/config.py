@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-SAMPLE_DATA_DIR = Path(__file__).parent / "sample_data"
+from mellama_train.sample_data import SAMPLE_DATA_DIR
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # `${sample_data}` in a path resolves to the data shipped inside the package, so the tiny profile works from
@@ -244,7 +244,9 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
             pass
     if typ is int and isinstance(value, float) and value.is_integer():
         return int(value)  # `train_tokens: 129e9`
-    if typ in (int, float, str, bool) and not (isinstance(value, typ) and not (typ is int and isinstance(value, bool))):
+    if typ in (int, float, str, bool) and not (
+        isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    ):
         problems.append(f"{where} must be {typ.__name__} (got {value!r})")
         return None
     return value
@@ -264,7 +266,9 @@ def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> 
 
 
 def _nullable(cls: type) -> set[str]:
-    return {k for k, t in _field_types(cls).items() if typing.get_origin(t) in (typing.Union, types.UnionType)}
+    return {
+        k for k, t in _field_types(cls).items() if typing.get_origin(t) in (typing.Union, types.UnionType)
+    }
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -313,12 +317,18 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            idx = int(part) if part.isdigit() else next(
-                (j for j, s in enumerate(node) if isinstance(s, dict) and s.get("name") == part), None
+            idx = (
+                int(part)
+                if part.isdigit()
+                else next(
+                    (j for j, s in enumerate(node) if isinstance(s, dict) and s.get("name") == part), None
+                )
             )
             if idx is None or idx >= len(node):
                 names = [s.get("name") for s in node if isinstance(s, dict)]
-                raise ConfigError([f"--set {dotted}: no list item `{part}` (have {names}); use an index or a name"])
+                raise ConfigError(
+                    [f"--set {dotted}: no list item `{part}` (have {names}); use an index or a name"]
+                )
             if last:
                 node[idx] = value
             node = node[idx]
@@ -347,7 +357,9 @@ def resolve(
     value checks are `validate()`'s job so a dry-run can print the config beside its problems."""
     profile_path = PROFILES_DIR / f"{profile}.yaml"
     if not profile_path.exists():
-        raise ConfigError([f"--profile {profile}: unknown profile; choose one of {', '.join(profile_names())}"])
+        raise ConfigError(
+            [f"--profile {profile}: unknown profile; choose one of {', '.join(profile_names())}"]
+        )
     tree = load_yaml(profile_path)
     if recipe:
         tree = _deep_merge(tree, load_yaml(recipe))
@@ -405,13 +417,17 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         p.append(f"model.init must be pretrained or random (got {m.init!r})")
     if m.init == "pretrained":
         if not m.path:
-            missing.append("model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)")
+            missing.append(
+                "model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)"
+            )
         elif not (Path(m.path) / "config.json").is_file():
             p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
     if m.init == "random" and not (m.tokenizer or m.path):
         missing.append("model.tokenizer: a tokenizer directory (a random-init model has none of its own)")
     if m.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3", "eager"):
-        p.append(f"model.attn_implementation must be sdpa, flash_attention_2 or eager (got {m.attn_implementation!r})")
+        p.append(
+            f"model.attn_implementation must be sdpa, flash_attention_2 or eager (got {m.attn_implementation!r})"
+        )
 
     a = m.arch
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -460,7 +476,9 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         p.append(f"optim.grad_clip must be >= 0 (got {o.grad_clip}); 0 disables clipping")
 
     if t.precision not in ("bf16", "fp32"):
-        p.append(f"train.precision must be bf16 or fp32 (got {t.precision!r}); fp16 is not supported for LLaMA-2")
+        p.append(
+            f"train.precision must be bf16 or fp32 (got {t.precision!r}); fp16 is not supported for LLaMA-2"
+        )
     if t.micro_batch_size <= 0 or t.global_batch_size <= 0:
         p.append("train.micro_batch_size and train.global_batch_size must be > 0")
     else:
@@ -479,11 +497,15 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
     if t.log_every <= 0:
         p.append(f"train.log_every must be > 0 (got {t.log_every})")
     if t.keep_last < 2:
-        p.append(f"train.keep_last must be >= 2 (got {t.keep_last}) so a crash mid-save leaves a complete checkpoint")
+        p.append(
+            f"train.keep_last must be >= 2 (got {t.keep_last}) so a crash mid-save leaves a complete checkpoint"
+        )
     if not (t.resume in ("auto", "never") or Path(t.resume).exists()):
         p.append(f"train.resume must be auto, never or an existing checkpoint path (got {t.resume!r})")
     if not Path(t.ds_config).is_file():
-        p.append(f"train.ds_config: {t.ds_config} not found; pass --ds with a DeepSpeed JSON, e.g. ds_configs/zero3.json")
+        p.append(
+            f"train.ds_config: {t.ds_config} not found; pass --ds with a DeepSpeed JSON, e.g. ds_configs/zero3.json"
+        )
     else:
         p.extend(check_ds_config(t.ds_config, cfg))
     return p, missing

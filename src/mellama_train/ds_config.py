@@ -25,7 +25,9 @@ def load_ds_config(path: str) -> dict[str, Any]:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the DeepSpeed config") from None
+        raise ValueError(
+            f"{path}: invalid JSON at line {exc.lineno} ({exc.msg}); fix the DeepSpeed config"
+        ) from None
 
 
 def _recipe_values(cfg: Config) -> dict[tuple[str, ...], Any]:
@@ -88,12 +90,18 @@ def check_ds_config(path: str, cfg: Config) -> list[str]:
                 f'{path}: {dotted} is {have!r} but the recipe gives {want!r}; set it to "auto" or change the recipe'
             )
     if _get(ds, ("fp16", "enabled")) is True:
-        problems.append(f'{path}: fp16.enabled is true; LLaMA-2 trains in bf16: remove the fp16 block (precision comes from train.precision)')
+        problems.append(
+            f"{path}: fp16.enabled is true; LLaMA-2 trains in bf16: remove the fp16 block (precision comes from train.precision)"
+        )
     if "scheduler" in ds:
-        problems.append(f"{path}: has a scheduler block; remove it: the schedule is optim.* (warmup + cosine, closed form)")
+        problems.append(
+            f"{path}: has a scheduler block; remove it: the schedule is optim.* (warmup + cosine, closed form)"
+        )
     opt_type = str(_get(ds, ("optimizer", "type")) or "AdamW").lower()
     if opt_type not in ("adamw", "adam"):
-        problems.append(f"{path}: optimizer.type {opt_type!r} is not AdamW, which the recipe uses; set it to AdamW")
+        problems.append(
+            f"{path}: optimizer.type {opt_type!r} is not AdamW, which the recipe uses; set it to AdamW"
+        )
     stage = _get(ds, ("zero_optimization", "stage"))
     if stage not in (None, 0, 1, 2, 3):
         problems.append(f"{path}: zero_optimization.stage must be 0-3 (got {stage!r})")

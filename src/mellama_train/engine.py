@@ -157,11 +157,14 @@ class Engine:
         self._ds.save_checkpoint(checkpoints_dir, tag=tag, save_latest=False)
 
     def load(self, checkpoints_dir: str, tag: str) -> None:
-        path, _ = self._ds.load_checkpoint(checkpoints_dir, tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        path, _ = self._ds.load_checkpoint(
+            checkpoints_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             # DeepSpeed only warns and returns None: training would silently restart from step 0.
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {checkpoints_dir}/{tag}; see its log above")
+            raise RuntimeError(
+                f"DeepSpeed could not load checkpoint {checkpoints_dir}/{tag}; see its log above"
+            )
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: gather the full 16-bit weights on rank 0 (None on other ranks) for the HF export."""

@@ -17,7 +17,9 @@ from mellama_train.loss import forward_loss
 
 
 @torch.no_grad()
-def probe_loss(eng: ds_engine.Engine, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device) -> float:
+def probe_loss(
+    eng: ds_engine.Engine, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device
+) -> float:
     """Loss of a fixed batch with the training-time model: an export that loads must reproduce it."""
     eng.eval()
     loss, _, _ = forward_loss(eng, batch, num_sources, device)

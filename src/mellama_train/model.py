@@ -59,7 +59,11 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3's parameter gathering hooks and needs no input grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the method (and its kwargs); older 5.x only has the gradient_ name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -91,7 +95,14 @@ def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
 
 
 # Dense bf16 peak per device, for MFU. Extend as needed; unknown devices report no MFU rather than a wrong one.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12}
+PEAK_BF16_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "A10G": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
 
 
 def device_peak_flops(device: torch.device) -> float | None:

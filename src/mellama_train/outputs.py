@@ -1,11 +1,11 @@
 """The run directory (a contract) and the run record written at start.
 
-    <output-dir>/
-        run_record.json        resolved config, ds_config, package versions, git revision, data manifest
-        metrics.jsonl          one JSON object per line, each with `step`
-        tensorboard/           the same scalars for TensorBoard
-        checkpoints/step_N/    DeepSpeed checkpoints (see checkpoint.py)
-        final/                 Hugging Face model + tokenizer, written at the end
+<output-dir>/
+    run_record.json        resolved config, ds_config, package versions, git revision, data manifest
+    metrics.jsonl          one JSON object per line, each with `step`
+    tensorboard/           the same scalars for TensorBoard
+    checkpoints/step_N/    DeepSpeed checkpoints (see checkpoint.py)
+    final/                 Hugging Face model + tokenizer, written at the end
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from typing import Any
 
 from mellama_train.config import Config
 
-PACKAGES = ("torch", "deepspeed", "transformers", "datasets", "tokenizers", "sentencepiece", "safetensors", "mellama-train")
+PACKAGES = (
+    "torch",
+    "deepspeed",
+    "transformers",
+    "datasets",
+    "tokenizers",
+    "sentencepiece",
+    "safetensors",
+    "mellama-train",
+)
 
 
 def default_output_dir(cfg: Config) -> Path:
@@ -43,15 +52,19 @@ def git_revision() -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def write_run_record(run_dir: Path, cfg: Config, ds_config: dict[str, Any], manifest: dict[str, Any],
-                     resumed_from: str | None) -> Path:
+def write_run_record(
+    run_dir: Path, cfg: Config, ds_config: dict[str, Any], manifest: dict[str, Any], resumed_from: str | None
+) -> Path:
     """Written at every start; a resumed start keeps the earlier record and adds one of its own."""
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

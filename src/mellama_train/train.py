@@ -60,7 +60,9 @@ def train(cfg: Config) -> Path:
     ds_config = resolve_ds_config(cfg.train.ds_config, cfg)
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_run_record(run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from) if resume_from else None)
+        write_run_record(
+            run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from) if resume_from else None
+        )
     engine.barrier()
 
     log.info("run directory %s (world size %d)", run_dir, env.world_size)
@@ -70,11 +72,17 @@ def train(cfg: Config) -> Path:
     n_params = count_params(model)
     flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len)
     eng = engine.Engine(
-        model, ds_config, param_groups(model, cfg.optim.weight_decay),
+        model,
+        ds_config,
+        param_groups(model, cfg.optim.weight_decay),
         lr_lambda(cfg.warmup_steps, cfg.total_steps, cfg.optim.min_lr_ratio),
     )
-    log.info("model ready: %.1fM parameters, %d steps of %d tokens", n_params / 1e6, cfg.total_steps,
-             cfg.tokens_per_step)
+    log.info(
+        "model ready: %.1fM parameters, %d steps of %d tokens",
+        n_params / 1e6,
+        cfg.total_steps,
+        cfg.tokens_per_step,
+    )
     data = build_train_batches(cfg, tokenizer, env.rank, env.world_size)
     state = checkpoint.TrainerState(world_size=env.world_size)
     if resume_from is not None:
@@ -85,7 +93,9 @@ def train(cfg: Config) -> Path:
     names = data.source_names
     metrics = MetricsLogger(run_dir, env.is_main)
     peak_flops = device_peak_flops(env.device)
-    progress = tqdm(total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True)
+    progress = tqdm(
+        total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True
+    )
     window = Window.new(len(names), env.device)
     eng.train()
     while state.step < cfg.total_steps:
@@ -106,13 +116,17 @@ def train(cfg: Config) -> Path:
             values["train/lr"] = lr
             state.tokens_by_source = {n: int(values[f"data/tokens/{n}"]) for n in names}
             metrics.log(state.step, values)
-            progress.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}")
+            progress.set_postfix(
+                loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}"
+            )
             window = Window.new(len(names), env.device)
         progress.update(1)
         if state.step % cfg.train.save_every == 0 or last:
             if not (state.step % cfg.train.log_every == 0 or last):
                 state.tokens_by_source = _global_tokens(data, names, env.device)
-            checkpoint.save(eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last)
+            checkpoint.save(
+                eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last
+            )
     progress.close()
 
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
@@ -129,18 +143,31 @@ def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[st
 
 
 def _window_metrics(
-    window: Window, eng: engine.Engine, data: Any, names: list[str], cfg: Config,
-    flops_tok: float, peak_flops: float | None, world_size: int,
+    window: Window,
+    eng: engine.Engine,
+    data: Any,
+    names: list[str],
+    cfg: Config,
+    flops_tok: float,
+    peak_flops: float | None,
+    world_size: int,
 ) -> dict[str, float]:
     """One all-reduce of loss sums, token counts and data counters; the only host sync of a logged step."""
     n = len(names)
-    local = torch.cat([
-        window.sums, window.counts,
-        torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=window.sums.device),
-        torch.tensor(list(skip_totals(data.mixture.streams).values()), dtype=torch.float64, device=window.sums.device),
-    ])
+    local = torch.cat(
+        [
+            window.sums,
+            window.counts,
+            torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=window.sums.device),
+            torch.tensor(
+                list(skip_totals(data.mixture.streams).values()),
+                dtype=torch.float64,
+                device=window.sums.device,
+            ),
+        ]
+    )
     total = engine.all_reduce_sum(local).tolist()
-    sums, counts, tokens, skipped = total[:n], total[n:2 * n], total[2 * n:3 * n], total[3 * n:]
+    sums, counts, tokens, skipped = total[:n], total[n : 2 * n], total[2 * n : 3 * n], total[3 * n :]
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = window.steps * cfg.tokens_per_step / max(elapsed, 1e-9)
     values = {

@@ -24,7 +24,9 @@ def make_encoder(tokenizer: Any):
 def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> PackedBatches:
     encode = make_encoder(tokenizer)
     streams = [
-        SourceStream(src, encode, tokenizer.bos_token_id, tokenizer.eos_token_id, rank, world_size, cfg.data.seed)
+        SourceStream(
+            src, encode, tokenizer.bos_token_id, tokenizer.eos_token_id, rank, world_size, cfg.data.seed
+        )
         for src in cfg.data.sources
     ]
     mixture = Mixture(streams, [src.weight for src in cfg.data.sources])
@@ -38,6 +40,8 @@ def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
         entries = []
         for path in expand_paths(src.paths, src.name):
             stat = os.stat(path)
-            entries.append({"path": os.path.abspath(path), "bytes": stat.st_size, "mtime": int(stat.st_mtime)})
+            entries.append(
+                {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
+            )
         manifest[src.name] = entries
     return manifest

@@ -80,7 +80,9 @@ class SourceStream:
         s = self.state
         path = self._epoch_files(s.epoch)[s.file_pos]
         offset, world, rank = s.file_pos, self.world_size, self.rank
-        self._records = iter_texts(path, self.text_field, want=lambda i: (i + offset) % world == rank, start=s.record)
+        self._records = iter_texts(
+            path, self.text_field, want=lambda i: (i + offset) % world == rank, start=s.record
+        )
 
     def _next_document(self) -> list[int]:
         s = self.state
@@ -110,8 +112,10 @@ class SourceStream:
                 self._count_skip(Skip("empty", f"record {index}"))
                 continue
             s.documents += 1
-            return ([self.bos_id] if self.bos_id is not None else []) + ids + (
-                [self.eos_id] if self.eos_id is not None else []
+            return (
+                ([self.bos_id] if self.bos_id is not None else [])
+                + ids
+                + ([self.eos_id] if self.eos_id is not None else [])
             )
 
     def _count_skip(self, skip: Skip) -> None:
@@ -143,7 +147,12 @@ class SourceStream:
 
     def state_dict(self) -> dict[str, Any]:
         s = self.state
-        return {**s.__dict__, "pending": list(s.pending), "skipped": dict(s.skipped), "files": self.fingerprint()}
+        return {
+            **s.__dict__,
+            "pending": list(s.pending),
+            "skipped": dict(s.skipped),
+            "files": self.fingerprint(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = dict(state)

@@ -1,0 +1,36 @@
+# Set-up, demo and tests. `make demo` on a fresh machine: creates .venv, installs, trains the tiny demo.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU wheel of torch 2.13.0 (this project's CI machines have it on disk). GPU clusters: install the CUDA
+# build of torch that matches your driver into the venv first, then run `make setup TORCH=`.
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+
+.PHONY: setup demo test test-fast lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+# The embedded default: the tiny profile on the shipped sample data, CPU, offline, a few minutes at most.
+demo: setup
+	PATH="$(abspath $(BIN)):$$PATH" deepspeed launch/pretrain.py --ds ds_configs/zero3.json
+
+# Every test, the slow 2-rank runs included (what CI runs).
+test:
+	$(BIN)/python -m pytest -q
+
+# Skip the slow multi-process tests while iterating locally.
+test-fast:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint:
+	$(BIN)/ruff check src tests launch tools
+	$(BIN)/ruff format --check src tests launch tools
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,150 @@
+"""End-to-end training runs through the real entry point: one process without a launcher, and 2 ranks over
+gloo with DeepSpeed's launcher (ZeRO-3), including an exact resume and the HF export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mellama_train.config import resolve
+from mellama_train.data.pipeline import build_train_batches
+from mellama_train.loss import forward_loss
+from mellama_train.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCH = str(REPO / "launch" / "pretrain.py")
+# Small enough for CI, big enough that resuming mid-run exercises warmup, cosine and accumulation.
+TINY = ["--set", "data.seq_len=64", "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=1"]
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # a test must not inherit a launcher's identity
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def single(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, LAUNCH, "--output-dir", str(out), *TINY, *args])
+
+
+def two_ranks(out: Path, *args: str) -> subprocess.CompletedProcess:
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        "29533",
+    ]
+    return run([*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *TINY, *args])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {
+        s: v["train/loss"] for s, v in read_metrics(run_dir / "metrics.jsonl").items() if "train/loss" in v
+    }
+
+
+def test_single_process_run_learns_and_writes_every_output(tmp_path):
+    out = tmp_path / "run"
+    single(out, "--max-steps", "12", "--save-every", "5")
+    assert {p.name for p in out.iterdir()} >= {
+        "checkpoints",
+        "tensorboard",
+        "metrics.jsonl",
+        "final",
+        "run_record.json",
+    }
+    # keep_last 2 of the complete checkpoints at steps 5, 10 and 12 (the end always saves)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000012"]
+    assert all((p / "COMPLETE").is_file() for p in (out / "checkpoints").glob("step_*"))
+
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert sorted(s for s, v in metrics.items() if "train/loss" in v) == list(
+        range(1, 13)
+    )  # tiny logs every step
+    first, last = metrics[1], metrics[12]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens"):
+        assert key in first, key
+    for name in ("pubmed", "mimic", "redpajama"):
+        assert f"data/tokens/{name}" in last and f"data/skipped/{name}" in last
+    assert "train/mfu" not in first  # no peak FLOPs on CPU: omitted rather than made up
+    assert last["train/tokens"] == 12 * 4 * 64
+    assert sum(last[f"data/tokens/{n}"] for n in ("pubmed", "mimic", "redpajama")) == last["train/tokens"]
+    assert last["train/loss"] < first["train/loss"] - 0.5  # it learns
+
+    record = json.loads((out / "run_record.json").read_text())
+    assert record["config"]["data"]["seq_len"] == 64
+    assert record["versions"]["deepspeed"] and record["ds_config"]["zero_optimization"]["stage"] == 3
+    assert {e["path"].rsplit("/", 1)[-1] for e in record["data_manifest"]["mimic"]} == {"discharge.csv.gz"}
+
+    # The exported HF model loads with plain transformers and reproduces the training-time probe loss.
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert len(tok) == 2048
+    cfg = resolve(
+        "tiny", overrides=["data.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=1"]
+    )
+    probe = next(build_train_batches(cfg, tok, rank=0, world_size=1))
+    with torch.no_grad():
+        loss, _, _ = forward_loss(model.eval(), probe, 3, torch.device("cpu"))
+    assert float(loss) == pytest.approx(metrics[12]["export/probe_loss"], abs=1e-5)
+
+
+def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000004").mkdir(parents=True)  # a save that never completed
+    proc = subprocess.run(
+        [sys.executable, LAUNCH, "--output-dir", str(out), *TINY, "--max-steps", "2"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "holds only incomplete checkpoints (step_00000004); refusing to restart from step 0" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    full = tmp_path / "full"
+    two_ranks(full, "--max-steps", "8", "--save-every", "4")
+    reference = losses(full)
+    assert sorted(reference) == list(range(1, 9))
+    ckpt = full / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000004", "step_00000008"]
+    # both ranks wrote their own data position
+    assert {p.name for p in (ckpt / "step_00000004").glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
+
+    # Same run, interrupted after the step-4 checkpoint: drop everything written after it, then relaunch.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+    shutil.rmtree(resumed / "final")
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= 4))
+    two_ranks(resumed, "--max-steps", "8", "--save-every", "4")
+
+    after = losses(resumed)
+    assert [after[s] for s in range(5, 9)] == [
+        reference[s] for s in range(5, 9)
+    ]  # exactly, not approximately
+    starts = [json.loads(r.read_text())["resumed_from"] for r in resumed.glob("run_record*.json")]
+    assert len(starts) == 2 and None in starts  # the first start's record is kept beside the resumed one's
+    assert any(s and s.endswith("step_00000004") for s in starts)
+    steps_logged = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps_logged.count(3) == 1  # nothing before the checkpoint was trained again
+    assert (resumed / "final" / "model.safetensors").is_file()
