@@ -167,3 +167,15 @@ def test_config_reference_doc_is_current():
     """docs/CONFIG.md is generated from the dataclass docstrings; a new field must regenerate it."""
     proc = subprocess.run([sys.executable, str(REPO / "tools/gen_config_docs.py"), "--check"], cwd=REPO)
     assert proc.returncode == 0, "docs/CONFIG.md is stale: run python tools/gen_config_docs.py"
+
+
+def test_pretrained_model_dir_is_checked_against_seq_len(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 128}))
+    cfg = resolve("tiny", overrides=["model.init=pretrained", f"model.path={tmp_path}"])
+    problems, _ = validate(cfg)
+    assert (
+        f"data.seq_len (256) exceeds {tmp_path}'s max_position_embeddings (128); use data.seq_len <= 128"
+        in problems
+    )
+    cfg = resolve("tiny", overrides=["model.init=pretrained", f"model.path={tmp_path / 'nope'}"])
+    assert any("has no config.json" in p for p in validate(cfg)[0])

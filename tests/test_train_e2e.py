@@ -79,7 +79,8 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
     for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tokens"):
         assert key in first, key
     for name in ("pubmed", "mimic", "redpajama"):
-        assert f"data/tokens/{name}" in last and f"data/skipped/{name}" in last
+        assert f"data/tokens/{name}" in last and last[f"data/skipped/{name}"] == 0
+        assert last[f"data/epochs/{name}"] == 0  # 3k tokens: no sample source wraps yet
     assert "train/mfu" not in first  # no peak FLOPs on CPU: omitted rather than made up
     assert last["train/tokens"] == 12 * 4 * 64
     assert sum(last[f"data/tokens/{n}"] for n in ("pubmed", "mimic", "redpajama")) == last["train/tokens"]
@@ -101,6 +102,16 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
     with torch.no_grad():
         loss, _, _ = forward_loss(model.eval(), probe, 3, torch.device("cpu"))
     assert float(loss) == pytest.approx(metrics[12]["export/probe_loss"], abs=1e-5)
+
+    # The export is a valid `model.path`: continual pretraining from it (ZeRO-3 loads it partitioned) starts
+    # at the loss the first run ended with, not at a random model's ln(2048) = 7.6.
+    chained = tmp_path / "chained"
+    overrides = ["model.init=pretrained", f"model.path={out / 'final'}", "model.tokenizer=null"]
+    single(chained, "--max-steps", "2", *[arg for o in overrides for arg in ("--set", o)])
+    assert losses(chained)[1] < first["train/loss"] - 0.5
+    assert json.loads((chained / "run_record.json").read_text())["config"]["model"]["path"] == str(
+        out / "final"
+    )
 
 
 def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):

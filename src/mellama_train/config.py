@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -422,6 +423,13 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
             )
         elif not (Path(m.path) / "config.json").is_file():
             p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
+        else:
+            max_pos = json.loads((Path(m.path) / "config.json").read_text()).get("max_position_embeddings")
+            if max_pos and d.seq_len > max_pos:
+                p.append(
+                    f"data.seq_len ({d.seq_len}) exceeds {m.path}'s max_position_embeddings ({max_pos});"
+                    f" use data.seq_len <= {max_pos}"
+                )
     if m.init == "random" and not (m.tokenizer or m.path):
         missing.append("model.tokenizer: a tokenizer directory (a random-init model has none of its own)")
     if m.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3", "eager"):

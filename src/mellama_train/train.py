@@ -184,4 +184,6 @@ def _window_metrics(
             values[f"train/loss/{name}"] = sums[i] / counts[i]
         values[f"data/tokens/{name}"] = tokens[i]
         values[f"data/skipped/{name}"] = skipped[i]
+        # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
+        values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
     return values
