@@ -210,7 +210,7 @@ def test_every_source_stream_reassembles_into_its_documents(tokenizer):
     by_source: dict[int, list[int]] = {0: [], 1: [], 2: []}
     last_end: dict[int, int] = {}
     for batch in take(batches, 20):
-        for source, tokens, start, end in segments(batch):
+        for source, tokens, _, end in segments(batch):
             if tokens[0] != BOS:
                 # A document is cut only where a sequence is full; its rest opens a later sequence's segment.
                 assert last_end[source] == cfg.data.seq_len
@@ -440,6 +440,27 @@ def test_a_rank_without_documents_is_refused_by_name(tokenizer, tmp_path):
     assert first[0] == BOS  # rank 0 owns the document and keeps cycling it
     with pytest.raises(ValueError, match=r"data\.sources\[solo\].*at least one document per rank"):
         next(build_train_batches(cfg, tokenizer, 1, 2))
+
+
+def test_a_source_with_a_document_per_rank_feeds_every_rank(tokenizer, tmp_path):
+    corpus = tmp_path / "small"
+    write_jsonl(corpus / "a.jsonl", make_docs(2, 3, 8, seed=9, tag="a"))
+    write_jsonl(corpus / "b.jsonl", make_docs(2, 3, 8, seed=10, tag="b"))
+    cfg = make_cfg([SourceConfig(name="small", paths=[str(corpus)])])
+    for rank in range(4):
+        stream = build_train_batches(cfg, tokenizer, rank, 4).mixture.streams[0]
+        stream._next_document()
+        assert stream.state.epoch == 0, f"rank {rank} had no document in epoch 0"
+
+
+def test_a_record_emptied_by_a_cleaner_is_logged_with_its_file(tokenizer, tmp_path, caplog):
+    path = write_jsonl(tmp_path / "notes.jsonl", ["\x00\x01\x0c", "a real note."])
+    cfg = make_cfg([SourceConfig(name="notes", paths=[path], cleaners=["strip_control"])], seq_len=8)
+    stream = build_train_batches(cfg, tokenizer, 0, 1).mixture.streams[0]
+    with caplog.at_level(logging.WARNING):
+        assert stream._next_document() == [BOS] + make_encoder(tokenizer)("a real note.") + [EOS]
+    assert stream.state.skipped == {"empty": 1}
+    assert any(f"{path}:record 1" in r.getMessage() for r in caplog.records), caplog.text
 
 
 @pytest.mark.parametrize("cleaners", [["mimic_deid"], []])

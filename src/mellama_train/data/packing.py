@@ -2,7 +2,8 @@
 
 Each document is wrapped in BOS ... EOS (LLaMA-2's convention) by its source stream, and documents are
 concatenated into blocks of exactly `seq_len` tokens with no padding. A document longer than the space left
-continues in the next block. Per token the packer also emits:
+continues in a later block, possibly after the mixture has served another source.
+Per token the packer also emits:
 
 - position_ids that restart at 0 at every segment (document or continuation). transformers reads these to
   build a block-diagonal causal mask (SDPA/eager) or varlen FlashAttention, so a token never attends to

@@ -433,6 +433,8 @@ def iter_texts(
     Record indices are 0-based and consecutive over all records of the unit, malformed ones included, so
     they are stable. Yields (index, text) or (index, Skip) only for records with index >= start and
     (want is None or want(index)); other records are passed over as cheaply as the format allows.
+    `want` is called exactly once for every index >= start, in order (the source stream relies on this to
+    count a file's records while reading it).
     `text_field` (default "text") names the JSON key / column; text and pubmed_xml units ignore it.
     """
     reader = _READERS[detect_format(path)]

@@ -1,9 +1,12 @@
 """One corpus as an endless, resumable stream of tokenized documents for one data-parallel rank.
 
 Order: each epoch visits the source's files in a seeded permutation (the same on every rank), and each file's
-records in file order. Rank sharding: record i of the k-th file of the epoch belongs to rank (i + k) % world.
-Every record has exactly one owner, so across ranks no document is duplicated or dropped; rotating the start by
-k spreads one-document-per-file sources (MIMIC-CXR reports) evenly instead of giving them all to rank 0.
+records in file order. Rank sharding is a round-robin over the epoch: the n-th record of the epoch (counting
+through the files in that order, malformed records included) belongs to rank n % world. Every record has
+exactly one owner, so across ranks no document is duplicated or dropped, every rank gets its share as long as
+the source has at least one record per rank, and one-document-per-file sources (MIMIC-CXR reports) spread
+evenly. Each rank scans every file anyway (to find its records), so counting the records of earlier files
+costs nothing extra.
 
 State (a few integers plus the unconsumed tail of the current document) is enough to continue at the exact next
 token: a resumed reader reopens the same file and skips to the saved record index.
@@ -38,6 +41,8 @@ class SourceState:
     """Index into this epoch's file permutation."""
     record: int = 0
     """Next record index to read in the current file."""
+    records_before: int = 0
+    """Records (of all ranks) in the files of this epoch before the current one: the round-robin offset."""
     pending: list[int] = field(default_factory=list)
     """Tokens of the current document not yet handed out (it may span sequences)."""
     documents: int = 0
@@ -67,6 +72,8 @@ class SourceStream:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.state = SourceState()
         self._records: Iterator[tuple[int, str | Skip]] | None = None
+        self._path = ""
+        self._last_index = -1  # highest record index of the current file the reader has passed, wanted or not
         self._warned = 0
 
     # ---- ordering and sharding ------------------------------------------------------------------------
@@ -78,11 +85,16 @@ class SourceStream:
 
     def _open_current(self) -> None:
         s = self.state
-        path = self._epoch_files(s.epoch)[s.file_pos]
-        offset, world, rank = s.file_pos, self.world_size, self.rank
-        self._records = iter_texts(
-            path, self.text_field, want=lambda i: (i + offset) % world == rank, start=s.record
-        )
+        self._path = self._epoch_files(s.epoch)[s.file_pos]
+        self._last_index = s.record - 1
+        before, world, rank = s.records_before, self.world_size, self.rank
+
+        def want(index: int) -> bool:
+            # Readers ask about every index >= start, in order: the last one asked is the file's last record.
+            self._last_index = index
+            return (before + index) % world == rank
+
+        self._records = iter_texts(self._path, self.text_field, want=want, start=s.record)
 
     def _next_document(self) -> list[int]:
         s = self.state
@@ -93,9 +105,10 @@ class SourceStream:
             item = next(self._records, None)
             if item is None:  # file exhausted: next file, or next epoch
                 self._records = None
+                s.records_before += self._last_index + 1
                 s.file_pos, s.record = s.file_pos + 1, 0
                 if s.file_pos == len(self.files):
-                    s.epoch, s.file_pos, wraps = s.epoch + 1, 0, wraps + 1
+                    s.epoch, s.file_pos, s.records_before, wraps = s.epoch + 1, 0, 0, wraps + 1
                     if wraps >= 2:
                         raise ValueError(
                             f"data.sources[{self.name}]: rank {self.rank} of {self.world_size} found no usable "
@@ -109,7 +122,7 @@ class SourceStream:
                 continue
             ids = self.encode(self.clean(text))
             if not ids:
-                self._count_skip(Skip("empty", f"record {index}"))
+                self._count_skip(Skip("empty", f"{self._path}:record {index + 1} (empty after cleaning)"))
                 continue
             s.documents += 1
             return (
@@ -142,7 +155,7 @@ class SourceStream:
         """Identifies the file list: resuming over different files cannot continue at the same position."""
         h = hashlib.sha256()
         for path in self.files:
-            h.update(f"{path}\0{os.path.getsize(path) if os.path.isfile(path) else 0}\0".encode())
+            h.update(f"{path}\0{_unit_size(path)}\0".encode())
         return h.hexdigest()[:16]
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,6 +177,13 @@ class SourceStream:
             )
         self.state = SourceState(**state)
         self._records = None
+
+
+def _unit_size(path: str) -> int:
+    """Bytes of a file, or of every file under a directory unit (a `save_to_disk` dataset)."""
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
 def skip_totals(streams: list[SourceStream]) -> dict[str, int]:
