@@ -51,6 +51,11 @@ class Window:
 
 def train(cfg: Config) -> Path:
     env = engine.init_distributed(cfg.train.dist_timeout_minutes)
+    if cfg.train.world_size and cfg.train.world_size != env.world_size:
+        raise ValueError(
+            f"train.world_size is {cfg.train.world_size} but the launcher started {env.world_size} ranks;"
+            " drop train.world_size (it only sizes a --dry-run)"
+        )
     run_dir = Path(engine.broadcast_object(cfg.train.output_dir or str(default_output_dir(cfg))))
     cfg.train.output_dir = str(run_dir)
     # Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
