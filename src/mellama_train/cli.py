@@ -114,7 +114,11 @@ def pretrain_main(argv: list[str] | None = None) -> int:
 
     from mellama_train.train import train  # heavy imports (torch, deepspeed) only for a real run
 
-    run_dir = train(cfg)
+    try:
+        run_dir = train(cfg)
+    except ValueError as exc:  # our input errors (data files, resume refusals): one line naming the fix
+        print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if _is_rank0():
         print(f"done: {run_dir}")
     return 0
