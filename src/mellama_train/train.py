@@ -119,7 +119,6 @@ def train(cfg: Config) -> Path:
         if state.step % cfg.train.log_every == 0 or last:
             values = _window_metrics(window, eng, data, names, cfg, flops_tok, peak_flops, env.world_size)
             values["train/lr"] = lr
-            state.tokens_by_source = {n: int(values[f"data/tokens/{n}"]) for n in names}
             metrics.log(state.step, values)
             progress.set_postfix(
                 loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}"
@@ -127,8 +126,7 @@ def train(cfg: Config) -> Path:
             window = Window.new(len(names), env.device)
         progress.update(1)
         if state.step % cfg.train.save_every == 0 or last:
-            if not (state.step % cfg.train.log_every == 0 or last):
-                state.tokens_by_source = _global_tokens(data, names, env.device)
+            state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
             checkpoint.save(
                 eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last
             )
