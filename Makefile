@@ -16,9 +16,13 @@ setup: $(BIN)/python
 	$(if $(TORCH),$(BIN)/python -m pip install -q "$(TORCH)")
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
-# The embedded default: the tiny profile on the shipped sample data, CPU, offline, a few minutes at most.
+# The embedded default: Me-LLaMA's two stages on the tiny profile and the shipped sample data, CPU, offline:
+# continual pretraining, then LoRA instruction tuning of its final/ (a few minutes in all).
+# Re-running continues the same run directories (--resume auto) instead of starting over.
 demo: setup
-	PATH="$(abspath $(BIN)):$$PATH" deepspeed launch/pretrain.py --ds ds_configs/zero3.json
+	PATH="$(abspath $(BIN)):$$PATH" deepspeed launch/pretrain.py --ds ds_configs/zero3.json --output-dir runs/demo-pretrain
+	PATH="$(abspath $(BIN)):$$PATH" deepspeed launch/tune.py --ds ds_configs/zero3.json \
+		--base runs/demo-pretrain/final --output-dir runs/demo-tune
 
 # Every test, the slow 2-rank runs included (what CI runs).
 test:

@@ -89,14 +89,14 @@ def segments(batch: dict[str, torch.Tensor]) -> Iterator[tuple[int, list[int], i
             yield src[start], ids[start:end], start, end
 
 
-def expected_stream(stream: SourceStream, encode, n_tokens: int) -> list[int]:
+def expected_stream(stream: SourceStream, encode, n_tokens: int, cleaners: list[str] = ()) -> list[int]:
     """The first n_tokens of a source's stream, built independently: epoch 0's files in order, each record
     cleaned, tokenized and wrapped in BOS ... EOS (world size 1: every record is this rank's)."""
     out: list[int] = []
     for path in stream._epoch_files(0):
         for _, text in iter_texts(path, stream.text_field):
             if isinstance(text, str):
-                out += [BOS] + encode(stream.clean(text)) + [EOS]
+                out += [BOS] + encode(get_cleaner(list(cleaners))(text)) + [EOS]
             if len(out) >= n_tokens:
                 return out[:n_tokens]
     raise AssertionError("the source has fewer tokens than the packed stream took from it in epoch 0")
@@ -222,7 +222,8 @@ def test_every_source_stream_reassembles_into_its_documents(tokenizer):
     for index, stream in enumerate(batches.mixture.streams):
         got = by_source[index]
         assert len(got) == batches.mixture.tokens_by_source[index]
-        assert got == expected_stream(stream, encode, len(got)), stream.name
+        cleaners = cfg.data.sources[index].cleaners
+        assert got == expected_stream(stream, encode, len(got), cleaners), stream.name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -293,7 +294,7 @@ def test_rank_shards_partition_every_epoch_and_spread_one_doc_files(tokenizer, t
             stream.encode = recorder = RecordingEncoder(stream.encode)
             read: Counter[str] = Counter()
             while stream.state.epoch <= epoch:
-                stream._next_document()  # the text it read is recorder.texts[-1]
+                stream.next_item()  # the text it read is recorder.texts[-1]
                 if stream.state.epoch == epoch:  # the call that crosses into the next epoch reads from it
                     read[recorder.texts[-1]] += 1
             per_rank.append(read)
@@ -449,7 +450,7 @@ def test_a_source_with_a_document_per_rank_feeds_every_rank(tokenizer, tmp_path)
     cfg = make_cfg([SourceConfig(name="small", paths=[str(corpus)])])
     for rank in range(4):
         stream = build_train_batches(cfg, tokenizer, rank, 4).mixture.streams[0]
-        stream._next_document()
+        stream.next_item()
         assert stream.state.epoch == 0, f"rank {rank} had no document in epoch 0"
 
 
@@ -458,7 +459,7 @@ def test_a_record_emptied_by_a_cleaner_is_logged_with_its_file(tokenizer, tmp_pa
     cfg = make_cfg([SourceConfig(name="notes", paths=[path], cleaners=["strip_control"])], seq_len=8)
     stream = build_train_batches(cfg, tokenizer, 0, 1).mixture.streams[0]
     with caplog.at_level(logging.WARNING):
-        assert stream._next_document() == [BOS] + make_encoder(tokenizer)("a real note.") + [EOS]
+        assert stream.next_item() == [BOS] + make_encoder(tokenizer)("a real note.") + [EOS]
     assert stream.state.skipped == {"empty": 1}
     assert any(f"{path}:record 1" in r.getMessage() for r in caplog.records), caplog.text
 

@@ -21,6 +21,7 @@ from mellama_train.data.readers import (
     count_records,
     detect_format,
     expand_paths,
+    iter_records,
     iter_texts,
 )
 
@@ -101,11 +102,33 @@ def test_jsonl_unwanted_lines_are_not_decoded(tmp_path, monkeypatch):
     assert len(decoded) == 2
 
 
-def test_json_array_file_is_rejected_with_the_fix(tmp_path):
+def test_json_array_file_is_read_item_by_item(tmp_path):
     path = tmp_path / "docs.json"
-    path.write_text(json.dumps([{"text": doc} for doc in DOCS]))
-    with pytest.raises(DataFileError, match=r"docs\.json.*JSON array.*one object per line"):
+    path.write_text(json.dumps([{"text": doc} for doc in DOCS[:2]] + [7, {"text": DOCS[2]}]))
+    assert read(path) == [(0, DOCS[0]), (1, DOCS[1]), (2, Skip("bad_json", f"{path}:item 3")), (3, DOCS[2])]
+    assert count_records(str(path)) == 4
+
+
+def test_broken_json_array_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "docs.json"
+    path.write_text('[{"text": "a"}, ')
+    with pytest.raises(DataFileError, match=r"docs\.json: invalid JSON array.*convert it to JSONL"):
         read(path)
+
+
+def test_record_mode_yields_whole_records_for_every_tabular_format(tmp_path):
+    rows = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"}]
+    jsonl = write_jsonl(tmp_path / "r.jsonl", [json.dumps(r) for r in rows])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    (tmp_path / "r.csv").write_text("instruction,output\nq1,a1\nq2,a2\n")
+    for path in (jsonl, tmp_path / "r.parquet", tmp_path / "r.csv"):
+        assert list(iter_records(str(path), want=lambda i: i == 1)) == [(1, rows[1])], path
+
+
+def test_record_mode_rejects_plain_text_units(tmp_path):
+    (tmp_path / "note.txt").write_text("hello")
+    with pytest.raises(DataFileError, match=r"note\.txt: a text file holds plain text.*jsonl"):
+        list(iter_records(str(tmp_path / "note.txt")))
 
 
 # --- csv ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mellama_train.config import resolve
 from mellama_train.data.pipeline import build_train_batches
-from mellama_train.loss import forward_loss
+from mellama_train.loss import mean_loss
 from mellama_train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,9 +99,8 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
         "tiny", overrides=["data.seq_len=64", "train.global_batch_size=4", "train.micro_batch_size=1"]
     )
     probe = next(build_train_batches(cfg, tok, rank=0, world_size=1))
-    with torch.no_grad():
-        loss, _, _ = forward_loss(model.eval(), probe, 3, torch.device("cpu"))
-    assert float(loss) == pytest.approx(metrics[12]["export/probe_loss"], abs=1e-5)
+    loss = mean_loss(model.eval(), probe, 3, torch.device("cpu"))
+    assert loss == pytest.approx(metrics[12]["export/probe_loss"], abs=1e-5)
 
     # The export is a valid `model.path`: continual pretraining from it (ZeRO-3 loads it partitioned) starts
     # at the loss the first run ended with, not at a random model's ln(2048) = 7.6.

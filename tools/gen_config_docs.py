@@ -15,8 +15,10 @@ CONFIG_PY = REPO / "src" / "mellama_train" / "config.py"
 OUT = REPO / "docs" / "CONFIG.md"
 # Section name in YAML -> dataclass, in the order a recipe reads.
 SECTIONS = [
+    ("(top level)", "Config"),
     ("model", "ModelConfig"),
     ("model.arch", "ArchConfig"),
+    ("lora", "LoraConfig"),
     ("data", "DataConfig"),
     ("data.sources[]", "SourceConfig"),
     ("optim", "OptimConfig"),
@@ -59,7 +61,7 @@ def render() -> str:
         "",
         "Generated from `src/mellama_train/config.py` by `python tools/gen_config_docs.py`; do not edit by hand.",
         "",
-        "Resolution (later wins): dataclass defaults ← profile (`--profile`, `src/mellama_train/profiles/*.yaml`)"
+        "Resolution (later wins): dataclass defaults ← profile (`--profile`, `src/mellama_train/profiles/<task>/*.yaml`)"
         " ← recipe (`--config`) ← flags (`--output-dir`, `--max-steps`, ...) ← `--set key.sub=value`.",
         "List items are addressed by index or by source name: `--set data.sources.mimic.weight=2`.",
         "`${sample_data}` in a path is the sample data shipped inside the package.",
@@ -68,7 +70,7 @@ def render() -> str:
     for section, cls in SECTIONS:
         lines += [f"## `{section}`", "", "| field | type | default | meaning |", "| --- | --- | --- | --- |"]
         for name, typ, default, doc in docs[cls]:
-            if typ in ("ArchConfig", "list[SourceConfig]"):
+            if typ.endswith("Config") or typ == "list[SourceConfig]":
                 continue
             lines.append(
                 f"| `{name}` | `{typ.replace(' | ', ' or ')}` | `{default}` | {doc.replace('|', '/')} |"

@@ -12,6 +12,12 @@ Re-running reproduces byte-identical files: every source has its own seeded ``ra
 source's templates leaves the others unchanged), records are written sorted by id, gzip headers carry mtime=0
 and no file name, zstd uses a fixed level, and the tokenizer is trained single-threaded on the train text in a
 fixed order. The README next to the data documents the formats and the token counts printed at the end.
+
+``instruct/`` holds synthetic instruction-tuning data (alpaca JSONL, chat JSONL and a parquet file with its own
+column names) for Me-LLaMA's task families: QA, NER, relation extraction, classification, summarisation, NLI
+and case reasoning. It is written after the tokenizer and never added to its training text, so changing the
+instruction templates cannot change the tokenizer or any pretraining file. The parquet file is byte-identical
+on re-run with the same pyarrow version (its footer names the version that wrote it).
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import sentencepiece as spm
 import zstandard
 
@@ -47,6 +55,14 @@ MIMIC_HELDOUT_NOTES = 30
 MIMIC_CXR_REPORTS = 40
 REDPAJAMA_TRAIN_DOCS = 800
 REDPAJAMA_HELDOUT_DOCS = 60
+# Instruction data (not pretraining text: it is neither counted above nor seen by the tokenizer).
+INSTRUCT_ALPACA_TRAIN = 400
+INSTRUCT_ALPACA_HELDOUT = 40
+INSTRUCT_CHAT_TRAIN = 150
+INSTRUCT_CHAT_HELDOUT = 20
+INSTRUCT_QA_PAIRS = 150
+# Output lengths in words: most answers are short; the long write-ups fall in this range.
+INSTRUCT_LONG_OUTPUT_WORDS = (150, 300)
 
 # One seed per source, so a template edit in one source does not reshuffle the others.
 PUBMED_SEED = 1001
@@ -54,13 +70,16 @@ MIMIC_SEED = 2002
 CXR_SEED = 3003
 REDPAJAMA_SEED = 4004
 TOKENIZER_SEED = 5005
+INSTRUCT_SEED = 6006
+CHAT_SEED = 7007
+QA_SEED = 8008
 
 TOKENIZER_VOCAB_SIZE = 2048
 GZIP_LEVEL = 9
 ZSTD_LEVEL = 19
 # Generated sub-directories; removed before writing so a renamed file cannot linger. README.md and
 # __init__.py in the same directory are hand-written and left alone.
-GENERATED_DIRS = ("pubmed", "mimic", "redpajama", "tokenizer")
+GENERATED_DIRS = ("pubmed", "mimic", "redpajama", "tokenizer", "instruct")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1130,6 +1149,811 @@ def general_document(rng: random.Random) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Instruction data: Me-LLaMA's instruction-tuning tasks
+# --------------------------------------------------------------------------------------------------------
+
+# Every answer below is computed from the facts that were put into the prompt (the NER answer is exactly the
+# entities inserted into the sentence, the triage label follows fixed vital-sign thresholds, the diagnosis
+# follows the PROBLEMS entry the case was drawn from), so a small model can learn the mapping. The words come
+# from the pretraining vocabularies above, which the shipped tokenizer already covers; instruction text is
+# NOT part of the tokenizer's training text, so adding instruction data leaves the tokenizer unchanged.
+
+INSTRUCT_SYSTEM_PROMPTS = [
+    "You are a careful clinical assistant. Answer briefly and only from the information given.",
+    "You are a medical AI assistant that helps clinicians read notes and papers. Be concise.",
+    "You are a helpful assistant for medical questions. Keep answers short and grounded in the text.",
+]
+# Abbreviations used in the synthetic notes, reports and abstracts, with their expansions.
+ABBREVIATIONS = {
+    "BNP": "B-type natriuretic peptide",
+    "CXR": "chest X-ray",
+    "DVT": "deep vein thrombosis",
+    "ECG": "electrocardiogram",
+    "EGD": "esophagogastroduodenoscopy",
+    "INR": "international normalized ratio",
+    "MRI": "magnetic resonance imaging",
+    "NSAIDs": "non-steroidal anti-inflammatory drugs",
+    "PCP": "primary care provider",
+    "TSH": "thyroid-stimulating hormone",
+    "WBC": "white blood cell count",
+    "COPD": "chronic obstructive pulmonary disease",
+    "GERD": "gastroesophageal reflux disease",
+    "SpO2": "peripheral oxygen saturation",
+    "BID": "twice a day",
+    "QHS": "at bedtime",
+    "PRN": "as needed",
+    "PO": "by mouth",
+    "IV": "intravenous",
+    "ED": "emergency department",
+    "SVC": "superior vena cava",
+    "HbA1c": "glycated hemoglobin",
+}
+# Reasons a drug was stopped: a sentence with one of these states no drug-treats-disease relation.
+SIDE_EFFECTS = ["a rash", "nausea", "dizziness", "a dry cough", "low blood pressure", "muscle aches"]
+# CXR_FINDINGS that point to no particular impression; a findings paragraph pads its key finding with these,
+# so the impression it should get is never ambiguous.
+CXR_NEUTRAL_FINDINGS = [4, 5, 7, 8]
+NOTE_SECTIONS = [
+    "Chief Complaint",
+    "History of Present Illness",
+    "Past Medical History",
+    "Brief Hospital Course",
+    "Medications on Admission",
+    "Discharge Diagnosis",
+    "Discharge Instructions",
+]
+LETTERS = "ABCD"
+# ED treatments too alike to stand as options in one question (a fluid bolus next to a fluid bolus).
+ED_LOOKALIKES = [
+    {"2 liters of normal saline", "1 liter of IV fluids", "IV fluids and an insulin infusion"},
+    {"ceftriaxone and azithromycin", "ceftriaxone 1 g IV"},
+]
+
+
+def join_words(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c' (no Oxford comma, like the notes)."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+def long_output(text: str) -> str:
+    """``text``, after checking that a long write-up really is 150-300 words."""
+    shortest, longest = INSTRUCT_LONG_OUTPUT_WORDS
+    if not shortest <= word_count(text) <= longest:
+        raise RuntimeError(
+            f"long output of {word_count(text)} words, not {shortest}-{longest}: {text[:60]!r}"
+        )
+    return text
+
+
+def clinical_case(rng: random.Random) -> dict:
+    """One patient drawn from PROBLEMS, with the sentences the case-based tasks put together."""
+    problem = rng.choice(PROBLEMS)
+    person, pronoun = rng.choice([("woman", "She"), ("man", "He")])
+    age = rng.randint(24, 88)
+    age_phrase = f"{'an' if str(age).startswith('8') else 'a'} {age} year old {person}"
+    pmh = rng.sample(PMH_ITEMS, rng.randint(1, 3))
+    days = rng.randint(1, 7)
+    vitals = (
+        f"T {rng.uniform(97.0, 101.8):.1f} HR {rng.randint(58, 128)} BP {rng.randint(96, 178)}/"
+        f"{rng.randint(52, 98)} RR {rng.randint(12, 26)} SpO2 {rng.randint(88, 100)}% on RA"
+    )
+    presentation = (
+        f"{capitalize_first(age_phrase)} with a history of {join_words(pmh)} presents with {problem['hpi']} "
+        f"for {days} day{'s' if days > 1 else ''}."
+    )
+    workup = f"Labs are notable for {problem['labs']}. {capitalize_first(problem['imaging'])}."
+    return {
+        "problem": problem,
+        "age": age,
+        "person": person,
+        "pronoun": pronoun,
+        "age_phrase": age_phrase,
+        "pmh": pmh,
+        "days": days,
+        "vitals": vitals,
+        "presentation": presentation,
+        "workup": workup,
+        "text": f"{presentation} Vitals are {vitals}. {workup}"
+        if rng.random() < 0.3
+        else f"{presentation} {workup}",
+    }
+
+
+def case_rationale(case: dict) -> str:
+    problem = case["problem"]
+    return f"{capitalize_first(problem['hpi'])} with {problem['labs']} support this diagnosis."
+
+
+def multiple_choice(rng: random.Random, correct: str, others: list[str]) -> tuple[str, str]:
+    """Four options (the correct one and three distinct distractors) and the letter of the correct one."""
+    options = [correct, *rng.sample(sorted(set(others) - {correct}), 3)]
+    rng.shuffle(options)
+    lines = "\n".join(f"{letter}. {capitalize_first(option)}" for letter, option in zip(LETTERS, options))
+    return lines, LETTERS[options.index(correct)]
+
+
+def trial_abstract(rng: random.Random) -> dict:
+    """A short drug-trial abstract and the facts it states; ``finding`` is yes (lower risk), no (higher
+    risk) or maybe (no significant difference) for 'does the drug lower the risk of the outcome?'."""
+    disease = rng.choice(DISEASES)
+    drug = rng.choice(sorted(DRUGS))
+    comparator = rng.choice(sorted(COMPARATORS))
+    outcome = rng.choice(OUTCOMES)
+    population = rng.choice(sorted(POPULATIONS))
+    design = rng.choice(DESIGNS)
+    finding = rng.choice(["yes", "yes", "no", "maybe"])
+    measure = rng.choice(["hazard ratio", "odds ratio", "relative risk"])
+    n_total = rng.randint(80, 9000)
+    if finding == "maybe":
+        # A null result: the interval always contains 1.
+        point = rng.uniform(0.9, 1.1)
+        low = min(point * rng.uniform(0.75, 0.95), 0.97)
+        high = max(point * rng.uniform(1.05, 1.3), 1.03)
+        est, low, high = f"{point:.2f}", f"{low:.2f}", f"{high:.2f}"
+        p_value = fmt_p(rng, False)
+        result = (
+            f"The risk of {outcome} did not differ significantly between groups ({measure} {est}; 95% CI {low} "
+            f"to {high}; {p_value})."
+        )
+    else:
+        est, low, high = ratio_with_ci(rng, protective=finding == "yes")
+        p_value = fmt_p(rng, True)
+        effect = "lower" if finding == "yes" else "higher"
+        result = (
+            f"{capitalize_first(drug)} was associated with a {effect} risk of {outcome} ({measure} {est}; "
+            f"95% CI {low} to {high}; {p_value})."
+        )
+    title = f"{capitalize_first(drug)} versus {comparator} for {disease}"
+    sentences = [
+        f"We conducted a {design} {rng.choice(SETTINGS)} of {n_total} {population} with {disease} who "
+        f"received {drug} ({DRUGS[drug]}) or {comparator}.",
+        f"The primary outcome was {outcome}.",
+        result,
+    ]
+    return {
+        "disease": disease,
+        "drug": drug,
+        "comparator": comparator,
+        "outcome": outcome,
+        "population": population,
+        "design": design,
+        "finding": finding,
+        "measure": measure,
+        "n_total": n_total,
+        "est": est,
+        "low": low,
+        "high": high,
+        "p_value": p_value,
+        "text": f"{title}\n\n{' '.join(sentences)}",
+    }
+
+
+def trial_summary(facts: dict) -> str:
+    lead = f"In {facts['population']} with {facts['disease']}, {facts['drug']}"
+    if facts["finding"] == "maybe":
+        return f"{lead} did not significantly change the risk of {facts['outcome']} compared with {facts['comparator']}."
+    effect = "lower" if facts["finding"] == "yes" else "higher"
+    return (
+        f"{lead} was associated with a {effect} risk of {facts['outcome']} than {facts['comparator']} "
+        f"({facts['measure']} {facts['est']})."
+    )
+
+
+def trial_verdict(facts: dict) -> str:
+    interval = f"{facts['measure']} {facts['est']}, 95% CI {facts['low']} to {facts['high']}"
+    if facts["finding"] == "yes":
+        return f"Yes. {capitalize_first(facts['drug'])} lowered the risk of {facts['outcome']} ({interval})."
+    if facts["finding"] == "no":
+        return f"No. {capitalize_first(facts['drug'])} was associated with a higher risk of {facts['outcome']} ({interval})."
+    return f"Maybe. The 95% CI of {facts['low']} to {facts['high']} includes 1, so no difference was shown."
+
+
+# Question answering: (question, context, answer) triples. The alpaca tasks wrap them in an instruction;
+# qa_pairs.parquet stores them as they are. An empty context is a knowledge question.
+
+
+def qa_diagnosis_choice(rng: random.Random) -> tuple[str, str, str]:
+    case = clinical_case(rng)
+    dx = case["problem"]["dx"]
+    options, letter = multiple_choice(rng, dx, [p["dx"] for p in PROBLEMS])
+    question = f"Which of the following is the most likely diagnosis?\n{options}"
+    return question, case["text"], f"{letter}. {capitalize_first(dx)}. {case_rationale(case)}"
+
+
+def qa_treatment_choice(rng: random.Random) -> tuple[str, str, str]:
+    case = clinical_case(rng)
+    ed = case["problem"]["ed"]
+    lookalikes = set().union(*(group for group in ED_LOOKALIKES if ed in group))
+    options, letter = multiple_choice(rng, ed, [p["ed"] for p in PROBLEMS if p["ed"] not in lookalikes])
+    question = f"Which initial treatment in the emergency department is most appropriate?\n{options}"
+    answer = f"{letter}. {capitalize_first(ed)}, the usual first step for {case['problem']['dx']}."
+    return question, case["text"], answer
+
+
+def qa_pubmed(rng: random.Random) -> tuple[str, str, str]:
+    facts = trial_abstract(rng)
+    question = (
+        f"Does {facts['drug']} lower the risk of {facts['outcome']} in {facts['population']} with "
+        f"{facts['disease']}? Answer yes, no or maybe."
+    )
+    return question, facts["text"], trial_verdict(facts)
+
+
+def qa_case_diagnosis(rng: random.Random) -> tuple[str, str, str]:
+    case = clinical_case(rng)
+    question = rng.choice(
+        ["What is the most likely diagnosis?", "What is the most likely cause of this presentation?"]
+    )
+    answer = f"The most likely diagnosis is {case['problem']['dx']}. {case_rationale(case)}"
+    return question, case["text"], answer
+
+
+def qa_knowledge(rng: random.Random) -> tuple[str, str, str]:
+    if rng.random() < 0.5:
+        drug = rng.choice(sorted(DRUGS))
+        return f"What is a typical dose of {drug}?", "", f"A typical dose of {drug} is {DRUGS[drug]}."
+    abbreviation = rng.choice(sorted(ABBREVIATIONS))
+    return (
+        f"What does {abbreviation} stand for in a clinical note?",
+        "",
+        f"In clinical notes, {abbreviation} stands for {ABBREVIATIONS[abbreviation]}.",
+    )
+
+
+QA_TASKS = [qa_diagnosis_choice, qa_treatment_choice, qa_pubmed, qa_pubmed, qa_case_diagnosis, qa_knowledge]
+
+
+def qa_pair(rng: random.Random) -> dict[str, str]:
+    question, context, answer = rng.choice(QA_TASKS)(rng)
+    return {"question": question, "context": context, "answer": answer}
+
+
+# Alpaca tasks: each returns (instruction, input, output).
+
+
+def task_medqa(rng: random.Random) -> tuple[str, str, str]:
+    question, context, answer = rng.choice([qa_diagnosis_choice, qa_treatment_choice])(rng)
+    instruction = rng.choice(
+        [
+            "Answer the multiple-choice question about the clinical case. Give the letter and the option.",
+            "Read the case and choose the best answer (A, B, C or D).",
+        ]
+    )
+    return instruction, f"{context}\n\nQuestion: {question}", answer
+
+
+def task_pubmedqa(rng: random.Random) -> tuple[str, str, str]:
+    question, context, answer = qa_pubmed(rng)
+    instruction = rng.choice(
+        [
+            "Answer the research question with yes, no or maybe based on the abstract, and give a short reason.",
+            "Based on the abstract, answer the question (yes / no / maybe) and explain in one sentence.",
+        ]
+    )
+    return (
+        instruction,
+        f"Question: {question.removesuffix(' Answer yes, no or maybe.')}\nContext: {context}",
+        answer,
+    )
+
+
+def ner_sentence(rng: random.Random) -> tuple[str, list[str], list[str]]:
+    drugs = rng.sample(sorted(DRUGS), rng.randint(1, 3))
+    diseases = rng.sample(DISEASES, rng.randint(1, 2))
+    case_age = rng.randint(24, 88)
+    age_phrase = f"{'An' if str(case_age).startswith('8') else 'A'} {case_age} year old patient"
+    was = "were" if len(drugs) > 1 else "was"
+    sentence = rng.choice(
+        [
+            f"{age_phrase} with {join_words(diseases)} was started on {join_words(drugs)}.",
+            f"Patients with {join_words(diseases)} who received {join_words(drugs)} were followed for "
+            f"{rng.randint(6, 60)} months.",
+            f"After the diagnosis of {join_words(diseases)}, {join_words(drugs)} {was} prescribed.",
+            f"In {rng.choice(sorted(POPULATIONS))} with {join_words(diseases)}, {join_words(drugs)} {was} "
+            "well tolerated.",
+        ]
+    )
+    return sentence, drugs, diseases
+
+
+def task_ner(rng: random.Random) -> tuple[str, str, str]:
+    sentence, drugs, diseases = ner_sentence(rng)
+    kind = rng.choice(["both", "both", "drugs", "diseases"])
+    if kind == "drugs":
+        return (
+            "List every drug mentioned in the sentence, in the order they appear.",
+            sentence,
+            f"Drugs: {', '.join(drugs)}",
+        )
+    if kind == "diseases":
+        return (
+            "List every disease mentioned in the sentence, in the order they appear.",
+            sentence,
+            f"Diseases: {', '.join(diseases)}",
+        )
+    instruction = rng.choice(
+        [
+            "Extract the drug and disease entities from the sentence.",
+            "Named entity recognition: list the drugs and the diseases mentioned in the text.",
+        ]
+    )
+    return instruction, sentence, f"Drugs: {', '.join(drugs)}\nDiseases: {', '.join(diseases)}"
+
+
+def relation_sentence(rng: random.Random) -> dict:
+    """A sentence with 0-2 drug-treats-disease pairs plus one drug and one disease that are not a pair."""
+    count = rng.choice([0, 1, 1, 2, 2])
+    drugs = rng.sample(sorted(DRUGS), count + 1)
+    diseases = rng.sample(DISEASES, count + 1)
+    pairs = list(zip(drugs[:count], diseases[:count]))
+    clauses = [
+        rng.choice(
+            [
+                f"{drug} was started for {disease}",
+                f"{disease} was treated with {drug}",
+                f"{drug} was given for {disease}",
+            ]
+        )
+        for drug, disease in pairs
+    ]
+    # The extra drug and disease stand in the sentence without a treats relation between them.
+    other_drug, other_disease = drugs[count], diseases[count]
+    side_effect = rng.choice([*SIDE_EFFECTS, ""])
+    if side_effect:
+        clauses.append(f"{other_drug} was stopped because of {side_effect}")
+        fate = f"Yes, {other_drug} was stopped because of {side_effect}."
+    else:
+        clauses.append(f"{other_drug} was continued unchanged")
+        fate = f"No drug was stopped; {other_drug} was continued unchanged."
+    rng.shuffle(clauses)
+    text = f"In a patient with a history of {other_disease}, {'; '.join(clauses)}."
+    return {
+        "text": text,
+        "pairs": sorted(pairs, key=lambda pair: text.index(pair[0])),
+        "drugs": sorted(drugs, key=text.index),
+        "fate": fate,
+    }
+
+
+def relation_answer(pairs: list[tuple[str, str]]) -> str:
+    if not pairs:
+        return "No drug-treats-disease relation is stated in the text."
+    return "; ".join(f"({drug}, treats, {disease})" for drug, disease in pairs)
+
+
+def task_relation(rng: random.Random) -> tuple[str, str, str]:
+    sentence = relation_sentence(rng)
+    instruction = rng.choice(
+        [
+            "Extract every drug-treats-disease relation from the text as (drug, treats, disease).",
+            "Relation extraction: which drug is given for which disease? Answer as (drug, treats, disease) "
+            "triples, or say that there is none.",
+        ]
+    )
+    return instruction, sentence["text"], relation_answer(sentence["pairs"])
+
+
+def task_note_section(rng: random.Random) -> tuple[str, str, str]:
+    case = clinical_case(rng)
+    problem = case["problem"]
+    section = rng.choice(NOTE_SECTIONS)
+    excerpt = {
+        "Chief Complaint": problem["cc"],
+        "History of Present Illness": f"{case['presentation']} {case['pronoun']} was seen at ___ prior to transfer.",
+        "Past Medical History": "\n".join(f"- {item}" for item in case["pmh"]),
+        "Brief Hospital Course": f"# {capitalize_first(problem['dx'])}: {capitalize_first(problem['course'])}.",
+        "Medications on Admission": "\n".join(
+            f"{i}. {med}" for i, med in enumerate(sorted(rng.sample(HOME_MEDS, rng.randint(2, 5))), start=1)
+        ),
+        "Discharge Diagnosis": f"Primary: {problem['dx']}\nSecondary: {', '.join(case['pmh'])}",
+        "Discharge Instructions": f"You were admitted because of {problem['dx']}. {problem['advice']}",
+    }[section]
+    instruction = rng.choice(
+        [
+            "Which section of a discharge summary does this excerpt come from?",
+            "Classify the discharge summary excerpt by its note section.",
+        ]
+    )
+    return instruction, excerpt, f"The excerpt belongs to the {section} section."
+
+
+def triage_vitals(rng: random.Random) -> dict[str, float]:
+    vitals = {
+        "T": round(rng.uniform(97.0, 99.5), 1),
+        "HR": rng.randint(58, 98),
+        "SBP": rng.randint(100, 160),
+        "DBP": rng.randint(60, 92),
+        "RR": rng.randint(12, 20),
+        "SpO2": rng.randint(94, 100),
+    }
+    target = rng.choice(["emergent", "urgent", "non-urgent"])
+    if target == "emergent":
+        for name in rng.sample(["SpO2", "SBP", "HR", "RR"], rng.randint(1, 2)):
+            vitals[name] = {
+                "SpO2": rng.randint(80, 89),
+                "SBP": rng.randint(70, 89),
+                "HR": rng.randint(131, 160),
+                "RR": rng.randint(29, 36),
+            }[name]
+    elif target == "urgent":
+        for name in rng.sample(["T", "HR", "SBP"], rng.randint(1, 2)):
+            vitals[name] = {
+                "T": round(rng.uniform(100.4, 103.5), 1),
+                "HR": rng.randint(101, 130),
+                "SBP": rng.randint(181, 210),
+            }[name]
+    if vitals["SBP"] < 90:
+        vitals["DBP"] = rng.randint(40, 58)
+    return vitals
+
+
+def triage_label(vitals: dict[str, float]) -> str:
+    """The fixed rule: any emergent threshold makes it emergent, else any urgent one urgent."""
+    emergent = [
+        f"the SpO2 of {vitals['SpO2']}% is below 90%" if vitals["SpO2"] < 90 else "",
+        f"the systolic blood pressure of {vitals['SBP']} is below 90" if vitals["SBP"] < 90 else "",
+        f"the heart rate of {vitals['HR']} is above 130" if vitals["HR"] > 130 else "",
+        f"the respiratory rate of {vitals['RR']} is above 28" if vitals["RR"] > 28 else "",
+    ]
+    urgent = [
+        f"the temperature of {vitals['T']:.1f} is 100.4 or higher" if vitals["T"] >= 100.4 else "",
+        f"the heart rate of {vitals['HR']} is above 100" if 100 < vitals["HR"] <= 130 else "",
+        f"the systolic blood pressure of {vitals['SBP']} is above 180" if vitals["SBP"] > 180 else "",
+    ]
+    if any(emergent):
+        return f"Emergent. {capitalize_first(join_words([r for r in emergent if r]))}."
+    if any(urgent):
+        return f"Urgent. {capitalize_first(join_words([r for r in urgent if r]))}."
+    return "Non-urgent. All vital signs are within normal limits."
+
+
+def task_triage(rng: random.Random) -> tuple[str, str, str]:
+    problem = rng.choice(PROBLEMS)
+    age = rng.randint(24, 88)
+    person = rng.choice(["woman", "man"])
+    v = triage_vitals(rng)
+    text = (
+        f"{'An' if str(age).startswith('8') else 'A'} {age} year old {person} comes to the ED. Chief complaint: "
+        f"{problem['cc']}. "
+        f"Vitals: T {v['T']:.1f} HR {v['HR']} BP {v['SBP']}/{v['DBP']} RR {v['RR']} SpO2 {v['SpO2']}% on RA."
+    )
+    instruction = rng.choice(
+        [
+            "Classify the urgency of this emergency department presentation as emergent, urgent or non-urgent "
+            "from the vital signs.",
+            "Triage: is this presentation emergent, urgent or non-urgent? Give the label and the reason.",
+        ]
+    )
+    return instruction, text, triage_label(v)
+
+
+def task_cxr_impression(rng: random.Random) -> tuple[str, str, str]:
+    key = rng.choice(sorted(CXR_IMPRESSIONS))
+    findings = [
+        CXR_FINDINGS[key],
+        *(CXR_FINDINGS[i] for i in rng.sample(CXR_NEUTRAL_FINDINGS, rng.randint(1, 2))),
+    ]
+    indication, question = rng.choice(CXR_INDICATIONS)
+    text = f"INDICATION: ___ year old patient {indication} // {question}\nFINDINGS: {' '.join(findings)}"
+    instruction = rng.choice(
+        [
+            "Write the impression for this chest radiograph report.",
+            "Summarize the findings of the chest X-ray report as a one-line impression.",
+        ]
+    )
+    return instruction, text, f"IMPRESSION: {CXR_IMPRESSIONS[key]}"
+
+
+def task_summarize_abstract(rng: random.Random) -> tuple[str, str, str]:
+    facts = trial_abstract(rng)
+    instruction = rng.choice(
+        [
+            "Summarize the main finding of the abstract in one sentence.",
+            "Write a one-sentence summary of this study.",
+        ]
+    )
+    return instruction, facts["text"], trial_summary(facts)
+
+
+def task_summarize_note(rng: random.Random) -> tuple[str, str, str]:
+    case = clinical_case(rng)
+    problem = case["problem"]
+    excerpt = "\n".join(
+        [
+            "History of Present Illness:",
+            case["presentation"],
+            "Brief Hospital Course:",
+            f"# {capitalize_first(problem['dx'])}: {capitalize_first(problem['course'])}.",
+        ]
+    )
+    summary = (
+        f"{capitalize_first(case['age_phrase'])} was admitted with {problem['dx']}; {problem['course']}."
+    )
+    instruction = rng.choice(
+        [
+            "Summarize this discharge note excerpt in one sentence.",
+            "Give a one-sentence summary of the admission described below.",
+        ]
+    )
+    return instruction, excerpt, summary
+
+
+def nli_pair(rng: random.Random) -> tuple[str, str, str, str]:
+    """A premise about a patient, a hypothesis, its label and the reason."""
+    case = clinical_case(rng)
+    premise = case["presentation"]
+    person, pmh = case["person"], case["pmh"]
+    label = rng.choice(["entailment", "contradiction", "neutral"])
+    aspect = rng.choice(["age", "sex", "history"])
+    if label == "entailment":
+        hypothesis, reason = {
+            "age": (f"The patient is {case['age']} years old.", f"the patient is {case['age']} years old"),
+            "sex": (f"The patient is a {person}.", f"the patient is a {person}"),
+            "history": (f"The patient has a history of {pmh[-1]}.", f"a history of {pmh[-1]}"),
+        }[aspect]
+        return premise, hypothesis, label, f"Entailment. The premise states {reason}."
+    if label == "contradiction":
+        other_age = case["age"] + rng.choice([-1, 1]) * rng.randint(3, 15)
+        other_person = "man" if person == "woman" else "woman"
+        hypothesis, reason = {
+            "age": (
+                f"The patient is {other_age} years old.",
+                f"the patient is {case['age']}, not {other_age}",
+            ),
+            "sex": (f"The patient is a {other_person}.", f"the patient is a {person}"),
+            "history": (f"The patient has no history of {pmh[0]}.", f"a history of {pmh[0]}"),
+        }[aspect]
+        return premise, hypothesis, label, f"Contradiction. The premise states {reason}."
+    hypothesis = rng.choice(
+        [
+            f"The patient has a family history of {rng.choice(DISEASES)}.",
+            f"The patient is allergic to {rng.choice(['penicillin', 'sulfa drugs', 'codeine'])}.",
+            "The patient lives alone.",
+            f"The patient was admitted to the {rng.choice(sorted(set(SERVICES))).lower()} service.",
+        ]
+    )
+    return premise, hypothesis, label, "Neutral. The premise does not say whether this is true."
+
+
+def task_nli(rng: random.Random) -> tuple[str, str, str]:
+    premise, hypothesis, _label, answer = nli_pair(rng)
+    instruction = rng.choice(
+        [
+            "Does the premise entail the hypothesis? Answer entailment, contradiction or neutral.",
+            "Natural language inference: label the relation between the premise and the hypothesis as "
+            "entailment, contradiction or neutral.",
+        ]
+    )
+    return instruction, f"Premise: {premise}\nHypothesis: {hypothesis}", answer
+
+
+def task_case_reasoning(rng: random.Random) -> tuple[str, str, str]:
+    question, context, answer = qa_case_diagnosis(rng)
+    instruction = rng.choice(
+        [
+            "Read the clinical case and give the most likely diagnosis with a one-line rationale.",
+            "What is the most likely diagnosis? Explain briefly.",
+        ]
+    )
+    return instruction, context, answer
+
+
+def task_knowledge(rng: random.Random) -> tuple[str, str, str]:
+    question, _context, answer = qa_knowledge(rng)
+    return question, "", answer
+
+
+def task_case_writeup(rng: random.Random) -> tuple[str, str, str]:
+    """Long output (about 150-250 words): a case write-up from a list of facts."""
+    case = clinical_case(rng)
+    problem, pronoun = case["problem"], case["pronoun"]
+    meds = sorted(rng.sample(HOME_MEDS, rng.randint(3, 6)))
+    disposition = rng.choice(DISPOSITIONS)
+    allergy = rng.choice(ALLERGIES)
+    independent = rng.random() < 0.6
+    follow_up = rng.randint(5, 21)
+    facts = "\n".join(
+        [
+            f"Patient: {case['age_phrase']}",
+            f"Past medical history: {', '.join(case['pmh'])}",
+            f"Allergies: {allergy}",
+            f"Presentation: {problem['hpi']} for {case['days']} day{'s' if case['days'] > 1 else ''}",
+            f"ED vitals: {case['vitals']}",
+            f"Labs: {problem['labs']}",
+            f"Imaging: {problem['imaging']}",
+            f"ED treatment: {problem['ed']}",
+            f"Diagnosis: {problem['dx']}",
+            f"Hospital course: {problem['course']}",
+            f"Home medications: {'; '.join(meds)}",
+            f"Discharge condition: alert, clear and coherent; ambulatory, "
+            f"{'independent' if independent else 'requires assistance'}",
+            f"Disposition: {disposition}",
+            f"Follow-up: PCP in {follow_up} days",
+        ]
+    )
+    stable = " ".join(
+        f"{capitalize_first(item)} was stable and the home regimen was continued." for item in case["pmh"]
+    )
+    writeup = "\n\n".join(
+        [
+            f"HISTORY: {case['presentation']} Allergies: {allergy}.",
+            f"PRESENTATION: In the emergency department, initial vitals were {case['vitals']}. Labs were "
+            f"notable for {problem['labs']}. {capitalize_first(problem['imaging'])}. {pronoun} was given "
+            f"{problem['ed']} and admitted for further management.",
+            f"ASSESSMENT: The presentation is most consistent with {problem['dx']}. {case_rationale(case)}",
+            f"HOSPITAL COURSE: {capitalize_first(problem['course'])}. {stable}",
+            f"MEDICATIONS: {pronoun} will continue {join_words(meds)}.",
+            f"CONDITION AT DISCHARGE: {pronoun} was alert, clear and coherent, and ambulatory "
+            f"{'independently' if independent else 'with assistance'}.",
+            f"DISPOSITION: Discharged to {disposition.lower()} in stable condition, with follow-up with the "
+            f"PCP in {follow_up} days. {problem['advice']}",
+        ]
+    )
+    instruction = rng.choice(
+        [
+            "Write a structured case summary (history, presentation, assessment, hospital course, medications, "
+            "condition, disposition) from these facts.",
+            "Turn the admission facts into a short case write-up for the discharge summary.",
+        ]
+    )
+    return instruction, facts, long_output(writeup)
+
+
+def task_abstract_writeup(rng: random.Random) -> tuple[str, str, str]:
+    """Long output (about 150-250 words): a structured abstract from a study's key facts."""
+    facts = trial_abstract(rng)
+    year1 = rng.randint(1998, 2019)
+    year2 = year1 + rng.randint(1, 5)
+    setting = rng.choice(SETTINGS)
+    youngest, oldest, women_only = POPULATIONS[facts["population"]]
+    n_total = facts["n_total"]
+    n_women = n_total if women_only else rng.randint(n_total // 5, n_total * 4 // 5)
+    mean_age = f"{rng.uniform(youngest, oldest):.1f}"
+    pct_a, pct_b = f"{rng.uniform(2, 30):.1f}", f"{rng.uniform(2, 30):.1f}"
+    drug, comparator, outcome = facts["drug"], facts["comparator"], facts["outcome"]
+    result_line = (
+        f"{facts['measure']} {facts['est']}; 95% CI {facts['low']} to {facts['high']}; {facts['p_value']}"
+    )
+    details = "\n".join(
+        [
+            f"Design: {facts['design']} {setting}, {year1}-{year2}",
+            f"Participants: {n_total} {facts['population']} with {facts['disease']} ({n_women} women, mean age "
+            f"{mean_age} years)",
+            f"Intervention: {drug} ({DRUGS[drug]}) versus {comparator}",
+            f"Primary outcome: {outcome}",
+            f"Result: {result_line}",
+            f"Adverse events: {pct_a}% with {drug}, {pct_b}% with {comparator}",
+        ]
+    )
+    if facts["finding"] == "maybe":
+        result = f"The risk of {outcome} did not differ significantly between groups ({result_line})."
+        conclusion = (
+            f"In {facts['population']} with {facts['disease']}, {drug} did not change the risk of {outcome}."
+        )
+    else:
+        effect = "lower" if facts["finding"] == "yes" else "higher"
+        result = f"{capitalize_first(drug)} was associated with a {effect} risk of {outcome} ({result_line})."
+        conclusion = (
+            f"In {facts['population']} with {facts['disease']}, {drug} was associated with a {effect} risk of "
+            f"{outcome} compared with {comparator}."
+        )
+    abstract = "\n".join(
+        [
+            f"BACKGROUND: {capitalize_first(facts['disease'])} affects a growing number of {facts['population']} "
+            f"worldwide. The effect of {drug} on {outcome} in {facts['population']} with {facts['disease']} "
+            "remains uncertain.",
+            f"METHODS: We conducted a {facts['design']} {setting} between {year1} and {year2}. A total of {n_total} "
+            f"{facts['population']} with {facts['disease']} received {drug} ({DRUGS[drug]}) or {comparator}. The "
+            f"primary outcome was {outcome}. Analyses followed the intention-to-treat principle.",
+            f"RESULTS: Of the {n_total} participants, {n_women} ({100 * n_women / n_total:.1f}%) were women and the "
+            f"mean age was {mean_age} years. {result} Adverse events occurred in {pct_a}% of the {drug} group and "
+            f"{pct_b}% of the {COMPARATORS[comparator]} group.",
+            f"CONCLUSIONS: {conclusion} Larger trials with longer follow-up are needed to confirm these results.",
+        ]
+    )
+    instruction = (
+        "Write a structured abstract (BACKGROUND, METHODS, RESULTS, CONCLUSIONS) from these study details."
+    )
+    return instruction, details, long_output(abstract)
+
+
+# Task -> weight in medinstruct_alpaca.jsonl; the two long write-ups together are about 2% of the records.
+ALPACA_TASKS = [
+    (task_medqa, 10),
+    (task_pubmedqa, 8),
+    (task_ner, 12),
+    (task_relation, 10),
+    (task_note_section, 6),
+    (task_triage, 6),
+    (task_cxr_impression, 4),
+    (task_summarize_abstract, 4),
+    (task_summarize_note, 6),
+    (task_nli, 10),
+    (task_case_reasoning, 8),
+    (task_knowledge, 6),
+    (task_case_writeup, 1),
+    (task_abstract_writeup, 1),
+]
+
+
+def alpaca_record(rng: random.Random) -> dict[str, str]:
+    tasks, weights = zip(*ALPACA_TASKS)
+    instruction, input_text, output = rng.choices(tasks, weights)[0](rng)
+    return {"instruction": instruction, "input": input_text, "output": output}
+
+
+def user_turn(instruction: str, input_text: str) -> str:
+    return f"{instruction}\n\n{input_text}" if input_text else instruction
+
+
+def chat_case(rng: random.Random) -> list[tuple[str, str]]:
+    case = clinical_case(rng)
+    problem = case["problem"]
+    return [
+        (
+            f"{case['text']}\n\nWhat is the most likely diagnosis?",
+            f"{capitalize_first(problem['dx'])}. {case_rationale(case)}",
+        ),
+        (
+            "What should be given in the emergency department?",
+            f"Initial treatment in the ED is {problem['ed']}.",
+        ),
+        (
+            "What advice should the patient get at discharge?",
+            f"{problem['advice']} Keep all follow-up appointments.",
+        ),
+    ]
+
+
+def chat_abstract(rng: random.Random) -> list[tuple[str, str]]:
+    facts = trial_abstract(rng)
+    significant = facts["finding"] != "maybe"
+    return [
+        (f"Summarize this abstract in one sentence.\n\n{facts['text']}", trial_summary(facts)),
+        ("What was the primary outcome?", f"The primary outcome was {facts['outcome']}."),
+        (
+            "Was the result statistically significant?",
+            f"{'Yes' if significant else 'No'}: {facts['p_value']} with a 95% CI of {facts['low']} to "
+            f"{facts['high']}.",
+        ),
+    ]
+
+
+def chat_entities(rng: random.Random) -> list[tuple[str, str]]:
+    sentence = relation_sentence(rng)
+    return [
+        (f"Which drugs are mentioned here?\n\n{sentence['text']}", f"Drugs: {', '.join(sentence['drugs'])}"),
+        ("Which drug is given for which disease?", relation_answer(sentence["pairs"])),
+        ("Were any drugs stopped?", sentence["fate"]),
+    ]
+
+
+CHAT_CONVERSATIONS = [chat_case, chat_abstract, chat_entities]
+
+
+def chat_record(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    messages = []
+    if rng.random() < 0.5:
+        messages.append({"role": "system", "content": rng.choice(INSTRUCT_SYSTEM_PROMPTS)})
+    if rng.random() < 0.33:
+        turns = rng.choice(CHAT_CONVERSATIONS)(rng)[: rng.randint(2, 3)]
+    else:
+        record = alpaca_record(rng)
+        turns = [(user_turn(record["instruction"], record["input"]), record["output"])]
+    for user, assistant in turns:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return {"messages": messages}
+
+
+def first_user_message(record: dict) -> str:
+    return next(m["content"] for m in record["messages"] if m["role"] == "user")
+
+
+# --------------------------------------------------------------------------------------------------------
 # Splitting and writing
 # --------------------------------------------------------------------------------------------------------
 
@@ -1153,6 +1977,27 @@ def gzip_bytes(data: bytes) -> bytes:
 
 def zstd_bytes(data: bytes) -> bytes:
     return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def parquet_bytes(records: list[dict[str, str]], columns: list[str]) -> bytes:
+    # A table built from plain lists carries no pandas metadata, and every writer option that could vary is
+    # spelled out. The footer names the pyarrow version ("created_by"), so the bytes are reproducible for one
+    # pyarrow version, not across versions.
+    table = pa.table({column: pa.array([r[column] for r in records], type=pa.string()) for column in columns})
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table,
+        sink,
+        row_group_size=len(records),
+        version="2.6",
+        compression="zstd",
+        compression_level=ZSTD_LEVEL,
+        use_dictionary=False,
+        write_statistics=False,
+        write_page_index=False,
+        store_schema=True,
+    )
+    return sink.getvalue().to_pybytes()
 
 
 MIMIC_COLUMNS = [
@@ -1237,6 +2082,73 @@ def build_redpajama(out: Path) -> list[str]:
     write(out / "redpajama/part-0000.jsonl.zst", zstd_bytes(jsonl_bytes(train)))
     write(out / "redpajama/heldout.jsonl", jsonl_bytes(heldout))
     return [record["text"] for record in train]
+
+
+def alpaca_key(record: dict[str, str]) -> str:
+    return user_turn(record["instruction"], record["input"])
+
+
+def check_output_lengths(name: str, outputs: list[str]) -> None:
+    longest = INSTRUCT_LONG_OUTPUT_WORDS[1]
+    too_long = [text[:60] for text in outputs if word_count(text) > longest]
+    if too_long or not all(text.strip() for text in outputs):
+        raise RuntimeError(f"{name}: empty outputs or outputs over {longest} words: {too_long}")
+
+
+def build_instruct(out: Path) -> dict[str, list[str]]:
+    """Instruction data; returns the full text of each file's train records (for the token count print)."""
+    rng = random.Random(INSTRUCT_SEED)
+    total = INSTRUCT_ALPACA_TRAIN + INSTRUCT_ALPACA_HELDOUT
+    alpaca = unique_documents(lambda: alpaca_record(rng), total, text_of=alpaca_key)
+    train, heldout = split_heldout(rng, alpaca, INSTRUCT_ALPACA_HELDOUT)
+    # The chats and QA pairs never repeat an alpaca prompt, so no file's held-out split is in another's
+    # train split (short knowledge questions are the only prompts likely to recur).
+    alpaca_prompts = {alpaca_key(record) for record in alpaca}
+    alpaca_inputs = [record["input"] for record in alpaca]
+
+    chat_rng = random.Random(CHAT_SEED)
+
+    def new_chat() -> dict:
+        while True:
+            record = chat_record(chat_rng)
+            if first_user_message(record) not in alpaca_prompts:
+                return record
+
+    chats = unique_documents(
+        new_chat, INSTRUCT_CHAT_TRAIN + INSTRUCT_CHAT_HELDOUT, text_of=first_user_message
+    )
+    chat_train, chat_heldout = split_heldout(chat_rng, chats, INSTRUCT_CHAT_HELDOUT)
+
+    qa_rng = random.Random(QA_SEED)
+
+    def new_qa_pair() -> dict:
+        while True:
+            record = qa_pair(qa_rng)
+            context = record["context"]
+            if context and not any(context in text for text in alpaca_inputs):
+                return record
+            if not context and record["question"] not in alpaca_prompts:
+                return record
+
+    qa = unique_documents(
+        new_qa_pair, INSTRUCT_QA_PAIRS, text_of=lambda r: user_turn(r["question"], r["context"])
+    )
+
+    check_output_lengths("alpaca", [r["output"] for r in alpaca])
+    check_output_lengths(
+        "chat", [m["content"] for r in chats for m in r["messages"] if m["role"] == "assistant"]
+    )
+    check_output_lengths("qa", [r["answer"] for r in qa])
+    write(out / "instruct/medinstruct_alpaca.jsonl", jsonl_bytes(train))
+    write(out / "instruct/clinical_chat.jsonl", jsonl_bytes(chat_train))
+    write(out / "instruct/qa_pairs.parquet", parquet_bytes(qa, ["question", "context", "answer"]))
+    write(out / "instruct/heldout/medinstruct_alpaca.jsonl", jsonl_bytes(heldout))
+    write(out / "instruct/heldout/clinical_chat.jsonl", jsonl_bytes(chat_heldout))
+    return {
+        "alpaca": [f"{alpaca_key(r)}\n\n{r['output']}" for r in train],
+        "chat": ["\n\n".join(m["content"] for m in r["messages"]) for r in chat_train],
+        "qa": [f"{user_turn(r['question'], r['context'])}\n\n{r['answer']}" for r in qa],
+    }
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1364,7 +2276,11 @@ def main(argv: list[str] | None = None) -> int:
     # Train splits only, in a fixed source order: held-out text must stay unseen by the tokenizer too.
     all_train = [text for texts in texts_by_source.values() for text in texts]
     build_tokenizer(out, all_train)
+    # After the tokenizer, and not in its training text: instruction data must not change the tokenizer.
+    instruct_texts = build_instruct(out)
     token_counts(out / "tokenizer", texts_by_source)
+    print("instruction data (train records, prompt + answer):")
+    token_counts(out / "tokenizer", instruct_texts)
     print(f"total size on disk: {directory_size(out)} bytes")
     return 0
 

@@ -1,6 +1,7 @@
 """Command line: parse -> resolve config -> validate (and --dry-run) -> train.
 
-`launch/pretrain.py` and `mellama-train pretrain` are the same entry point. The flag names are a contract.
+`launch/pretrain.py` = `mellama-train pretrain`, `launch/tune.py` = `mellama-train tune` (same flags, plus
+`--base`), and `mellama-train merge` folds an adapter into its base. The flag names are a contract.
 """
 
 from __future__ import annotations
@@ -13,23 +14,35 @@ from typing import Any
 
 import yaml
 
-from mellama_train.config import Config, ConfigError, profile_names, resolve, validate
+from mellama_train.config import NULL, Config, ConfigError, profile_names, resolve, validate
 
 EXIT_CONFIG = 2
 
 
-def pretrain_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="launch/pretrain.py",
-        description="Continual pretraining of a LLaMA model on a weighted mixture of corpora (DeepSpeed ZeRO).",
-    )
+DESCRIPTIONS = {
+    "pretrain": "Continual pretraining of a LLaMA model on a weighted mixture of corpora (DeepSpeed ZeRO).",
+    "tune": "LoRA instruction tuning of a LLaMA model on a weighted mixture of instruction sets (DeepSpeed ZeRO).",
+}
+
+
+def run_parser(task: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"launch/{task}.py", description=DESCRIPTIONS[task])
     p.add_argument(
         "--ds", metavar="PATH", help="DeepSpeed JSON (default ds_configs/zero3.json) = train.ds_config"
     )
     p.add_argument(
-        "--profile", default="tiny", help=f"named profile: {', '.join(profile_names())} (default tiny)"
+        "--profile",
+        default="tiny",
+        help=f"named profile: {', '.join(profile_names(task))} (default tiny)",
     )
     p.add_argument("--config", metavar="PATH", help="recipe YAML applied over the profile")
+    if task == "tune":
+        p.add_argument(
+            "--base",
+            metavar="PATH",
+            help="Hugging Face model directory to tune (e.g. final/ of a pretraining run) = model.path;"
+            " its tokenizer is used unless model.tokenizer is set",
+        )
     p.add_argument(
         "--output-dir",
         metavar="PATH",
@@ -53,15 +66,22 @@ def pretrain_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    aliases = {
+def pretrain_parser() -> argparse.ArgumentParser:
+    return run_parser("pretrain")
+
+
+def config_from_args(args: argparse.Namespace, task: str = "pretrain") -> Config:
+    aliases: dict[str, Any] = {
         "train.ds_config": args.ds,
         "train.output_dir": args.output_dir,
         "train.max_steps": args.max_steps,
         "train.save_every": args.save_every,
         "train.resume": args.resume,
     }
-    return resolve(args.profile, args.config, args.set, aliases)
+    if getattr(args, "base", None):
+        # --base replaces the profile's model: its weights, and its own tokenizer (a --set can still pick one).
+        aliases.update({"model.init": "pretrained", "model.path": args.base, "model.tokenizer": NULL})
+    return resolve(args.profile, args.config, args.set, aliases, task=task)
 
 
 def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
@@ -78,11 +98,17 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     )
     lines.append(f"total steps:             {d['total_steps']:,}")
     lines.append(f"warmup steps:            {d['warmup_steps']:,} ({cfg.optim.warmup_ratio:.0%} of total)")
-    lines.append(f"total tokens:            {d['total_tokens']:,}")
-    lines.append("tokens per source at target weights (weights count tokens):")
-    for name, tokens in d["tokens_per_source"].items():
+    if cfg.task == "tune":
+        lines.append(f"total examples:          {d['total_examples']:,}")
+        lines.append("examples per source at target weights (weights count examples):")
+        per_source = d["examples_per_source"]
+    else:
+        lines.append(f"total tokens:            {d['total_tokens']:,}")
+        lines.append("tokens per source at target weights (weights count tokens):")
+        per_source = d["tokens_per_source"]
+    for name, amount in per_source.items():
         share = cfg.source_fractions()[name]
-        lines.append(f"  {name:<22} {share:6.1%}  {tokens:,}")
+        lines.append(f"  {name:<22} {share:6.1%}  {amount:,}")
     if missing:
         lines += ["", "# a real run still needs:"] + [f"  - {m}" for m in missing]
     if problems:
@@ -94,17 +120,28 @@ def _is_rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def pretrain_main(argv: list[str] | None = None) -> int:
-    args = pretrain_parser().parse_args(argv)
+def run_main(task: str, argv: list[str] | None = None) -> int:
+    args = run_parser(task).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if _is_rank0() else logging.WARNING,
         format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(name)s: %(message)s",
     )
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, task)
     except ConfigError as exc:
         return _fail(exc.problems)
     problems, missing = validate(cfg)
+    if not problems and not missing:
+        from mellama_train.data.pipeline import plan_epochs
+
+        try:
+            examples = plan_epochs(cfg)
+        except ValueError as exc:  # a data file that cannot be read: one line naming it and the fix
+            return _fail([str(exc)])
+        if examples is not None and _is_rank0():
+            logging.getLogger(__name__).info(
+                "%g epochs over %d examples = %d steps", cfg.train.epochs, examples, cfg.train.max_steps
+            )
     if args.dry_run:
         if _is_rank0():
             print(render_dry_run(cfg, problems, missing))
@@ -124,6 +161,50 @@ def pretrain_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pretrain_main(argv: list[str] | None = None) -> int:
+    return run_main("pretrain", argv)
+
+
+def tune_main(argv: list[str] | None = None) -> int:
+    return run_main("tune", argv)
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train merge",
+        description="Merge a LoRA adapter into its base and write a Hugging Face model (runs on CPU).",
+    )
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter directory (<run>/adapter)")
+    p.add_argument("--base", metavar="PATH", help="base model directory (default: the one the adapter names)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory for the merged model")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights dtype (default bf16)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the base")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from mellama_train.lora import merge_adapter
+
+    base = args.base
+    if base is None:
+        config = Path(args.adapter) / "adapter_config.json"
+        if not config.is_file():
+            return _fail([f"--adapter {args.adapter}: no adapter_config.json; pass a PEFT adapter directory"])
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+        if not base:
+            return _fail([f"{config} names no base model; pass --base"])
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    try:
+        out = merge_adapter(base, args.adapter, args.out, dtype, args.trust_remote_code)
+    except ValueError as exc:
+        return _fail([str(exc)])
+    print(f"done: {out}")
+    return 0
+
+
 def _fail(problems: list[str]) -> int:
     if _is_rank0():
         print(ConfigError(problems), file=sys.stderr)
@@ -133,7 +214,7 @@ def _fail(problems: list[str]) -> int:
 def main(argv: list[str] | None = None) -> Any:
     """`mellama-train <command> ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"pretrain": pretrain_main}
+    commands = {"pretrain": pretrain_main, "tune": tune_main, "merge": merge_main}
     if not argv or argv[0] not in commands:
         print(
             f"usage: mellama-train {{{','.join(commands)}}} [options]  (see --help of each)", file=sys.stderr

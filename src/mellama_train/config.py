@@ -51,6 +51,11 @@ class SourceConfig:
     """Column / JSON key holding the text (default `text`); ignored for txt and PubMed XML."""
     cleaners: list[str] = field(default_factory=list)
     """Text cleaners applied in order before tokenizing, e.g. [mimic_deid]; off by default."""
+    eval_paths: list[str] = field(default_factory=list)
+    """Held-out files of this source: their loss is logged as `eval/loss/<name>` every train.eval_every steps."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """(tune) Field renames for instruction records: {instruction: question, input: context, output: answer};
+    recognised names: instruction, input, output, system, messages."""
 
 
 @dataclass
@@ -61,6 +66,15 @@ class DataConfig:
     """The corpora mixed into training, each with its token weight."""
     seed: int = 1234
     """Seeds the per-epoch file order of every source; the same seed replays the same token stream."""
+    chat_template: str = "auto"
+    """(tune) Prompt format: `auto` (the tokenizer's chat template, else the built-in), `default` (the built-in
+    `### Instruction:` / `### Response:` format, docs/TUNING.md), a .jinja file, or a template string."""
+    overflow: str = "truncate"
+    """(tune) Examples longer than seq_len: `truncate` (prompt side first, then the answer's end) or `drop`;
+    both are counted (`data/truncated/<source>`, `data/skipped/<source>`)."""
+    pack: bool = False
+    """(tune) Pack several whole examples per sequence (position_ids keep them from attending to each other);
+    off: one example per row, padded to the longest in the micro-batch."""
 
 
 @dataclass
@@ -103,6 +117,27 @@ class ModelConfig:
     """transformers attention backend: sdpa (default), flash_attention_2, eager."""
     trust_remote_code: bool = False
     """Run model code shipped inside the model directory. Off: only enable for directories you trust."""
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (PEFT LoRA): the base model is frozen and only the adapters train."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of all weights (on in the tune profiles)."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get adapters; the default is every linear layer of the LLaMA blocks."""
+    merge: bool = True
+    """At the end, merge the adapter into the base and write `final/` (rank 0 loads the base on CPU once; off
+    for 70B on small-memory nodes: merge later with `mellama-train merge`)."""
 
 
 @dataclass
@@ -153,13 +188,22 @@ class TrainConfig:
     """Collective timeout: a rank stuck longer than this fails the job instead of hanging it."""
     world_size: int = 0
     """Data-parallel ranks; 0 = read from WORLD_SIZE (set by the launcher), else 1. Set it for a dry-run."""
+    epochs: float | None = None
+    """(tune) Passes over the instruction examples (all sources' records); gives max_steps at start-up."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (sources' eval_paths); 0: only at the end."""
+    eval_batches: int = 20
+    """Held-out micro-batches per source and rank at most, per evaluation."""
 
 
 @dataclass
 class Config:
+    task: str = "pretrain"
+    """pretrain (launch/pretrain.py) or tune (launch/tune.py); set by the entry point, picks the profile set."""
     profile: str = "tiny"
     """Named profile this config started from."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -192,17 +236,22 @@ class Config:
         return {s.name: s.weight / total for s in self.data.sources}
 
     def derived(self) -> dict[str, Any]:
-        tokens = self.total_steps * self.tokens_per_step
-        return {
+        common = {
             "world_size": self.world_size,
             "grad_accum_steps": self.grad_accum_steps,
             "global_batch_sequences": self.train.global_batch_size,
             "global_batch_tokens": self.tokens_per_step,
             "total_steps": self.total_steps,
             "warmup_steps": self.warmup_steps,
-            "total_tokens": tokens,
-            "tokens_per_source": {n: round(f * tokens) for n, f in self.source_fractions().items()},
         }
+        # Pretraining weights count tokens; instruction weights count examples (data/mixture.py).
+        unit, amount = (
+            ("examples", self.total_steps * self.train.global_batch_size)
+            if self.task == "tune"
+            else ("tokens", self.total_steps * self.tokens_per_step)
+        )
+        per_source = {n: round(f * amount) for n, f in self.source_fractions().items()}
+        return {**common, f"total_{unit}": amount, f"{unit}_per_source": per_source}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,6 +277,13 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where} must be a mapping (got {type(value).__name__}); see the profile YAMLs")
             return typ()
         return _build(typ, value, where, problems)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            problems.append(f"{where} must be a mapping of names to names (got {value!r})")
+            return {}
+        return dict(value)
     if origin is list:
         (item_type,) = typing.get_args(typ)
         if isinstance(value, (str, int, float)) and item_type is str:
@@ -306,8 +362,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+TASKS = ("pretrain", "tune")
+NULL = object()
+"""An alias value that sets a field to null (a plain None means "flag not given")."""
+
+
+def profile_names(task: str = "pretrain") -> list[str]:
+    return sorted(p.stem for p in (PROFILES_DIR / task).glob("*.yaml"))
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -353,23 +414,25 @@ def resolve(
     recipe: str | None = None,
     overrides: list[str] | None = None,
     aliases: dict[str, Any] | None = None,
+    task: str = "pretrain",
 ) -> Config:
     """Resolve profile <- recipe <- aliases <- --set into a Config. Type problems raise ConfigError at once;
     value checks are `validate()`'s job so a dry-run can print the config beside its problems."""
-    profile_path = PROFILES_DIR / f"{profile}.yaml"
+    profile_path = PROFILES_DIR / task / f"{profile}.yaml"
     if not profile_path.exists():
         raise ConfigError(
-            [f"--profile {profile}: unknown profile; choose one of {', '.join(profile_names())}"]
+            [f"--profile {profile}: unknown {task} profile; choose one of {', '.join(profile_names(task))}"]
         )
     tree = load_yaml(profile_path)
     if recipe:
         tree = _deep_merge(tree, load_yaml(recipe))
     for key, value in (aliases or {}).items():
         if value is not None:
-            _set_dotted(tree, key, value)
+            _set_dotted(tree, key, None if value is NULL else value)
     for text in overrides or []:
         _set_dotted(tree, *parse_override(text))
     tree["profile"] = profile
+    tree["task"] = task
     problems: list[str] = []
     cfg = _build(Config, tree, "", problems)
     if problems:
@@ -396,6 +459,7 @@ def _expand_sample_paths(cfg: Config) -> None:
     cfg.model.tokenizer = expand(cfg.model.tokenizer)
     for src in cfg.data.sources:
         src.paths = [expand(p) for p in src.paths]
+        src.eval_paths = [expand(p) for p in src.eval_paths]
 
 
 # ---- validation ----------------------------------------------------------------------------------------
@@ -414,12 +478,16 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
     missing: list[str] = []
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
 
+    if cfg.task not in TASKS:
+        p.append(f"task must be one of {', '.join(TASKS)} (got {cfg.task!r}); it is set by the entry point")
     if m.init not in ("pretrained", "random"):
         p.append(f"model.init must be pretrained or random (got {m.init!r})")
     if m.init == "pretrained":
         if not m.path:
             missing.append(
-                "model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)"
+                "model.path (--base): the Hugging Face directory of the base model to tune, e.g. final/ of a pretraining run"
+                if cfg.task == "tune"
+                else "model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)"
             )
         elif not (Path(m.path) / "config.json").is_file():
             p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
@@ -469,6 +537,35 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         unknown = [c for c in s.cleaners if c not in CLEANERS]
         if unknown:
             p.append(f"{label}.cleaners: unknown {unknown}; known: {', '.join(CLEANERS)}")
+
+    lo = cfg.lora
+    if lo.enabled:
+        if lo.r <= 0 or not lo.alpha > 0:
+            p.append(f"lora.r and lora.alpha must be > 0 (got r={lo.r}, alpha={lo.alpha})")
+        if not 0 <= lo.dropout < 1:
+            p.append(f"lora.dropout must be in [0, 1) (got {lo.dropout})")
+        if not lo.target_modules:
+            p.append("lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+    if d.overflow not in ("truncate", "drop"):
+        p.append(f"data.overflow must be truncate or drop (got {d.overflow!r})")
+    if not d.chat_template.strip():
+        p.append("data.chat_template is empty; use auto, default, a .jinja path or a template string")
+    if cfg.task == "tune":
+        if t.epochs is not None and not t.epochs > 0:
+            p.append(f"train.epochs must be > 0 (got {t.epochs})")
+        if not t.max_steps and t.epochs is None:
+            p.append(
+                "train.epochs or train.max_steps must be set: how long to tune (e.g. --set train.epochs=3)"
+            )
+        if d.pack and t.epochs is not None and not t.max_steps:
+            p.append(
+                "train.epochs with data.pack: packed rows hold a varying number of examples, so epochs cannot"
+                " give a step count up front; set train.max_steps instead"
+            )
+    if t.eval_every < 0 or t.eval_batches <= 0:
+        p.append(
+            f"train.eval_every must be >= 0 and train.eval_batches > 0 (got {t.eval_every}, {t.eval_batches})"
+        )
 
     if not o.lr > 0:
         p.append(f"optim.lr must be > 0 (got {o.lr})")

@@ -94,6 +94,15 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
 _LIVE_HF_DS_CONFIGS: list[Any] = []
 
 
+def end_model_construction() -> None:
+    """Forget the ZeRO-3 construction config, so a model loaded afterwards in this process (the LoRA merge on
+    rank 0) is an ordinary full model instead of an empty partitioned one."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    _LIVE_HF_DS_CONFIGS.clear()
+
+
 class Engine:
     """A DeepSpeed-wrapped model, seen by the loop through a few verbs."""
 
@@ -166,6 +175,21 @@ class Engine:
                 f"DeepSpeed could not load checkpoint {checkpoints_dir}/{tag}; see its log above"
             )
 
+    def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: full copies of the TRAINABLE parameters only (a LoRA adapter) on rank 0, None elsewhere.
+
+        Under ZeRO-3 only these parameters are gathered, never the frozen base, so saving a 70B model's adapter
+        costs the adapter's size in memory and traffic."""
+        import deepspeed
+
+        named = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
+        is_main = torch.distributed.get_rank() == 0
+        gathered = contextlib.nullcontext()
+        if self._ds.zero_optimization_partition_weights():
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
+        with gathered:
+            return {n: p.detach().cpu().clone() for n, p in named} if is_main else None
+
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: gather the full 16-bit weights on rank 0 (None on other ranks) for the HF export."""
         if self._ds.zero_optimization_partition_weights():
@@ -187,6 +211,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
     return values
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of one integer over ranks (e.g. a batch count every rank must match)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    box = torch.tensor([value], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+    return int(box.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

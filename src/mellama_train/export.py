@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from mellama_train import engine as ds_engine
-from mellama_train.loss import forward_loss
+from mellama_train.loss import mean_loss
 
 
 @torch.no_grad()
@@ -22,9 +22,9 @@ def probe_loss(
 ) -> float:
     """Loss of a fixed batch with the training-time model: an export that loads must reproduce it."""
     eng.eval()
-    loss, _, _ = forward_loss(eng, batch, num_sources, device)
+    loss = mean_loss(eng, batch, num_sources, device)
     eng.train()
-    return float(loss)
+    return loss
 
 
 def write_hf_model(eng: ds_engine.Engine, tokenizer: Any, out_dir: Path, is_main: bool) -> None:

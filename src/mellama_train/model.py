@@ -40,7 +40,7 @@ def model_config(cfg: Config, vocab_size: int) -> Any:
     )
 
 
-def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
+def build_model(cfg: Config, tokenizer: Any, for_training: bool = True) -> torch.nn.Module:
     """Build or load the model. Call inside `engine.model_construction` so ZeRO-3 partitions it as it loads."""
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     common = {"attn_implementation": cfg.model.attn_implementation, "dtype": dtype}
@@ -56,6 +56,8 @@ def build_model(cfg: Config, tokenizer: Any) -> torch.nn.Module:
             f"model.tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {model.config.vocab_size};"
             " use the tokenizer that belongs to the model"
         )
+    if not for_training:
+        return model
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     if cfg.model.gradient_checkpointing:
         # Non-reentrant checkpointing works with ZeRO-3's parameter gathering hooks and needs no input grads.
@@ -86,12 +88,15 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
 
 
-def flops_per_token(hf_config: Any, n_params: int, seq_len: int) -> float:
+def flops_per_token(hf_config: Any, n_params: int, seq_len: int, frozen_base: bool = False) -> float:
     """Training FLOPs per token, PaLM appendix B: 6N for the matmuls (forward + backward) plus
     12 * layers * hidden * seq_len for attention scores and values. N excludes the input embedding,
-    a lookup rather than a matmul. Recomputation from gradient checkpointing is not counted (MFU, not HFU)."""
+    a lookup rather than a matmul. Recomputation from gradient checkpointing is not counted (MFU, not HFU).
+    A frozen base (LoRA) computes no weight gradients: 4N (forward 2N + input gradients 2N); the adapters'
+    own FLOPs are a fraction of a percent and left out."""
     n_matmul = n_params - hf_config.vocab_size * hf_config.hidden_size
-    return 6 * n_matmul + 12 * hf_config.num_hidden_layers * hf_config.hidden_size * seq_len
+    matmul = (4 if frozen_base else 6) * n_matmul
+    return matmul + 12 * hf_config.num_hidden_layers * hf_config.hidden_size * seq_len
 
 
 # Dense bf16 peak per device, for MFU. Extend as needed; unknown devices report no MFU rather than a wrong one.

@@ -1,5 +1,6 @@
-"""The continual-pretraining loop: build everything, then `while step < total_steps`: forward, backward, step,
-log, save. Setup, checkpoint I/O, metrics and export live in their own modules and are called from here.
+"""The training loop, shared by continual pretraining and instruction tuning: build everything, then
+`while step < total_steps`: forward, backward, step, log, evaluate, save. Setup, checkpoint I/O, metrics, LoRA
+and export live in their own modules and are called from here.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mellama_train import checkpoint, engine, export
+from mellama_train import checkpoint, engine, export, lora
 from mellama_train.config import Config
-from mellama_train.data.pipeline import build_train_batches, data_manifest
+from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
 from mellama_train.data.source import skip_totals
 from mellama_train.ds_config import resolve_ds_config
-from mellama_train.loss import forward_loss
+from mellama_train.evaluation import evaluate
+from mellama_train.loss import forward_loss, labelled_tokens
 from mellama_train.metrics import MetricsLogger
 from mellama_train.model import (
     build_model,
@@ -40,13 +42,15 @@ class Window:
 
     sums: torch.Tensor
     counts: torch.Tensor
+    processed: int = 0
+    """Tokens this rank ran through the model (padding included): the throughput numerator."""
     steps: int = 0
     started: float = 0.0
 
     @classmethod
     def new(cls, num_sources: int, device: torch.device) -> Window:
         zeros = torch.zeros(num_sources, dtype=torch.float64, device=device)
-        return cls(zeros, zeros.clone(), 0, time.perf_counter())
+        return cls(zeros, zeros.clone(), 0, 0, time.perf_counter())
 
 
 def train(cfg: Config) -> Path:
@@ -59,9 +63,18 @@ def train(cfg: Config) -> Path:
     run_dir = Path(engine.broadcast_object(cfg.train.output_dir or str(default_output_dir(cfg))))
     cfg.train.output_dir = str(run_dir)
     # Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
-    found = checkpoint.find_resume_point(run_dir, cfg.train.resume) if env.is_main else None
-    resume_from = engine.broadcast_object(str(found) if found else None)
-    resume_from = Path(resume_from) if resume_from else None
+    # A refusal is broadcast too: raised on rank 0 alone it would leave the others waiting for the timeout.
+    decision: tuple[str | None, str | None] = (None, None)
+    if env.is_main:
+        try:
+            found = checkpoint.find_resume_point(run_dir, cfg.train.resume)
+            decision = (str(found) if found else None, None)
+        except ValueError as exc:
+            decision = (None, str(exc))
+    found_path, refusal = engine.broadcast_object(decision)
+    if refusal:
+        raise ValueError(refusal)
+    resume_from = Path(found_path) if found_path else None
     ds_config = resolve_ds_config(cfg.train.ds_config, cfg)
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -72,10 +85,19 @@ def train(cfg: Config) -> Path:
 
     log.info("run directory %s (world size %d)", run_dir, env.world_size)
     tokenizer = load_tokenizer(cfg)
+    data = build_train_batches(cfg, tokenizer, env.rank, env.world_size)  # (tune: installs the chat template)
+    if cfg.lora.enabled and cfg.model.init == "random":
+        # The demo's random base goes to disk first, so the adapter (and `mellama-train merge`) has a base.
+        if env.is_main:
+            lora.write_random_base(cfg, tokenizer, run_dir / "base")
+        engine.barrier()
+        cfg.model.init, cfg.model.path = "pretrained", str(run_dir / "base")
     with engine.model_construction(ds_config):
         model = build_model(cfg, tokenizer)
     n_params = count_params(model)
-    flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len)
+    flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
+    if cfg.lora.enabled:
+        model = lora.apply_lora(model, cfg)
     eng = engine.Engine(
         model,
         ds_config,
@@ -83,12 +105,15 @@ def train(cfg: Config) -> Path:
         lr_lambda(cfg.warmup_steps, cfg.total_steps, cfg.optim.min_lr_ratio),
     )
     log.info(
-        "model ready: %.1fM parameters, %d steps of %d tokens",
+        "model ready: %.1fM parameters (%.2fM trained), %d steps of %d sequences",
         n_params / 1e6,
+        lora.trainable_count(model) / 1e6,
         cfg.total_steps,
-        cfg.tokens_per_step,
+        cfg.train.global_batch_size,
     )
-    data = build_train_batches(cfg, tokenizer, env.rank, env.world_size)
+    eval_batches = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
+    eval_passes = engine.all_reduce_max(len(eval_batches))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     state = checkpoint.TrainerState(world_size=env.world_size)
     if resume_from is not None:
         state, data_state = checkpoint.load(eng, resume_from, env.rank, env.world_size)
@@ -105,25 +130,29 @@ def train(cfg: Config) -> Path:
     eng.train()
     while state.step < cfg.total_steps:
         lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
-        for _ in range(cfg.grad_accum_steps):
-            batch = next(data)
-            loss, sums, counts = forward_loss(eng, batch, len(names), env.device)
-            eng.backward(loss)
+        micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
+        scale = _loss_scale(micro_batches, cfg.grad_accum_steps, env.world_size, env.device)
+        for batch in micro_batches:
+            loss_sum, sums, counts = forward_loss(eng, batch, len(names), env.device)
+            eng.backward(loss_sum * scale.to(loss_sum.dtype))
             eng.step()  # optimizer + lr schedule step only on the last micro-batch
             window.sums += sums
             window.counts += counts
+            window.processed += batch["input_ids"].numel()
         state.step += 1
         window.steps += 1
 
         last = state.step == cfg.total_steps
         if state.step % cfg.train.log_every == 0 or last:
-            values = _window_metrics(window, eng, data, names, cfg, flops_tok, peak_flops, env.world_size)
+            values = _window_metrics(window, eng, data, names, flops_tok, peak_flops, env.world_size)
             values["train/lr"] = lr
             metrics.log(state.step, values)
             progress.set_postfix(
                 loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}"
             )
             window = Window.new(len(names), env.device)
+        if eval_passes and (last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
+            metrics.log(state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device))
         progress.update(1)
         if state.step % cfg.train.save_every == 0 or last:
             state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
@@ -134,10 +163,29 @@ def train(cfg: Config) -> Path:
 
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
     metrics.log(state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device)})
-    export.write_hf_model(eng, tokenizer, run_dir / "final", env.is_main)
     metrics.close()
-    engine.barrier()
+    if not cfg.lora.enabled:
+        export.write_hf_model(eng, tokenizer, run_dir / "final", env.is_main)
+        return run_dir
+    lora.save_adapter(eng, run_dir / "adapter", cfg.model.path, tokenizer, env.is_main)
+    if cfg.lora.merge and env.is_main:
+        # Rank 0 alone, after the last collective: the other ranks may exit while it merges.
+        engine.end_model_construction()
+        dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        lora.merge_adapter(
+            cfg.model.path, run_dir / "adapter", run_dir / "final", dtype, cfg.model.trust_remote_code
+        )
     return run_dir
+
+
+def _loss_scale(
+    micro_batches: list[dict[str, torch.Tensor]], accum: int, world_size: int, device: torch.device
+) -> torch.Tensor:
+    """Factor that turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py).
+
+    One all-reduce of one number per step; on GPU it stays on the device (no host sync)."""
+    local = torch.tensor([float(sum(labelled_tokens(b) for b in micro_batches))], device=device)
+    return (accum * world_size) / engine.all_reduce_sum(local).clamp(min=1.0)
 
 
 def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[str, int]:
@@ -150,29 +198,33 @@ def _window_metrics(
     eng: engine.Engine,
     data: Any,
     names: list[str],
-    cfg: Config,
     flops_tok: float,
     peak_flops: float | None,
     world_size: int,
 ) -> dict[str, float]:
     """One all-reduce of loss sums, token counts and data counters; the only host sync of a logged step."""
     n = len(names)
+    device = window.sums.device
+    truncated = getattr(data, "truncated", None)  # instruction data only
+
+    def vector(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64, device=device)
+
     local = torch.cat(
         [
             window.sums,
             window.counts,
-            torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=window.sums.device),
-            torch.tensor(
-                list(skip_totals(data.mixture.streams).values()),
-                dtype=torch.float64,
-                device=window.sums.device,
-            ),
+            vector(data.mixture.tokens_by_source),
+            vector(list(skip_totals(data.mixture.streams).values())),
+            vector(truncated or [0] * n),
+            vector([window.processed]),
         ]
     )
     total = engine.all_reduce_sum(local).tolist()
-    sums, counts, tokens, skipped = total[:n], total[n : 2 * n], total[2 * n : 3 * n], total[3 * n :]
+    sums, counts, tokens = total[:n], total[n : 2 * n], total[2 * n : 3 * n]
+    skipped, cut, processed = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n]
     elapsed = time.perf_counter() - window.started
-    tokens_per_sec = window.steps * cfg.tokens_per_step / max(elapsed, 1e-9)
+    tokens_per_sec = processed / max(elapsed, 1e-9)
     values = {
         "train/loss": sum(sums) / max(sum(counts), 1.0),
         "train/tokens_per_sec": tokens_per_sec,
@@ -187,6 +239,8 @@ def _window_metrics(
             values[f"train/loss/{name}"] = sums[i] / counts[i]
         values[f"data/tokens/{name}"] = tokens[i]
         values[f"data/skipped/{name}"] = skipped[i]
+        if truncated is not None:
+            values[f"data/truncated/{name}"] = cut[i]
         # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
         values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
     return values

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
+import torch
+
 from mellama_train.config import Config
+from mellama_train.data.cleaners import get_cleaner
+from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
-from mellama_train.data.readers import expand_paths
-from mellama_train.data.source import SourceStream
+from mellama_train.data.readers import Skip, count_records, expand_paths
+from mellama_train.data.source import Exhausted, SourceStream
 
 
 def make_encoder(tokenizer: Any):
-    """Text -> token ids without special tokens: the source stream adds BOS/EOS around each document itself."""
+    """Text -> token ids without special tokens."""
 
     def encode(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -21,16 +26,81 @@ def make_encoder(tokenizer: Any):
     return encode
 
 
-def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> PackedBatches:
-    encode = make_encoder(tokenizer)
+def document_encoder(tokenizer: Any, cleaners: list[str]):
+    """Text -> cleaned BOS + tokens + EOS (LLaMA-2's document convention), or a Skip if nothing is left.
+
+    Special tokens are added by id rather than by `add_special_tokens`: some LLaMA tokenizer directories add
+    no BOS, or drop BOS when asked for EOS, and the convention must not depend on such settings."""
+    encode, clean = make_encoder(tokenizer), get_cleaner(cleaners)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode_document(text: str) -> list[int] | Skip:
+        ids = encode(clean(text))
+        return bos + ids + eos if ids else Skip("empty", "empty after cleaning")
+
+    return encode_document
+
+
+def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> Any:
+    """The endless, resumable micro-batch stream of one rank: packed documents (pretrain) or examples (tune)."""
+    if cfg.task == "tune":
+        return build_instruct_batches(cfg, tokenizer, rank, world_size)
     streams = [
-        SourceStream(
-            src, encode, tokenizer.bos_token_id, tokenizer.eos_token_id, rank, world_size, cfg.data.seed
-        )
+        SourceStream(src, document_encoder(tokenizer, src.cleaners), rank, world_size, cfg.data.seed)
         for src in cfg.data.sources
     ]
     mixture = Mixture(streams, [src.weight for src in cfg.data.sources])
     return PackedBatches(mixture, cfg.data.seq_len, cfg.train.micro_batch_size)
+
+
+def build_eval_batches(
+    cfg: Config, tokenizer: Any, rank: int, world_size: int
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's held-out micro-batches: one pass over every source's `eval_paths`, at most
+    train.eval_batches per source. Pretraining packs each source's documents on their own (the last partial
+    sequence is not evaluated); tuning pads examples. Each batch's source_ids name its source."""
+    batches: list[dict[str, torch.Tensor]] = []
+    for index, src in enumerate(cfg.data.sources):
+        if not src.eval_paths:
+            continue
+        if cfg.task == "tune":
+            batches += build_instruct_eval_batches(
+                cfg, tokenizer, index, rank, world_size, cfg.train.eval_batches
+            )
+            continue
+        stream = SourceStream(
+            src,
+            document_encoder(tokenizer, src.cleaners),
+            rank,
+            world_size,
+            cfg.data.seed,
+            paths=src.eval_paths,
+            passes=1,
+        )
+        packed = PackedBatches(Mixture([stream], [1.0]), cfg.data.seq_len, cfg.train.micro_batch_size)
+        for _ in range(cfg.train.eval_batches):
+            try:
+                batch = next(packed)
+            except Exhausted:
+                break
+            batch["source_ids"].fill_(index)
+            batches.append(batch)
+    return batches
+
+
+def count_examples(cfg: Config) -> int:
+    """Records in all sources' training files (one epoch of instruction tuning), malformed ones included."""
+    return sum(count_records(path) for src in cfg.data.sources for path in expand_paths(src.paths, src.name))
+
+
+def plan_epochs(cfg: Config) -> int | None:
+    """Tuning by epochs: set train.max_steps from the example count; returns the count (None: not by epochs)."""
+    if cfg.task != "tune" or not cfg.train.epochs or cfg.train.max_steps:
+        return None
+    examples = count_examples(cfg)
+    cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * examples / cfg.train.global_batch_size))
+    return examples
 
 
 def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:

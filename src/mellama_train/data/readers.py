@@ -238,8 +238,17 @@ def _as_text(value: object, where: str) -> str | Skip:
     return value
 
 
-def _require_column(path: str, field: str, columns: list[str]) -> None:
-    if field not in columns:
+def _value(obj: object, field: str | None, where: str) -> str | dict | Skip:
+    """A record's text field, or (field None: record mode) the whole record as a dict."""
+    if not isinstance(obj, dict):
+        return Skip("bad_json", where)
+    if field is None:
+        return obj
+    return _as_text(obj.get(field), where)
+
+
+def _require_column(path: str, field: str | None, columns: list[str]) -> None:
+    if field is not None and field not in columns:
         raise DataFileError(
             f"{path}: no column {field!r} (columns: {', '.join(columns)}); set the source's text_field "
             "to one of them"
@@ -251,12 +260,13 @@ def _pick(base: int, count: int, keep: Callable[[int], bool]) -> list[int]:
 
 
 def _emit_arrow(
-    path: str, base: int, picked: list[int], column: pa.Array | pa.ChunkedArray
+    path: str, base: int, picked: list[int], column: pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table
 ) -> Iterator[Record]:
-    """Convert only the picked rows of an Arrow column to Python strings."""
+    """Convert only the picked rows of an Arrow column (to strings) or table (to dicts: record mode)."""
     values = column.take([index - base for index in picked]).to_pylist()
     for index, value in zip(picked, values, strict=True):
-        yield index, _as_text(value, f"{path}:row {index + 1}")
+        where = f"{path}:row {index + 1}"
+        yield index, value if isinstance(value, dict) else _as_text(value, where)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,16 +283,34 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
                 continue
             if first:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")
-                if raw.lstrip().startswith(b"["):
-                    raise DataFileError(
-                        f"{path}: is a JSON array, not JSONL; convert it to one object per line "
-                        "(e.g. jq -c '.[]' in.json > out.jsonl)"
-                    )
                 first = False
             yield line_no, raw
 
 
-def _read_jsonl(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _is_json_array(path: str) -> bool:
+    with _open_binary(path) as stream:
+        head = stream.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _json_array(path: str) -> list[object]:
+    # A JSON array (the alpaca_data.json layout) cannot be streamed without a streaming JSON parser. Such
+    # files are instruction sets of at most a few hundred MB, so it is loaded whole; use JSONL for corpora.
+    with _open_binary(path) as stream:
+        try:
+            return json.load(stream)
+        except ValueError as err:
+            raise DataFileError(
+                f"{path}: invalid JSON array ({err}); fix the file or convert it to JSONL (one object per line)"
+            ) from None
+
+
+def _read_jsonl(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+    if _is_json_array(path):
+        for index, obj in enumerate(_json_array(path)):
+            if keep(index):
+                yield index, _value(obj, field, f"{path}:item {index + 1}")
+        return
     # Hand-read rather than datasets' JSON builder: one malformed line makes that builder fail the whole
     # file, and it materialises the file into Arrow before yielding anything. Reading lines ourselves
     # gives a counted, located skip and true streaming, and unwanted lines are never JSON-decoded.
@@ -295,10 +323,10 @@ def _read_jsonl(path: str, field: str, keep: Callable[[int], bool], start: int) 
         except ValueError:
             yield index, Skip("bad_json", where)
             continue
-        yield index, _as_text(obj.get(field), where) if isinstance(obj, dict) else Skip("bad_json", where)
+        yield index, _value(obj, field, where)
 
 
-def _read_csv(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_csv(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     # csv.reader rather than DictReader: rows we do not want never become dicts.
     with _open_text(path) as stream:
         rows = csv.reader(stream)
@@ -307,22 +335,26 @@ def _read_csv(path: str, field: str, keep: Callable[[int], bool], start: int) ->
             if header is None:
                 raise DataFileError(f"{path}: empty CSV (no header row); export it again with a header")
             _require_column(path, field, header)
-            column = header.index(field)
+            column = header.index(field) if field is not None else -1
             index = -1
             for row in rows:
                 if not row:  # a blank line is not a record (as with DictReader)
                     continue
                 index += 1
                 if keep(index):
+                    where = f"{path}:row {index + 1}"
+                    if field is None:
+                        yield index, dict(zip(header, row))
+                        continue
                     value = row[column] if column < len(row) else None
-                    yield index, _as_text(value, f"{path}:row {index + 1}")
+                    yield index, _as_text(value, where)
         except csv.Error as err:
             raise DataFileError(
                 f"{path}: malformed CSV at line {rows.line_num} ({err}); fix its quoting or export it again"
             ) from err
 
 
-def _read_parquet(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_parquet(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     with pq.ParquetFile(path) as parquet:
         _require_column(path, field, parquet.schema_arrow.names)
         base = 0
@@ -331,13 +363,14 @@ def _read_parquet(path: str, field: str, keep: Callable[[int], bool], start: int
             if base + rows <= start:  # resuming: whole row groups before `start` are never read
                 base += rows
                 continue
-            for batch in parquet.iter_batches(batch_size=_ARROW_BATCH, row_groups=[group], columns=[field]):
+            columns = [field] if field is not None else None
+            for batch in parquet.iter_batches(batch_size=_ARROW_BATCH, row_groups=[group], columns=columns):
                 if picked := _pick(base, batch.num_rows, keep):
-                    yield from _emit_arrow(path, base, picked, batch.column(0))
+                    yield from _emit_arrow(path, base, picked, batch.column(0) if field else batch)
                 base += batch.num_rows
 
 
-def _read_text(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_text(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     if keep(0):  # one file is one document (e.g. one MIMIC-CXR report per study)
         with _open_text(path) as stream:
             yield 0, _as_text(stream.read(), path)
@@ -358,14 +391,15 @@ def _load_hf(path: str):  # -> datasets.Dataset; untyped to keep the slow `datas
     return dataset
 
 
-def _read_hf(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_hf(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     dataset = _load_hf(path)
     _require_column(path, field, dataset.column_names)
     # Arrow format: a slice is a zero-copy view of the memory-mapped table, not a dict of Python lists.
-    table = dataset.select_columns([field]).with_format("arrow")
+    table = (dataset.select_columns([field]) if field else dataset).with_format("arrow")
     for base in range(start - start % _ARROW_BATCH, len(table), _ARROW_BATCH):
         if picked := _pick(base, min(_ARROW_BATCH, len(table) - base), keep):
-            yield from _emit_arrow(path, base, picked, table[base : base + _ARROW_BATCH].column(0))
+            rows = table[base : base + _ARROW_BATCH]
+            yield from _emit_arrow(path, base, picked, rows.column(0) if field else rows)
 
 
 def _pubmed_articles(path: str) -> Iterator[ET.Element]:
@@ -404,7 +438,7 @@ def _article_text(article: ET.Element) -> str:
     return "\n\n".join(text for text in (title, "\n".join(sections)) if text)
 
 
-def _read_pubmed(path: str, field: str, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_pubmed(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     for index, article in enumerate(_pubmed_articles(path)):
         if keep(index):
             yield index, _as_text(_article_text(article), f"{path}:article {index + 1}")
@@ -446,11 +480,32 @@ def iter_texts(
         yield from reader(path, text_field or "text", keep, start)
 
 
+def iter_records(
+    path: str, want: Callable[[int], bool] | None = None, start: int = 0
+) -> Iterator[tuple[int, dict | Skip]]:
+    """Like `iter_texts`, but yields whole records as dicts (instruction data: several fields per record).
+
+    jsonl (or a JSON array), csv, parquet and save_to_disk units have records; text and PubMed XML do not."""
+    fmt = detect_format(path)
+    if fmt in ("text", "pubmed_xml"):
+        raise DataFileError(
+            f"{path}: a {fmt} file holds plain text, not instruction records; use jsonl, json, csv or parquet"
+        )
+
+    def keep(index: int) -> bool:
+        return index >= start and (want is None or want(index))
+
+    with _reading(path):
+        yield from _READERS[fmt](path, None, keep, start)
+
+
 def count_records(path: str) -> int:
     """Number of records in the unit (malformed ones included), by the cheapest route for its format."""
     fmt = detect_format(path)
     with _reading(path):
         if fmt == "jsonl":
+            if _is_json_array(path):
+                return len(_json_array(path))
             return sum(1 for _ in _jsonl_lines(path))
         if fmt == "csv":
             with _open_text(path) as stream:

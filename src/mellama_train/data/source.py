@@ -1,4 +1,8 @@
-"""One corpus as an endless, resumable stream of tokenized documents for one data-parallel rank.
+"""One corpus as an endless (or single-pass), resumable stream of encoded records for one data-parallel rank.
+
+A record is a text (pretraining: one document, encoded to BOS + tokens + EOS and handed out in chunks by
+`take`) or a whole record dict (instruction tuning: encoded to one training example, handed out whole by
+`next_item`). The encoder is passed in; this module only decides which record comes next.
 
 Order: each epoch visits the source's files in a seeded permutation (the same on every rank), and each file's
 records in file order. Rank sharding is a round-robin over the epoch: the n-th record of the epoch (counting
@@ -24,8 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mellama_train.config import SourceConfig
-from mellama_train.data.cleaners import get_cleaner
-from mellama_train.data.readers import Skip, expand_paths, iter_texts
+from mellama_train.data.readers import Skip, expand_paths, iter_records, iter_texts
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +54,35 @@ class SourceState:
     """Records skipped by reason (bad_json, missing_field, empty, not_text)."""
 
 
+class Exhausted(Exception):
+    """A single-pass stream (held-out data) has handed out every record of this rank."""
+
+
 class SourceStream:
-    """One source's token stream: `take(n)` returns up to n tokens of the current document."""
+    """One source's stream: `take(n)` returns up to n tokens of the current document (text sources);
+    `next_item()` returns the next encoded record whole (instruction examples)."""
 
     def __init__(
         self,
         cfg: SourceConfig,
-        encode: Callable[[str], list[int]],
-        bos_id: int | None,
-        eos_id: int | None,
+        encode: Callable[[Any], Any],
         rank: int,
         world_size: int,
         seed: int,
+        *,
+        records: bool = False,
+        paths: list[str] | None = None,
+        passes: int | None = None,
     ):
+        """`encode(text or record) -> item | Skip`; `records`: read whole records (dicts) instead of the text
+        field; `paths`: read these instead of cfg.paths (held-out files); `passes`: stop (Exhausted) after
+        this many epochs instead of wrapping forever."""
         self.name = cfg.name
         self.text_field = cfg.text_field
-        self.files = expand_paths(cfg.paths, cfg.name)
-        self.clean = get_cleaner(cfg.cleaners)
-        self.encode, self.bos_id, self.eos_id = encode, bos_id, eos_id
+        self.records = records
+        self.files = expand_paths(paths if paths is not None else cfg.paths, cfg.name)
+        self.encode = encode
+        self.passes = passes
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.state = SourceState()
         self._records: Iterator[tuple[int, str | Skip]] | None = None
@@ -94,9 +108,13 @@ class SourceStream:
             self._last_index = index
             return (before + index) % world == rank
 
-        self._records = iter_texts(self._path, self.text_field, want=want, start=s.record)
+        if self.records:
+            self._records = iter_records(self._path, want=want, start=s.record)
+        else:
+            self._records = iter_texts(self._path, self.text_field, want=want, start=s.record)
 
-    def _next_document(self) -> list[int]:
+    def next_item(self) -> Any:
+        """The next encoded record of this rank (advancing over skips, files and epochs)."""
         s = self.state
         wraps = 0  # two epoch ends in one call means a whole epoch held nothing for this rank
         while True:
@@ -109,6 +127,8 @@ class SourceStream:
                 s.file_pos, s.record = s.file_pos + 1, 0
                 if s.file_pos == len(self.files):
                     s.epoch, s.file_pos, s.records_before, wraps = s.epoch + 1, 0, 0, wraps + 1
+                    if self.passes is not None and s.epoch >= self.passes:
+                        raise Exhausted(self.name)
                     if wraps >= 2:
                         raise ValueError(
                             f"data.sources[{self.name}]: rank {self.rank} of {self.world_size} found no usable "
@@ -120,16 +140,12 @@ class SourceStream:
             if isinstance(text, Skip):
                 self._count_skip(text)
                 continue
-            ids = self.encode(self.clean(text))
-            if not ids:
-                self._count_skip(Skip("empty", f"{self._path}:record {index + 1} (empty after cleaning)"))
+            item = self.encode(text)
+            if isinstance(item, Skip):  # the encoder knows why, the stream knows where
+                self._count_skip(Skip(item.reason, f"{self._path}:record {index + 1} ({item.where})"))
                 continue
             s.documents += 1
-            return (
-                ([self.bos_id] if self.bos_id is not None else [])
-                + ids
-                + ([self.eos_id] if self.eos_id is not None else [])
-            )
+            return item
 
     def _count_skip(self, skip: Skip) -> None:
         self.state.skipped[skip.reason] = self.state.skipped.get(skip.reason, 0) + 1
@@ -142,7 +158,7 @@ class SourceStream:
         """Up to `max_tokens` tokens of the current document (a new document once the last one is used up)."""
         s = self.state
         if not s.pending:
-            s.pending = self._next_document()
+            s.pending = self.next_item()
         chunk, s.pending = s.pending[:max_tokens], s.pending[max_tokens:]
         return chunk
 

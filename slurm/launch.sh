@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The body of slurm/pretrain.sh and slurm/tune.sh (they only add #SBATCH lines and the entry point):
+#   bash slurm/launch.sh ENTRY_POINT [ARGS...]      inside a SLURM batch job; ARGS go to the entry point as given
+#
+# Launch choice: one srun job step with one task per training process; no torchrun, no DeepSpeed launcher.
+# Each task sets RANK/LOCAL_RANK/WORLD_SIZE from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS, and MASTER_ADDR/PORT
+# come from here; the trainer's engine reads exactly those (engine.init_distributed). Why: SLURM then delivers
+# signals straight to every rank, accounts and limits each task, and needs no ssh between nodes; torchrun's
+# agent and DeepSpeed's pdsh/ssh launcher add a process layer between SLURM and the ranks that signals,
+# accounting and cleanup have to get through.
+#
+# Environment it reads: MELLAMA_ROOT (the checkout; default the directory sbatch ran in), MELLAMA_VENV (default
+# <checkout>/.venv, used if it exists, else the python on PATH). Exit 2: a setup error, one line naming the fix.
+set -euo pipefail
+
+fail() {
+    echo "error: $*" >&2
+    exit 2
+}
+
+[[ $# -ge 1 ]] || fail "usage: bash slurm/launch.sh ENTRY_POINT [ARGS...] (from slurm/pretrain.sh or slurm/tune.sh)"
+ENTRY=$1
+shift
+[[ -n ${SLURM_JOB_ID:-} ]] || fail "not inside a SLURM job; submit it: sbatch slurm/$(basename "$ENTRY" .py).sh ..."
+
+# sbatch runs a copy of the batch script from its spool directory, so the checkout is where sbatch was run.
+REPO=${MELLAMA_ROOT:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$REPO"
+[[ -f $ENTRY ]] || fail "$REPO/$ENTRY not found; run sbatch from the repo root or set MELLAMA_ROOT=/path/to/checkout"
+
+# --- layout: one process per GPU, or per task on a CPU-only cluster (--gpus-per-node=0) ------------------
+nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
+gpus_per_node=${SLURM_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
+gpus_per_node=${gpus_per_node##*:} # --gpus-per-node=a100:8 -> 8
+tasks_per_node=${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}
+tasks_per_node=${tasks_per_node%%(*} # SLURM_TASKS_PER_NODE reads "8(x2)" for 8 tasks on each of 2 nodes
+[[ $gpus_per_node =~ ^[0-9]+$ ]] || fail "cannot read a GPU count from '$gpus_per_node'; use --gpus-per-node=N"
+[[ $tasks_per_node =~ ^[0-9]+$ ]] || fail "cannot read tasks per node from '$tasks_per_node'; use --ntasks-per-node=N"
+if ((gpus_per_node > 0 && gpus_per_node != tasks_per_node)); then
+    fail "--gpus-per-node=$gpus_per_node but $tasks_per_node tasks per node; one process per GPU: set --ntasks-per-node=$gpus_per_node"
+fi
+procs_per_node=$((gpus_per_node > 0 ? gpus_per_node : tasks_per_node))
+world_size=$((nodes * procs_per_node))
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+# From the job id: the same on every node and across requeues of this job, different for jobs sharing a node;
+# 10000-29999 is unprivileged and below Linux's ephemeral range (32768+), so no outgoing socket holds it.
+MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
+export MASTER_ADDR MASTER_PORT
+
+# --- output dir: runs/slurm-<job id> unless given, so a requeued job finds its checkpoints (--resume auto) --
+output_dir=""
+args=("$@")
+for ((i = 0; i < ${#args[@]}; i++)); do
+    case ${args[i]} in
+    --output-dir) output_dir=${args[i + 1]:-} ;;
+    --output-dir=*) output_dir=${args[i]#--output-dir=} ;;
+    esac
+done
+if [[ -z $output_dir ]]; then
+    output_dir=runs/slurm-$SLURM_JOB_ID
+    set -- --output-dir "$output_dir" "$@"
+fi
+[[ $output_dir == /* ]] || output_dir=$REPO/$output_dir # relative paths are relative to the checkout
+restart=${SLURM_RESTART_COUNT:-0}
+mkdir -p "$output_dir/logs"
+# %t: the task's global rank. The restart count keeps a requeued run from overwriting the earlier logs.
+rank_logs=$output_dir/logs/rank-%t.restart-$restart.log
+
+# --- python and defaults (what the user exported wins) ---------------------------------------------------
+venv=${MELLAMA_VENV:-$REPO/.venv}
+if [[ -f $venv/bin/activate ]]; then
+    set +u # activate scripts read unset variables
+    # shellcheck disable=SC1091
+    source "$venv/bin/activate"
+    set -u
+elif [[ -n ${MELLAMA_VENV:-} ]]; then
+    fail "MELLAMA_VENV=$MELLAMA_VENV has no bin/activate; point it at a virtualenv, or unset it to use PATH"
+fi
+python=$(command -v python || command -v python3) || fail "no python on PATH; run make setup or set MELLAMA_VENV=/path/to/venv"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
+export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5}
+
+echo "job $SLURM_JOB_ID (restart $restart) on $SLURM_JOB_NODELIST: $ENTRY"
+echo "python:     $python ($("$python" --version 2>&1))"
+echo "layout:     $nodes node(s) x $procs_per_node procs/node = world size $world_size ($gpus_per_node GPUs/node)"
+echo "master:     $MASTER_ADDR:$MASTER_PORT"
+echo "output dir: $output_dir"
+echo "rank logs:  $rank_logs"
+
+# --- the warning signal: forward it to the ranks, then requeue -------------------------------------------
+# `--signal=B:USR1@300` signals only this batch shell. srun passes the USR1 it receives on to every task of
+# its step (checked on this cluster: the same as `scancel --signal=USR1 <job>.<step>`, without the round
+# trip through slurmctld). When the step has ended, the job is requeued under the same job id, so the same
+# output dir and `--resume auto` continue the run. The trainer does not handle USR1 yet: the signal's default
+# action ends the ranks, and the requeued job resumes from the last periodic checkpoint.
+step_pid=""
+warned=0
+# shellcheck disable=SC2317  # called by the trap
+forward_warning() {
+    warned=1
+    [[ -n $step_pid ]] || return 0
+    local step
+    step=$(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E '^[0-9]+\.[0-9]+$' | head -n1) || true
+    kill -USR1 "$step_pid" 2>/dev/null || true
+    echo "$(date +%T) forwarded USR1 to step ${step:-$SLURM_JOB_ID.?} (srun pid $step_pid)"
+}
+trap forward_warning USR1
+
+cpus_per_task=()
+# srun does not inherit --cpus-per-task from the allocation in every SLURM version: pass it on.
+[[ -z ${SLURM_CPUS_PER_TASK:-} ]] || cpus_per_task=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+# --kill-on-bad-exit: one rank dying ends the step, instead of the others waiting out the collective timeout.
+# shellcheck disable=SC2016  # $SLURM_* expand inside each task, not here
+srun --nodes="$nodes" --ntasks="$world_size" --ntasks-per-node="$procs_per_node" "${cpus_per_task[@]}" \
+    --kill-on-bad-exit=1 --output="$rank_logs" \
+    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank \
+    "$python" "$ENTRY" "$@" &
+step_pid=$!
+
+# `wait` returns early (status > 128) whenever the trap runs; wait again until the step has really ended.
+status=0
+wait "$step_pid" || status=$?
+while kill -0 "$step_pid" 2>/dev/null; do
+    status=0
+    wait "$step_pid" || status=$?
+done
+# If the step ended just after an interrupted wait, bash still holds its status: collect it (127: none left).
+last=0
+wait "$step_pid" 2>/dev/null || last=$?
+((last == 127)) || status=$last
+echo "$(date +%T) step ended with exit status $status"
+
+# A step that finished its work (exit 0) before or despite the warning is done: requeueing it would only
+# start a run with nothing left to train.
+if ((warned && status != 0)); then
+    # scontrol requeue ends this batch shell with SIGTERM: ignore it for the last line of the log.
+    trap '' TERM
+    scontrol requeue "$SLURM_JOB_ID" || fail "scontrol requeue $SLURM_JOB_ID failed; resubmit with the same --output-dir to resume"
+    echo "$(date +%T) requeued job $SLURM_JOB_ID: it restarts as restart $((restart + 1)) and resumes from $output_dir"
+    exit 0
+fi
+exit "$status"

@@ -1,0 +1,7 @@
+"""`python -m mellama_train <command>` = `mellama-train <command>` (pretrain, tune, merge)."""
+
+import sys
+
+from mellama_train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,342 @@
+"""Instruction data: record -> chat messages -> rendered text -> token ids with labels on the responses only
+-> micro-batches (one example per row, right-padded; or several whole examples packed per row).
+
+Records are alpaca-style (`instruction`, optional `input`, `output`, optional `system`) or chat
+(`messages`: a list of `{role, content}`); a source's `columns` renames fields. Rendering uses the tokenizer's
+chat template, or `DEFAULT_CHAT_TEMPLATE` when it has none, so the saved tokenizer carries exactly the format
+the model was tuned on and `apply_chat_template(..., add_generation_prompt=True)` reproduces it at inference.
+
+Which tokens are trained: every assistant turn's text as the template renders it (its end-of-turn/EOS token
+included, so the model learns to stop). The response spans are found by rendering the conversation prefix by
+prefix (the text added by an assistant turn is a response span), then the WHOLE text is tokenized once and a
+token is labelled when it starts inside a span. Tokenizing the full text (rather than prompt and response
+separately) gives exactly the ids inference will see: sentencepiece would otherwise add a word-start marker
+at the seam.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mellama_train.config import Config, SourceConfig
+from mellama_train.data.cleaners import get_cleaner
+from mellama_train.data.mixture import Mixture
+from mellama_train.data.packing import IGNORE_INDEX
+from mellama_train.data.readers import Skip
+from mellama_train.data.source import Exhausted, SourceStream
+
+ROLES = ("system", "user", "assistant")
+FIELDS = ("instruction", "input", "output", "system", "messages")
+
+# The built-in format (for base models whose tokenizer has no chat template): alpaca-style headers, BOS once,
+# EOS after every answer. Literal text sits in {{ '...' }} because transformers compiles templates with
+# trim_blocks, which would eat a newline written right after a {% %} tag.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+
+@dataclass
+class Example:
+    """One tokenized training example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    """input_ids on response tokens, IGNORE_INDEX elsewhere (prompt, template, padding)."""
+    truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+# ---- records -> messages --------------------------------------------------------------------------------
+
+
+def to_messages(record: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]] | Skip:
+    """A record as chat messages, or the Skip that says why it cannot be one (never quoting its content)."""
+
+    def get(name: str) -> Any:
+        return record.get(columns.get(name, name))
+
+    messages = get("messages")
+    if messages is not None:
+        if not isinstance(messages, list) or not messages:
+            return Skip("bad_messages", "messages is not a non-empty list")
+        out = []
+        for m in messages:
+            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
+                return Skip("bad_messages", "a message lacks a system/user/assistant role or string content")
+            out.append({"role": m["role"], "content": m["content"]})
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+            return Skip("no_response", "no non-empty assistant message")
+        return out
+    instruction, output = get("instruction"), get("output")
+    if not isinstance(instruction, str) or not isinstance(output, str):
+        return Skip("missing_field", "needs string instruction and output fields, or messages")
+    if not instruction.strip() or not output.strip():
+        return Skip("empty", "empty instruction or output")
+    extra, system = get("input"), get("system")
+    user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
+    out = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    return out + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+# ---- chat template ----------------------------------------------------------------------------------------
+
+
+def resolve_chat_template(tokenizer: Any, setting: str) -> str:
+    """Pick the template (`auto`: the tokenizer's own, else the built-in; `default`: the built-in; or a .jinja
+    path or a literal template) and install it on the tokenizer, so every tokenizer this run saves carries it."""
+    if setting == "auto":
+        template = tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    elif setting == "default":
+        template = DEFAULT_CHAT_TEMPLATE
+    elif "{{" in setting or "{%" in setting:
+        template = setting
+    else:
+        path = Path(setting)
+        if not path.is_file():
+            raise ValueError(
+                f"data.chat_template: {setting} is not auto, default, a template, or an existing .jinja file"
+            )
+        template = path.read_text(encoding="utf-8")
+    tokenizer.chat_template = template
+    return template
+
+
+def response_spans(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, character spans of its assistant turns)."""
+
+    def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+
+    spans, done = [], ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, full = render(messages[:i], True), render(messages[: i + 1], False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError(
+                "data.chat_template: rendering a conversation turn by turn does not extend the earlier text "
+                "(the template rewrites past turns), so response tokens cannot be located; use a template "
+                "that renders turns independently, e.g. data.chat_template=default"
+            )
+        spans.append((len(prompt), len(full)))
+        done = full
+    text = render(messages, False)
+    if not text.startswith(done):
+        raise ValueError("data.chat_template: the full conversation does not extend its prefix; see above")
+    return text, spans
+
+
+# ---- messages -> example ------------------------------------------------------------------------------
+
+
+def fit(example: Example, cutoff: int, bos_id: int | None) -> Example:
+    """Shorten to `cutoff` tokens, prompt side first.
+
+    The oldest context goes first: tokens are cut from the left (after a leading BOS) but the text before the
+    last answer keeps at least min(its length, cutoff // 4) tokens, so the model still sees the question; any
+    excess left after that is cut from the end of the answer (which then loses its EOS)."""
+    ids, labels = example.input_ids, example.labels
+    if len(ids) <= cutoff:
+        return example
+    head = 1 if bos_id is not None and ids and ids[0] == bos_id else 0
+    answer = len(labels)  # start of the last labelled run (the last answer)
+    while answer > 0 and labels[answer - 1] == IGNORE_INDEX:
+        answer -= 1
+    while answer > 0 and labels[answer - 1] != IGNORE_INDEX:
+        answer -= 1
+    prompt = answer - head
+    cut_left = min(len(ids) - cutoff, max(0, prompt - min(prompt, cutoff // 4)))
+    ids = ids[:head] + ids[head + cut_left :]
+    labels = labels[:head] + labels[head + cut_left :]
+    return Example(ids[:cutoff], labels[:cutoff], truncated=True)
+
+
+class ExampleEncoder:
+    """record -> Example | Skip, for one source."""
+
+    def __init__(self, tokenizer: Any, source: SourceConfig, cutoff: int, overflow: str):
+        self.tokenizer, self.columns, self.cutoff, self.overflow = tokenizer, source.columns, cutoff, overflow
+        self.clean = get_cleaner(source.cleaners)
+
+    def __call__(self, record: dict[str, Any]) -> Example | Skip:
+        messages = to_messages(record, self.columns)
+        if isinstance(messages, Skip):
+            return messages
+        messages = [{"role": m["role"], "content": self.clean(m["content"])} for m in messages]
+        text, spans = response_spans(self.tokenizer, messages)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, labels, span = enc["input_ids"], [], 0
+        for token, (start, _) in zip(ids, enc["offset_mapping"]):
+            while span < len(spans) and start >= spans[span][1]:
+                span += 1
+            inside = span < len(spans) and spans[span][0] <= start < spans[span][1]
+            labels.append(token if inside else IGNORE_INDEX)
+        if all(label == IGNORE_INDEX for label in labels):
+            return Skip("no_response", "the response rendered to no tokens")
+        example = Example(ids, labels)
+        if len(example) > self.cutoff and self.overflow == "drop":
+            return Skip("too_long", f"{len(example)} tokens > data.seq_len {self.cutoff}")
+        return fit(example, self.cutoff, self.tokenizer.bos_token_id)
+
+
+# ---- examples -> micro-batches ---------------------------------------------------------------------------
+
+
+class InstructBatches:
+    """Micro-batches of examples for one rank; resumable at the exact next example.
+
+    Unpacked: one example per row, right-padded to the longest row of the micro-batch. Padding sits after every
+    real token, so causal attention alone keeps it out of the real tokens' view and no attention mask is needed.
+    Packed: whole examples fill rows of up to seq_len (padded to the longest row); position_ids restart at each example, which transformers
+    turns into a block-diagonal mask (as in pretraining packing), so no example attends to another. An example
+    that does not fit the rest of a row opens the next row (it is never split)."""
+
+    def __init__(self, mixture: Mixture, seq_len: int, micro_batch_size: int, pack: bool, pad_id: int):
+        self.mixture, self.seq_len, self.micro_batch_size = mixture, seq_len, micro_batch_size
+        self.pack, self.pad_id = pack, pad_id
+        self.carry: tuple[int, Example] | None = None
+        """Packing: the example that did not fit the previous row (part of the resume state)."""
+        self.truncated = [0] * len(mixture.streams)
+
+    def __iter__(self) -> InstructBatches:
+        return self
+
+    def _next_example(self) -> tuple[int, Example]:
+        source, example = self.mixture.next_item()
+        self.truncated[source] += example.truncated
+        return source, example
+
+    def _row(self) -> list[tuple[int, Example]]:
+        row: list[tuple[int, Example]] = []
+        used = 0
+        while True:
+            item = self.carry or self._next_example()
+            if row and used + len(item[1]) > self.seq_len:
+                self.carry = item
+                return row
+            self.carry = None
+            row.append(item)
+            used += len(item[1])
+            if not self.pack or used == self.seq_len:
+                return row
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        return collate([self._row() for _ in range(self.micro_batch_size)], self.pad_id)
+
+    @property
+    def source_names(self) -> list[str]:
+        return self.mixture.names
+
+    def state_dict(self) -> dict[str, Any]:
+        carry = None
+        if self.carry is not None:
+            source, ex = self.carry
+            carry = {
+                "source": source,
+                "input_ids": ex.input_ids,
+                "labels": ex.labels,
+                "truncated": ex.truncated,
+            }
+        return {
+            **self.mixture.state_dict(),
+            "carry": carry,
+            "truncated": dict(zip(self.mixture.names, self.truncated)),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mixture.load_state_dict(state)
+        c = state["carry"]
+        self.carry = (
+            None if c is None else (c["source"], Example(c["input_ids"], c["labels"], c["truncated"]))
+        )
+        self.truncated = [state["truncated"][n] for n in self.mixture.names]
+
+
+def collate(rows: list[list[tuple[int, Example]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of (source, example) -> padded tensors with the keys the loss reads (as pretraining batches)."""
+    width = max(sum(len(ex) for _, ex in row) for row in rows)
+    out: dict[str, list[list[int]]] = {"input_ids": [], "position_ids": [], "labels": [], "source_ids": []}
+    for row in rows:
+        ids, pos, labels, sources = [], [], [], []
+        for source, ex in row:
+            ids += ex.input_ids
+            pos += range(len(ex))
+            labels += ex.labels
+            sources += [source] * len(ex)
+        pad = width - len(ids)
+        # Padding continues the last example's positions: it is after every real token (invisible to them).
+        out["input_ids"].append(ids + [pad_id] * pad)
+        out["position_ids"].append(pos + list(range(len(row[-1][1]), len(row[-1][1]) + pad)))
+        out["labels"].append(labels + [IGNORE_INDEX] * pad)
+        out["source_ids"].append(sources + [0] * pad)
+    return {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+
+
+# ---- building ---------------------------------------------------------------------------------------------
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def build_instruct_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> InstructBatches:
+    resolve_chat_template(tokenizer, cfg.data.chat_template)
+    streams = [
+        SourceStream(
+            src,
+            ExampleEncoder(tokenizer, src, cfg.data.seq_len, cfg.data.overflow),
+            rank,
+            world_size,
+            cfg.data.seed,
+            records=True,
+        )
+        for src in cfg.data.sources
+    ]
+    mixture = Mixture(streams, [src.weight for src in cfg.data.sources], unit="examples")
+    return InstructBatches(
+        mixture, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.data.pack, _pad_id(tokenizer)
+    )
+
+
+def build_instruct_eval_batches(
+    cfg: Config, tokenizer: Any, source_index: int, rank: int, world_size: int, max_batches: int
+) -> list[dict[str, torch.Tensor]]:
+    """This rank's share of one source's held-out examples (one pass), unpacked, at most max_batches."""
+    resolve_chat_template(tokenizer, cfg.data.chat_template)
+    src = cfg.data.sources[source_index]
+    stream = SourceStream(
+        src,
+        ExampleEncoder(tokenizer, src, cfg.data.seq_len, "truncate"),
+        rank,
+        world_size,
+        cfg.data.seed,
+        records=True,
+        paths=src.eval_paths,
+        passes=1,
+    )
+    batches, rows = [], []
+    while len(batches) < max_batches:
+        try:
+            rows.append([(source_index, stream.next_item())])
+        except Exhausted:
+            break
+        if len(rows) == cfg.train.micro_batch_size:
+            batches.append(collate(rows, _pad_id(tokenizer)))
+            rows = []
+    if rows and len(batches) < max_batches:
+        batches.append(collate(rows, _pad_id(tokenizer)))
+    return batches
