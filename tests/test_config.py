@@ -18,15 +18,18 @@ REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 
 
-@pytest.mark.parametrize("profile", profile_names())
-def test_every_profile_resolves_and_validates(profile):
-    cfg = resolve(profile)
+@pytest.mark.parametrize(
+    "task,profile", [(task, name) for task in ("pretrain", "tune") for name in profile_names(task)]
+)
+def test_every_profile_resolves_and_validates(task, profile):
+    cfg = resolve(profile, task=task)
     problems, missing = validate(cfg)
     assert problems == [], problems
     if profile == "tiny":
         assert missing == []  # the demo needs nothing from the user
     else:
         assert any(m.startswith("model.path") for m in missing)
+    if task == "pretrain" and profile in ("13b", "70b"):
         assert {s.name for s in cfg.data.sources} == {"pubmed", "mimic", "redpajama"}
 
 
@@ -122,7 +125,7 @@ def test_unknown_field_and_bad_type_are_reported_together():
 
 
 def test_unknown_profile_lists_the_known_ones():
-    with pytest.raises(ConfigError, match="choose one of 13b, 70b, tiny"):
+    with pytest.raises(ConfigError, match="choose one of 13b, 70b, 8gb, tiny"):
         resolve("7b")
 
 

@@ -51,6 +51,19 @@ def two_ranks(out: Path, *args: str) -> subprocess.CompletedProcess:
     return run([*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *TINY, *args])
 
 
+def interrupted_copy(run_dir: Path, dest: Path, last_step: int, written_later: list[str]) -> Path:
+    """A copy of a finished run as if it had died right after its step-`last_step` checkpoint: what was written
+    later (newer checkpoints, exports) is removed and metrics.jsonl is cut back to that step."""
+    shutil.copytree(run_dir, dest)
+    for name in written_later:
+        shutil.rmtree(dest / name)
+    lines = (dest / "metrics.jsonl").read_text().splitlines()
+    (dest / "metrics.jsonl").write_text(
+        "".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= last_step)
+    )
+    return dest
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     return {
         s: v["train/loss"] for s, v in read_metrics(run_dir / "metrics.jsonl").items() if "train/loss" in v
@@ -140,12 +153,7 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert {p.name for p in (ckpt / "step_00000004").glob("rank_*.pt")} == {"rank_00000.pt", "rank_00001.pt"}
 
     # Same run, interrupted after the step-4 checkpoint: drop everything written after it, then relaunch.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_00000008")
-    shutil.rmtree(resumed / "final")
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= 4))
+    resumed = interrupted_copy(full, tmp_path / "resumed", 4, ["checkpoints/step_00000008", "final"])
     two_ranks(resumed, "--max-steps", "8", "--save-every", "4")
 
     after = losses(resumed)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train_e2e import REPO, losses, run
+from test_train_e2e import REPO, interrupted_copy, losses, run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mellama_train.config import resolve
@@ -33,6 +32,12 @@ def tune(out: Path, *args: str, ranks: int = 1, ds: str = "ds_configs/zero3.json
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks)]
     return run(
         [*launcher, "--master_port", "29544", TUNE, "--ds", ds, "--output-dir", str(out), *SMALL, *args]
+    )
+
+
+def merge(adapter: Path, out: Path, *args: str):
+    return run(
+        [sys.executable, "-m", "mellama_train", "merge", "--adapter", str(adapter), "--out", str(out), *args]
     )
 
 
@@ -79,20 +84,7 @@ def test_tiny_tune_writes_an_adapter_and_a_merged_model_that_reproduce_the_train
 
     # `mellama-train merge` (the adapter names its base) gives the same weights as the in-run merge.
     merged = tmp_path / "merged"
-    run(
-        [
-            sys.executable,
-            "-m",
-            "mellama_train",
-            "merge",
-            "--adapter",
-            str(out / "adapter"),
-            "--out",
-            str(merged),
-            "--dtype",
-            "fp32",
-        ]
-    )
+    merge(out / "adapter", merged, "--dtype", "fp32")
     a, b = load_file(out / "final" / "model.safetensors"), load_file(merged / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -179,12 +171,8 @@ def test_two_rank_tune_resumes_exactly_and_gathers_only_the_adapter(tmp_path, ds
     reference = losses(full)
     assert sorted(reference) == list(range(1, 7))
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    for written_later in ("checkpoints/step_00000006", "final", "adapter"):
-        shutil.rmtree(resumed / written_later)
-    lines = (resumed / "metrics.jsonl").read_text().splitlines()
-    (resumed / "metrics.jsonl").write_text("".join(f"{x}\n" for x in lines if json.loads(x)["step"] <= 3))
+    later = ["checkpoints/step_00000006", "final", "adapter"]
+    resumed = interrupted_copy(full, tmp_path / "resumed", 3, later)
     tune(resumed, "--max-steps", "6", "--save-every", "3", ranks=2, ds=ds)
     after = losses(resumed)
     assert [after[s] for s in (4, 5, 6)] == [reference[s] for s in (4, 5, 6)]  # exactly

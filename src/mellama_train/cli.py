@@ -44,6 +44,11 @@ def run_parser(task: str) -> argparse.ArgumentParser:
             " its tokenizer is used unless model.tokenizer is set",
         )
     p.add_argument(
+        "--init-adapter",
+        metavar="PATH",
+        help="continue training this PEFT adapter (e.g. <stage-1 run>/adapter) = model.init_adapter",
+    )
+    p.add_argument(
         "--output-dir",
         metavar="PATH",
         help="run directory = train.output_dir (default runs/<profile>-<time>)",
@@ -77,6 +82,7 @@ def config_from_args(args: argparse.Namespace, task: str = "pretrain") -> Config
         "train.max_steps": args.max_steps,
         "train.save_every": args.save_every,
         "train.resume": args.resume,
+        "model.init_adapter": args.init_adapter,
     }
     if getattr(args, "base", None):
         # --base replaces the profile's model: its weights, and its own tokenizer (a --set can still pick one).
@@ -96,6 +102,11 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     lines.append(
         f"global batch:            {d['global_batch_sequences']} sequences = {d['global_batch_tokens']:,} tokens"
     )
+    lines.append(f"training:                {describe_training(cfg)}")
+    if cfg.task == "tune" and not cfg.train.max_steps:
+        lines.append(f"total steps:             from train.epochs ({cfg.train.epochs:g}) x the example count")
+        lines.append("                         (computed once data.sources have paths)")
+        return _finish_dry_run(lines, problems, missing)
     lines.append(f"total steps:             {d['total_steps']:,}")
     lines.append(f"warmup steps:            {d['warmup_steps']:,} ({cfg.optim.warmup_ratio:.0%} of total)")
     if cfg.task == "tune":
@@ -109,11 +120,31 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     for name, amount in per_source.items():
         share = cfg.source_fractions()[name]
         lines.append(f"  {name:<22} {share:6.1%}  {amount:,}")
+    return _finish_dry_run(lines, problems, missing)
+
+
+def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str]) -> str:
     if missing:
         lines += ["", "# a real run still needs:"] + [f"  - {m}" for m in missing]
     if problems:
         lines += ["", "# problems:"] + [f"  - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def describe_training(cfg: Config) -> str:
+    """One line: what is trained, on what base, with which optimizer and backend."""
+    lo, m = cfg.lora, cfg.model
+    if lo.enabled:
+        what = f"LoRA r={lo.r} alpha={lo.alpha:g} dropout={lo.dropout:g} on {len(lo.target_modules)} module types"
+        what += (
+            " of a 4-bit NF4 base (QLoRA)"
+            if m.quantization == "nf4"
+            else f" of a frozen {cfg.train.precision} base"
+        )
+    else:
+        what = f"all weights in {cfg.train.precision}"
+    backend = "one device, no DeepSpeed" if cfg.train.backend == "single" else "DeepSpeed"
+    return f"{what}; {cfg.optim.optimizer}; {backend}; cutoff {cfg.data.seq_len} tokens"
 
 
 def _is_rank0() -> bool:
@@ -131,6 +162,10 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(exc.problems)
     problems, missing = validate(cfg)
+    if cfg.train.backend == "single" and args.ds and _is_rank0():
+        print(
+            f"note: --ds {args.ds} is ignored: train.backend single runs without DeepSpeed", file=sys.stderr
+        )
     if not problems and not missing:
         from mellama_train.data.pipeline import plan_epochs
 

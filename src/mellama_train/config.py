@@ -117,6 +117,12 @@ class ModelConfig:
     """transformers attention backend: sdpa (default), flash_attention_2, eager."""
     trust_remote_code: bool = False
     """Run model code shipped inside the model directory. Off: only enable for directories you trust."""
+    quantization: str = "none"
+    """`nf4`: load the frozen base in 4-bit NormalFloat with double quantisation and bf16 compute (bitsandbytes;
+    QLoRA: needs lora.enabled and train.backend single); `none`: the base in train.precision."""
+    init_adapter: str | None = None
+    """A PEFT adapter directory to continue training (`--init-adapter`; stage 1 -> stage 2 of the 8 GB recipe);
+    its own r/alpha/targets are used."""
 
 
 @dataclass
@@ -156,6 +162,9 @@ class OptimConfig:
     """Decoupled weight decay on matrices; norms and biases are never decayed."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 disables)."""
+    optimizer: str = "adamw"
+    """`adamw`, or `paged_adamw_8bit` (bitsandbytes: 8-bit states in paged memory that spills to the host instead
+    of failing on a spike; train.backend single only, DeepSpeed runs its own AdamW)."""
 
 
 @dataclass
@@ -184,6 +193,12 @@ class TrainConfig:
     """auto: continue from the newest complete checkpoint in output_dir; never: refuse if one exists; or a path."""
     ds_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON; its "auto" values are filled from this config."""
+    loss_chunk_tokens: int = 0
+    """Compute the output layer and loss this many labelled tokens at a time (0: all at once), so the
+    [tokens x vocab] fp32 logits never exist whole (1024 x 128k = 512 MB); train.backend single only."""
+    backend: str = "deepspeed"
+    """`deepspeed` (ZeRO, any number of ranks, the ds_config applies) or `single` (one device, no DeepSpeed and
+    no launcher: the 8gb profile)."""
     dist_timeout_minutes: int = 30
     """Collective timeout: a rank stuck longer than this fails the job instead of hanging it."""
     world_size: int = 0
@@ -580,6 +595,40 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
     if o.grad_clip < 0:
         p.append(f"optim.grad_clip must be >= 0 (got {o.grad_clip}); 0 disables clipping")
 
+    if t.backend not in ("deepspeed", "single"):
+        p.append(f"train.backend must be deepspeed or single (got {t.backend!r})")
+    if t.backend == "single" and cfg.world_size > 1:
+        p.append(
+            f"train.backend single (profile {cfg.profile}) trains on one device but {cfg.world_size} ranks were"
+            " started; run it without a launcher (python launch/<entry>.py ...), or use a DeepSpeed profile"
+            " (13b, 70b) for several GPUs"
+        )
+    if t.loss_chunk_tokens < 0 or (t.loss_chunk_tokens and t.backend != "single"):
+        p.append(
+            f"train.loss_chunk_tokens ({t.loss_chunk_tokens}) must be >= 0 and needs train.backend single;"
+            " set it to 0 for DeepSpeed runs"
+        )
+    if m.quantization not in ("none", "nf4"):
+        p.append(f"model.quantization must be none or nf4 (got {m.quantization!r})")
+    elif m.quantization == "nf4" and (t.backend != "single" or not cfg.lora.enabled):
+        p.append(
+            "model.quantization nf4 (QLoRA) needs lora.enabled true and train.backend single; a 4-bit base"
+            " cannot be trained directly or sharded by ZeRO"
+        )
+    if o.optimizer not in ("adamw", "paged_adamw_8bit"):
+        p.append(f"optim.optimizer must be adamw or paged_adamw_8bit (got {o.optimizer!r})")
+    elif o.optimizer == "paged_adamw_8bit" and t.backend != "single":
+        p.append(
+            "optim.optimizer paged_adamw_8bit needs train.backend single; DeepSpeed runs its own AdamW"
+            " (set the optimizer in the ds_config)"
+        )
+    if m.init_adapter is not None:
+        if not (Path(m.init_adapter) / "adapter_config.json").is_file():
+            p.append(
+                f"model.init_adapter: {m.init_adapter} has no adapter_config.json; pass an adapter/ directory"
+            )
+        if not cfg.lora.enabled:
+            p.append("model.init_adapter needs lora.enabled true (the adapter is trained further)")
     if t.precision not in ("bf16", "fp32"):
         p.append(
             f"train.precision must be bf16 or fp32 (got {t.precision!r}); fp16 is not supported for LLaMA-2"
@@ -607,6 +656,8 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         )
     if not (t.resume in ("auto", "never") or Path(t.resume).exists()):
         p.append(f"train.resume must be auto, never or an existing checkpoint path (got {t.resume!r})")
+    if t.backend == "single":
+        return p, missing  # no DeepSpeed: the ds_config is not read (--ds is ignored)
     if not Path(t.ds_config).is_file():
         p.append(
             f"train.ds_config: {t.ds_config} not found; pass --ds with a DeepSpeed JSON, e.g. ds_configs/zero3.json"

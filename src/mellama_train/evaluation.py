@@ -31,6 +31,7 @@ def evaluate(
     names: list[str],
     pad_id: int,
     device: torch.device,
+    chunk_tokens: int = 0,
 ) -> dict[str, float]:
     """Collective: `passes` forward passes on every rank (this rank's batches, then label-free padding)."""
     n = len(names)
@@ -39,7 +40,7 @@ def evaluate(
     eng.eval()
     for i in range(passes):
         batch = batches[i] if i < len(batches) else _empty_batch(pad_id)
-        _, s, c = forward_loss(eng, batch, n, device)
+        _, s, c = forward_loss(eng, batch, n, device, chunk_tokens)
         sums += s
         counts += c
     eng.train()

@@ -18,11 +18,15 @@ from mellama_train.loss import mean_loss
 
 @torch.no_grad()
 def probe_loss(
-    eng: ds_engine.Engine, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device
+    eng: ds_engine.Engine,
+    batch: dict[str, torch.Tensor],
+    num_sources: int,
+    device: torch.device,
+    chunk_tokens: int = 0,
 ) -> float:
     """Loss of a fixed batch with the training-time model: an export that loads must reproduce it."""
     eng.eval()
-    loss = mean_loss(eng, batch, num_sources, device)
+    loss = mean_loss(eng, batch, num_sources, device, chunk_tokens)
     eng.train()
     return loss
 

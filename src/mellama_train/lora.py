@@ -22,9 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def apply_lora(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
-    """Freeze the model and add trainable adapters to `lora.target_modules` (PEFT)."""
-    from peft import LoraConfig, get_peft_model
+    """Freeze the model and add trainable adapters to `lora.target_modules` (PEFT), or continue training the
+    adapter in `model.init_adapter` (with its own r, alpha and targets)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if cfg.model.init_adapter:
+        log.info("continuing adapter %s (its own r/alpha/targets apply)", cfg.model.init_adapter)
+        return PeftModel.from_pretrained(model, cfg.model.init_adapter, is_trainable=True)
     lo = cfg.lora
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     unknown = sorted(set(lo.target_modules) - names)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from mellama_train.data.packing import IGNORE_INDEX
 
@@ -30,12 +31,7 @@ def causal_lm_loss(
     targets = labels_BT[:, 1:].flatten()
     per_token = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
     valid = targets != IGNORE_INDEX
-    sources = source_ids_BT[:, 1:].flatten()
-    with torch.no_grad():
-        sums = torch.zeros(num_sources, dtype=torch.float64, device=logits.device)
-        counts = torch.zeros(num_sources, dtype=torch.float64, device=logits.device)
-        sums.index_add_(0, sources[valid], per_token[valid].double())
-        counts.index_add_(0, sources[valid], torch.ones_like(per_token[valid], dtype=torch.float64))
+    sums, counts = _per_source(per_token[valid], source_ids_BT[:, 1:].flatten()[valid], num_sources)
     return per_token.sum(), sums, counts
 
 
@@ -44,19 +40,88 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def forward_loss(
-    model: Any, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device
+def _per_source(
+    per_token: torch.Tensor, sources: torch.Tensor, num_sources: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        sums = torch.zeros(num_sources, dtype=torch.float64, device=per_token.device)
+        counts = torch.zeros(num_sources, dtype=torch.float64, device=per_token.device)
+        sums.index_add_(0, sources, per_token.double())
+        counts.index_add_(0, sources, torch.ones_like(per_token, dtype=torch.float64))
+    return sums, counts
+
+
+def _head_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def chunked_causal_lm_loss(
+    hidden_BTH: torch.Tensor,
+    head: torch.nn.Module,
+    labels_BT: torch.Tensor,
+    source_ids_BT: torch.Tensor,
+    num_sources: int,
+    chunk_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run a model (the engine, or a plain HF model) on a batch and return `causal_lm_loss` (a SUM)."""
+    """`causal_lm_loss` from the final hidden states, without ever holding the whole logits tensor.
+
+    Only labelled positions go through the output layer (in tuning that skips every prompt token), `chunk_tokens`
+    at a time, each chunk under activation checkpointing: its [chunk x vocab] logits are freed after the forward
+    and recomputed in the backward. At a 128k vocabulary, 1024 tokens of fp32 logits are 512 MB; a 256-token
+    chunk is 128 MB. (Fused linear-cross-entropy kernels would avoid even that; none is required here.)"""
+    targets = labels_BT[:, 1:].flatten()
+    valid = targets != IGNORE_INDEX
+    hidden = hidden_BTH[:, :-1].flatten(0, 1)[valid]
+    targets, sources = targets[valid], source_ids_BT[:, 1:].flatten()[valid]
+    pieces = [
+        torch.utils.checkpoint.checkpoint(
+            _head_loss, head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False
+        )
+        for i in range(0, hidden.shape[0], chunk_tokens)
+    ]
+    per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    sums, counts = _per_source(per_token, sources, num_sources)
+    return per_token.sum(), sums, counts
+
+
+def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (returns final hidden states) and the output layer of an HF causal LM, through a PEFT
+    wrapper or a single-device engine."""
+    module = getattr(model, "module", model)
+    if hasattr(module, "get_base_model"):
+        module = module.get_base_model()
+    return module.get_decoder(), module.get_output_embeddings()
+
+
+def forward_loss(
+    model: Any,
+    batch: dict[str, torch.Tensor],
+    num_sources: int,
+    device: torch.device,
+    chunk_tokens: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run a model (the engine, or a plain HF model) on a batch and return `causal_lm_loss` (a SUM).
+
+    chunk_tokens > 0: run the decoder and compute the output layer and loss in chunks (single-device backend;
+    DeepSpeed's engine must run the whole module forward)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     # No attention_mask: transformers then reads restarting position_ids as document boundaries, and
     # right padding needs none (it comes after every real token).
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if chunk_tokens:
+        decoder, head = decoder_and_head(model)
+        hidden = decoder(**inputs).last_hidden_state
+        return chunked_causal_lm_loss(
+            hidden, head, batch["labels"], batch["source_ids"], num_sources, chunk_tokens
+        )
+    out = model(**inputs)
     return causal_lm_loss(out.logits, batch["labels"], batch["source_ids"], num_sources)
 
 
 @torch.no_grad()
-def mean_loss(model: Any, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device) -> float:
+def mean_loss(
+    model: Any, batch: dict[str, torch.Tensor], num_sources: int, device: torch.device, chunk_tokens: int = 0
+) -> float:
     """Mean next-token loss of one batch (probe and test checks)."""
-    total, _, counts = forward_loss(model, batch, num_sources, device)
+    total, _, counts = forward_loss(model, batch, num_sources, device, chunk_tokens)
     return float(total) / max(float(counts.sum()), 1.0)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mellama_train import checkpoint, engine, export, lora
+from mellama_train import checkpoint, engine, export, lora, single_device
 from mellama_train.config import Config
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
 from mellama_train.data.source import skip_totals
@@ -54,7 +54,8 @@ class Window:
 
 
 def train(cfg: Config) -> Path:
-    env = engine.init_distributed(cfg.train.dist_timeout_minutes)
+    single = cfg.train.backend == "single"
+    env = single_device.local_env() if single else engine.init_distributed(cfg.train.dist_timeout_minutes)
     if cfg.train.world_size and cfg.train.world_size != env.world_size:
         raise ValueError(
             f"train.world_size is {cfg.train.world_size} but the launcher started {env.world_size} ranks;"
@@ -75,7 +76,7 @@ def train(cfg: Config) -> Path:
     if refusal:
         raise ValueError(refusal)
     resume_from = Path(found_path) if found_path else None
-    ds_config = resolve_ds_config(cfg.train.ds_config, cfg)
+    ds_config = {} if single else resolve_ds_config(cfg.train.ds_config, cfg)
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         write_run_record(
@@ -92,18 +93,16 @@ def train(cfg: Config) -> Path:
             lora.write_random_base(cfg, tokenizer, run_dir / "base")
         engine.barrier()
         cfg.model.init, cfg.model.path = "pretrained", str(run_dir / "base")
-    with engine.model_construction(ds_config):
-        model = build_model(cfg, tokenizer)
+    if single:
+        model = build_model(cfg, tokenizer, device=env.device)
+    else:
+        with engine.model_construction(ds_config):
+            model = build_model(cfg, tokenizer)
     n_params = count_params(model)
     flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
     if cfg.lora.enabled:
         model = lora.apply_lora(model, cfg)
-    eng = engine.Engine(
-        model,
-        ds_config,
-        param_groups(model, cfg.optim.weight_decay),
-        lr_lambda(cfg.warmup_steps, cfg.total_steps, cfg.optim.min_lr_ratio),
-    )
+    eng = _make_engine(cfg, model, ds_config)
     log.info(
         "model ready: %.1fM parameters (%.2fM trained), %d steps of %d sequences",
         n_params / 1e6,
@@ -127,13 +126,14 @@ def train(cfg: Config) -> Path:
         total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True
     )
     window = Window.new(len(names), env.device)
+    chunk = cfg.train.loss_chunk_tokens
     eng.train()
     while state.step < cfg.total_steps:
         lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
         micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
         scale = _loss_scale(micro_batches, cfg.grad_accum_steps, env.world_size, env.device)
         for batch in micro_batches:
-            loss_sum, sums, counts = forward_loss(eng, batch, len(names), env.device)
+            loss_sum, sums, counts = forward_loss(eng, batch, len(names), env.device, chunk)
             eng.backward(loss_sum * scale.to(loss_sum.dtype))
             eng.step()  # optimizer + lr schedule step only on the last micro-batch
             window.sums += sums
@@ -152,7 +152,9 @@ def train(cfg: Config) -> Path:
             )
             window = Window.new(len(names), env.device)
         if eval_passes and (last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
-            metrics.log(state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device))
+            metrics.log(
+                state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
+            )
         progress.update(1)
         if state.step % cfg.train.save_every == 0 or last:
             state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
@@ -162,7 +164,9 @@ def train(cfg: Config) -> Path:
     progress.close()
 
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
-    metrics.log(state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device)})
+    metrics.log(
+        state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device, chunk)}
+    )
     metrics.close()
     if not cfg.lora.enabled:
         export.write_hf_model(eng, tokenizer, run_dir / "final", env.is_main)
@@ -176,6 +180,26 @@ def train(cfg: Config) -> Path:
             cfg.model.path, run_dir / "adapter", run_dir / "final", dtype, cfg.model.trust_remote_code
         )
     return run_dir
+
+
+def _make_engine(cfg: Config, model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
+    """The backend behind the loop's verbs: DeepSpeed's engine, or one device without DeepSpeed."""
+    groups = param_groups(model, cfg.optim.weight_decay)
+    schedule = lr_lambda(cfg.warmup_steps, cfg.total_steps, cfg.optim.min_lr_ratio)
+    if cfg.train.backend == "deepspeed":
+        return engine.Engine(model, ds_config, groups, schedule)
+    o = cfg.optim
+    return single_device.SingleDeviceEngine(
+        model,
+        groups,
+        schedule,
+        optimizer=o.optimizer,
+        lr=o.lr,
+        betas=o.betas,
+        eps=o.eps,
+        grad_clip=o.grad_clip,
+        accum_steps=cfg.grad_accum_steps,
+    )
 
 
 def _loss_scale(

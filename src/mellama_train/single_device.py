@@ -1,0 +1,138 @@
+"""The single-device backend: the `Engine` verbs without DeepSpeed, for one GPU (the 8gb QLoRA profile).
+
+The training loop, checkpoint layout, metrics and outputs are the same code as on the DeepSpeed path; only the
+object behind the verbs changes. No process group, no launcher: `train.backend: single` refuses WORLD_SIZE > 1.
+
+Semantics kept equal to DeepSpeed's so the loop needs no branch: `backward` divides by the accumulation steps,
+`step` is called after every micro-batch and steps the optimizer and the lr schedule at accumulation ends, and
+`grad_norm` is the norm before clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mellama_train.engine import DistEnv
+
+STATE_FILE = "engine_state.pt"
+
+
+def local_env() -> DistEnv:
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return DistEnv(rank=0, world_size=1, local_rank=0, device=device)
+
+
+def make_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, betas, eps: float):
+    if name == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        # Paged: optimizer states live in unified memory that pages to the host under pressure, so the
+        # memory spike of the first step cannot OOM an 8 GB card; 8-bit: 2 bytes of state per parameter, not 8.
+        return bnb.optim.PagedAdamW8bit(param_groups, lr=lr, betas=tuple(betas), eps=eps)
+    return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+class SingleDeviceEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict[str, Any]],
+        lr_lambda: Callable[[int], float],
+        *,
+        optimizer: str,
+        lr: float,
+        betas: list[float],
+        eps: float,
+        grad_clip: float,
+        accum_steps: int,
+    ):
+        self._module = model
+        self.optimizer = make_optimizer(optimizer, param_groups, lr, betas, eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.grad_clip, self.accum_steps = grad_clip, accum_steps
+        self._params = [p for group in param_groups for p in group["params"]]
+        self._micro_steps = 0
+        self.optimizer_steps = 0
+        self._grad_norm: float | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        return self._module(**inputs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.accum_steps).backward()
+
+    def step(self) -> None:
+        self._micro_steps += 1
+        if self._micro_steps % self.accum_steps:
+            return
+        max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
+        self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.optimizer_steps += 1
+
+    def train(self) -> None:
+        self._module.train()
+
+    def eval(self) -> None:
+        self._module.eval()
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def grad_norm(self) -> float | None:
+        return self._grad_norm
+
+    # ---- checkpoints: trainable weights + optimizer + schedule in one file of the step directory ----------
+    def save(self, checkpoints_dir: str, tag: str) -> None:
+        path = Path(checkpoints_dir) / tag
+        path.mkdir(parents=True, exist_ok=True)
+        state = {
+            "trainable": self.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "optimizer_steps": self.optimizer_steps,
+        }
+        torch.save(state, path / f"{STATE_FILE}.tmp")
+        os.replace(path / f"{STATE_FILE}.tmp", path / STATE_FILE)
+
+    def load(self, checkpoints_dir: str, tag: str) -> None:
+        path = Path(checkpoints_dir) / tag / STATE_FILE
+        if not path.is_file():
+            raise ValueError(
+                f"{path.parent}: no {STATE_FILE}; it was not written by train.backend single (resume it with the"
+                " backend that wrote it)"
+            )
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        missing, unexpected = self._module.load_state_dict(state["trainable"], strict=False)
+        trainable = {n for n, p in self._module.named_parameters() if p.requires_grad}
+        if unexpected or trainable - set(state["trainable"]):
+            raise ValueError(
+                f"{path}: its trainable weights do not match this model (LoRA settings changed?); resume with the"
+                " settings that wrote it or start a new run"
+            )
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.optimizer_steps = state["optimizer_steps"]
+        self._micro_steps = self.optimizer_steps * self.accum_steps
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().clone() for n, p in self._module.named_parameters() if p.requires_grad}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self._module.state_dict()
