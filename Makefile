@@ -33,8 +33,8 @@ test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint:
-	$(BIN)/ruff check src tests launch tools
-	$(BIN)/ruff format --check src tests launch tools
+	$(BIN)/ruff check src tests launch tools bench
+	$(BIN)/ruff format --check src tests launch tools bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

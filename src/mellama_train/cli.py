@@ -106,7 +106,7 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     if cfg.task == "tune" and not cfg.train.max_steps:
         lines.append(f"total steps:             from train.epochs ({cfg.train.epochs:g}) x the example count")
         lines.append("                         (computed once data.sources have paths)")
-        return _finish_dry_run(lines, problems, missing)
+        return _finish_dry_run(lines, problems, missing, cfg)
     lines.append(f"total steps:             {d['total_steps']:,}")
     lines.append(f"warmup steps:            {d['warmup_steps']:,} ({cfg.optim.warmup_ratio:.0%} of total)")
     if cfg.task == "tune":
@@ -120,10 +120,16 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     for name, amount in per_source.items():
         share = cfg.source_fractions()[name]
         lines.append(f"  {name:<22} {share:6.1%}  {amount:,}")
-    return _finish_dry_run(lines, problems, missing)
+    return _finish_dry_run(lines, problems, missing, cfg)
 
 
-def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str]) -> str:
+def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str], cfg: Config) -> str:
+    from mellama_train.plan import make_plan, render
+
+    try:
+        lines += ["", render(make_plan(cfg))]
+    except ValueError as exc:
+        lines += ["", f"# memory plan unavailable: {exc}"]
     if missing:
         lines += ["", "# a real run still needs:"] + [f"  - {m}" for m in missing]
     if problems:
@@ -204,6 +210,50 @@ def tune_main(argv: list[str] | None = None) -> int:
     return run_main("tune", argv)
 
 
+def plan_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train plan",
+        description="Predicted peak GPU memory, host RAM and checkpoint disk of a run, before it starts.",
+    )
+    p.add_argument(
+        "--task", choices=["pretrain", "tune"], default="pretrain", help="entry point (default pretrain)"
+    )
+    p.add_argument("--profile", default="8gb", help="named profile (default 8gb)")
+    p.add_argument("--config", metavar="PATH", help="recipe YAML applied over the profile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_PRESET",
+        help="an HF model directory or a preset (llama2-7b, llama2-13b, llama2-70b, llama3-8b, llama3-70b);"
+        " default: model.path, else the profile's model.arch",
+    )
+    p.add_argument("--gpus", type=int, default=0, help="DeepSpeed profiles: GPUs in all (default one node)")
+    p.add_argument(
+        "--gpus-per-node", type=int, default=8, help="DeepSpeed profiles: GPUs per node (default 8)"
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        default=0.0,
+        metavar="GIB",
+        help="memory of one GPU (default: train.gpu_memory_gib, else 80)",
+    )
+    args = p.parse_args(argv)
+    from mellama_train.plan import make_plan, render
+
+    try:
+        cfg = resolve(args.profile, args.config, args.set, task=args.task)
+        gpus = args.gpus or cfg.train.world_size or args.gpus_per_node
+        gib = args.gpu_memory or cfg.train.gpu_memory_gib or 80.0
+        plan = make_plan(cfg, args.model, gpus, args.gpus_per_node, gib)
+    except ConfigError as exc:
+        return _fail(exc.problems)
+    except ValueError as exc:
+        return _fail([str(exc)])
+    print(render(plan))
+    return 0 if plan.fits else EXIT_CONFIG
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mellama-train merge",
@@ -249,7 +299,7 @@ def _fail(problems: list[str]) -> int:
 def main(argv: list[str] | None = None) -> Any:
     """`mellama-train <command> ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"pretrain": pretrain_main, "tune": tune_main, "merge": merge_main}
+    commands = {"pretrain": pretrain_main, "tune": tune_main, "merge": merge_main, "plan": plan_main}
     if not argv or argv[0] not in commands:
         print(
             f"usage: mellama-train {{{','.join(commands)}}} [options]  (see --help of each)", file=sys.stderr

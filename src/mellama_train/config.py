@@ -196,6 +196,9 @@ class TrainConfig:
     loss_chunk_tokens: int = 0
     """Compute the output layer and loss this many labelled tokens at a time (0: all at once), so the
     [tokens x vocab] fp32 logits never exist whole (1024 x 128k = 512 MB); train.backend single only."""
+    gpu_memory_gib: float = 0.0
+    """Memory of one GPU for the start-up memory check (the run is refused if the plan does not fit); 0: no
+    check. The 8gb profile sets 8."""
     backend: str = "deepspeed"
     """`deepspeed` (ZeRO, any number of ranks, the ds_config applies) or `single` (one device, no DeepSpeed and
     no launcher: the 8gb profile)."""
@@ -656,6 +659,17 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         )
     if not (t.resume in ("auto", "never") or Path(t.resume).exists()):
         p.append(f"train.resume must be auto, never or an existing checkpoint path (got {t.resume!r})")
+    if t.gpu_memory_gib < 0:
+        p.append(f"train.gpu_memory_gib must be >= 0 (got {t.gpu_memory_gib}); 0 disables the memory check")
+    elif t.gpu_memory_gib and not p:
+        from mellama_train.plan import make_plan
+
+        plan = make_plan(cfg)
+        if not plan.fits:
+            p.append(
+                f"predicted peak {plan.peak / 2**30:.2f} GiB per GPU does not fit train.gpu_memory_gib"
+                f" {t.gpu_memory_gib:g} (minus 1 GiB reserve); {' '.join(plan.advice)} (details: mellama-train plan)"
+            )
     if t.backend == "single":
         return p, missing  # no DeepSpeed: the ds_config is not read (--ds is ignored)
     if not Path(t.ds_config).is_file():

@@ -198,6 +198,30 @@ class Engine:
         return state if torch.distributed.get_rank() == 0 else None
 
 
+def estimate_zero3_model_states(
+    total_params: int,
+    largest_module_params: int,
+    gpus_per_node: int,
+    nodes: int,
+    offload_optimizer: bool,
+    offload_params: bool,
+) -> tuple[float, float]:
+    """(host bytes per node, bytes per GPU) of ZeRO-3 model states: DeepSpeed's own estimator (it assumes every
+    parameter is trained: 16-bit weights and grads, fp32 master weights and two Adam moments)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        total_params,
+        largest_module_params,
+        num_gpus_per_node=gpus_per_node,
+        num_nodes=nodes,
+        cpu_offload=offload_optimizer,
+        cpu_offload_params=offload_params,
+        zero_init=True,
+    )
+    return float(cpu), float(gpu)
+
+
 # ---- collectives the loop needs, kept here so the loop never touches the process group itself ----------
 
 

@@ -258,6 +258,8 @@ def _window_metrics(
         values["train/grad_norm"] = norm
     if peak_flops:
         values["train/mfu"] = flops_tok * tokens_per_sec / (peak_flops * world_size)
+    if device.type == "cuda":  # this rank's peak since the start (what the memory plan predicts)
+        values["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     for i, name in enumerate(names):
         if counts[i]:
             values[f"train/loss/{name}"] = sums[i] / counts[i]
