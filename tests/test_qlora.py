@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mellama_train.config import resolve
 from mellama_train.lora import apply_lora, write_random_base
-from mellama_train.model import build_model, load_tokenizer
+from mellama_train.model import build_model, count_params, load_tokenizer
+from mellama_train.plan import count
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -144,6 +145,10 @@ def test_the_4bit_base_keeps_embeddings_and_head_in_bf16_and_trains_only_adapter
         torch.uint8,
     }
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    # 4-bit parameters are counted at their real size (MFU), and the planner's counts match the real model.
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == count(cfg.model.arch, 16, cfg.lora.target_modules).lora
+    assert count_params(base) - adapters == count(cfg.model.arch).total
 
 
 def test_single_backend_resume_reproduces_the_uninterrupted_losses(stage1, recipes, tmp_path):

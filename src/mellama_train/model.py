@@ -108,8 +108,17 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def _numel(param: torch.Tensor) -> int:
+    # ZeRO-3 partitions a parameter (ds_numel keeps its size); a 4-bit bitsandbytes parameter packs two
+    # weights per byte (its quant_state keeps the real shape).
+    if hasattr(param, "ds_numel"):
+        return param.ds_numel
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
 def count_params(model: torch.nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    return sum(_numel(p) for p in model.parameters())
 
 
 def flops_per_token(hf_config: Any, n_params: int, seq_len: int, frozen_base: bool = False) -> float:
