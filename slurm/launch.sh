@@ -89,11 +89,11 @@ echo "output dir: $output_dir"
 echo "rank logs:  $rank_logs"
 
 # --- the warning signal: forward it to the ranks, then requeue -------------------------------------------
-# `--signal=B:USR1@300` signals only this batch shell. srun passes the USR1 it receives on to every task of
-# its step (checked on this cluster: the same as `scancel --signal=USR1 <job>.<step>`, without the round
-# trip through slurmctld). When the step has ended, the job is requeued under the same job id, so the same
-# output dir and `--resume auto` continue the run. The trainer does not handle USR1 yet: the signal's default
-# action ends the ranks, and the requeued job resumes from the last periodic checkpoint.
+# `--signal=B:USR2@300` signals only this batch shell. srun passes the USR2 it receives on to every task of
+# its step (checked on this cluster: the same as `scancel --signal=USR2 <job>.<step>`, without the round
+# trip through slurmctld). The ranks agree on it at the next step boundary, save a complete checkpoint and
+# exit 75 (src/mellama_train/preemption.py). The job is then requeued under the same job id, so the same
+# output dir and `--resume auto` continue the run exactly there. (USR2, not USR1: some NCCL builds use USR1.)
 step_pid=""
 warned=0
 # shellcheck disable=SC2317  # called by the trap
@@ -102,10 +102,10 @@ forward_warning() {
     [[ -n $step_pid ]] || return 0
     local step
     step=$(squeue -h -s -j "$SLURM_JOB_ID" -o %i 2>/dev/null | grep -E '^[0-9]+\.[0-9]+$' | head -n1) || true
-    kill -USR1 "$step_pid" 2>/dev/null || true
-    echo "$(date +%T) forwarded USR1 to step ${step:-$SLURM_JOB_ID.?} (srun pid $step_pid)"
+    kill -USR2 "$step_pid" 2>/dev/null || true
+    echo "$(date +%T) forwarded USR2 to step ${step:-$SLURM_JOB_ID.?} (srun pid $step_pid)"
 }
-trap forward_warning USR1
+trap forward_warning USR2
 
 cpus_per_task=()
 # srun does not inherit --cpus-per-task from the allocation in every SLURM version: pass it on.

@@ -5,7 +5,8 @@
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/tune.sh --max-steps 20   # CPU-only
 # Every argument goes to launch/tune.py. Resources are the #SBATCH lines below: edit them, or override any
 # on the sbatch command line. The output dir defaults to runs/slurm-<job id>; before the time limit the job
-# gets USR1 (--signal), passes it to the ranks, then requeues itself and resumes (see slurm/launch.sh).
+# gets USR2 (--signal), passes it to the ranks, which save a checkpoint and exit; then it requeues itself and
+# resumes exactly there (see slurm/launch.sh).
 #SBATCH --job-name=mellama-tune
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8
@@ -13,7 +14,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR2@300
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append
 

@@ -1,6 +1,6 @@
 """The SLURM batch scripts (slurm/pretrain.sh, slurm/tune.sh and their shared slurm/launch.sh) on a real one-node
 SLURM cluster (tools/slurm_cluster.sh, brought up by the `slurm_cluster` fixture): 2-rank CPU jobs through srun,
-the default output dir, the GPU/task check, and the warning signal -> forward -> requeue -> resume cycle."""
+the default output dir, the GPU/task check, and the warning signal -> save -> requeue -> exact resume cycle."""
 
 from __future__ import annotations
 
@@ -201,35 +201,61 @@ def resumed_records(out: Path) -> list[dict[str, Any]]:
     return [r for r in records if r.get("resumed_from")]
 
 
-def test_warning_signal_is_forwarded_then_the_job_requeues_and_resumes(slurm_cluster, tmp_path):
+def test_warning_signal_saves_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
+    """SLURM's early warning (USR2 to the batch shell) -> forwarded to the ranks -> a checkpoint at the next step
+    and exit 75 -> requeue under the same job id -> the run continues exactly: every step trained once, and the
+    losses and tokens per source of an uninterrupted 2-rank run."""
+    from test_train_e2e import losses, read_metrics, two_ranks
+
+    steps = [
+        "--max-steps",
+        "30",
+        "--save-every",
+        "100",
+    ]  # no periodic save before the end: only the stop saves
+    reference = tmp_path / "reference"
+    two_ranks(reference, *steps, shape=[])  # the tiny profile as the SLURM job runs it
     out, log = tmp_path / "run", tmp_path / "job.log"
-    args = ["slurm/pretrain.sh", "--max-steps", "100000", "--save-every", "2", "--output-dir", str(out)]
-    with slurm_job(args, log) as job_id:
+    with slurm_job(["slurm/pretrain.sh", *steps, "--output-dir", str(out)], log) as job_id:
         logs = (log, out / "logs" / "rank-0.restart-0.log")
 
-        def first_checkpoint() -> bool:
+        def trained_three_steps() -> bool:
             assert job_info(job_id).get("JobState") not in ENDED, f"job ended early\n{tail(*logs)}"
-            return any((out / "checkpoints").glob("step_*/COMPLETE"))
+            return (out / "metrics.jsonl").is_file() and 3 in read_metrics(out / "metrics.jsonl")
 
-        wait_for(first_checkpoint, 400, "the first complete checkpoint", logs)
-        # What SLURM's --signal=B:USR1@300 does before the time limit: signal the batch shell only.
-        assert sh("scancel", "--batch", "--signal=USR1", job_id).returncode == 0
-        wait_for(lambda: f"requeued job {job_id}" in log.read_text(), 120, "the requeue", logs)
-        assert re.search(rf"forwarded USR1 to step {job_id}\.\d+ ", log.read_text()), tail(log)
+        wait_for(trained_three_steps, 400, "step 3", logs)  # by progress, not by sleeping
+        # What SLURM's --signal=B:USR2@300 does before the time limit: signal the batch shell only.
+        assert sh("scancel", "--batch", "--signal=USR2", job_id).returncode == 0
+        wait_for(lambda: f"requeued job {job_id}" in log.read_text(), 180, "the requeue", logs)
+        text = log.read_text()
+        assert re.search(rf"forwarded USR2 to step {job_id}\.\d+ ", text), tail(log)
+        assert "step ended with exit status 75" in text, tail(log)
+        assert "preempted (rank 0): stopped at step" in (out / "logs" / "rank-0.restart-0.log").read_text()
 
-        def resumed() -> list[dict[str, Any]]:
+        def finished() -> dict[str, str] | None:
             info = job_info(job_id)
             if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
                 # SLURM holds a requeued job for ~2 minutes before it may start again; a test need not wait.
                 sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-            return resumed_records(out)
+            return info if info.get("Restarts") == "1" and info.get("JobState") in ENDED else None
 
-        (record,) = wait_for(
-            resumed, 400, "the requeued job to resume", (log, out / "logs" / "rank-0.restart-1.log")
+        info = wait_for(
+            finished, 600, "the requeued job to finish", (log, out / "logs" / "rank-0.restart-1.log")
         )
-        assert "/checkpoints/step_" in record["resumed_from"]
-        assert job_info(job_id)["Restarts"] == "1"
-        assert f"job {job_id} (restart 1)" in log.read_text()  # same job id, its log appended to
-        assert (out / "logs" / "rank-0.restart-1.log").is_file() and (
-            out / "logs" / "rank-0.restart-0.log"
-        ).is_file()
+        assert_completed(info, (log,))
+    (record,) = resumed_records(out)
+    stopped_at = int(record["resumed_from"].rsplit("_", 1)[1])
+    assert 3 <= stopped_at < 30
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [r["step"] for r in logged if "train/loss" in r]
+    assert trained == list(range(1, 31))  # no step twice, none missing
+    assert losses(out) == losses(reference)  # exactly
+    end, ref = read_metrics(out / "metrics.jsonl")[30], read_metrics(reference / "metrics.jsonl")[30]
+    tokens = {k for k in ref if k.startswith("data/tokens/")}
+    assert tokens and {k: end[k] for k in tokens} == {k: ref[k] for k in tokens}
+    assert rank_logs(out) == [
+        "rank-0.restart-0.log",
+        "rank-0.restart-1.log",
+        "rank-1.restart-0.log",
+        "rank-1.restart-1.log",
+    ]

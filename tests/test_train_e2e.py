@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,11 +27,15 @@ LAUNCH = str(REPO / "launch" / "pretrain.py")
 TINY = ["--set", "data.seq_len=64", "--set", "train.global_batch_size=4", "--set", "train.micro_batch_size=1"]
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+def clean_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # a test must not inherit a launcher's identity
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -38,7 +44,8 @@ def single(out: Path, *args: str) -> subprocess.CompletedProcess:
     return run([sys.executable, LAUNCH, "--output-dir", str(out), *TINY, *args])
 
 
-def two_ranks(out: Path, *args: str) -> subprocess.CompletedProcess:
+def two_ranks(out: Path, *args: str, shape: list[str] = TINY) -> subprocess.CompletedProcess:
+    """2 ranks through DeepSpeed's launcher; `shape` (default TINY) goes before the other arguments."""
     launcher = [
         sys.executable,
         "-m",
@@ -48,7 +55,7 @@ def two_ranks(out: Path, *args: str) -> subprocess.CompletedProcess:
         "--master_port",
         "29533",
     ]
-    return run([*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *TINY, *args])
+    return run([*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args])
 
 
 def interrupted_copy(run_dir: Path, dest: Path, last_step: int, written_later: list[str]) -> Path:
@@ -166,3 +173,41 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps_logged = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged.count(3) == 1  # nothing before the checkpoint was trained again
     assert (resumed / "final" / "model.safetensors").is_file()
+
+
+def test_a_stop_signal_saves_at_the_next_step_and_the_restart_continues_exactly(tmp_path):
+    args = [*TINY, "--max-steps", "12", "--save-every", "100"]  # no periodic save: only the stop saves
+    reference = tmp_path / "reference"
+    single(reference, *args[len(TINY) :])
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, LAUNCH, "--output-dir", str(out), *args]
+    with open(tmp_path / "stderr.log", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "metrics.jsonl").is_file() or 3 not in read_metrics(out / "metrics.jsonl"):
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "stderr.log"
+                ).read_text()
+                time.sleep(0.05)  # by progress: the signal lands once step 3 is logged, mid-run
+            proc.send_signal(signal.SIGUSR2)  # what slurm/launch.sh forwards before the time limit
+            assert proc.wait(timeout=300) == 75, (tmp_path / "stderr.log").read_text()[-3000:]
+        finally:
+            proc.kill()
+    stopped_at = max(losses(out))
+    assert 3 <= stopped_at < 12
+    assert [p.name for p in (out / "checkpoints").glob("step_*")] == [f"step_{stopped_at:08d}"]
+    assert (out / "checkpoints" / f"step_{stopped_at:08d}" / "COMPLETE").is_file()
+    assert "preempted (rank 0): stopped at step" in (tmp_path / "stderr.log").read_text()
+
+    single(out, *args[len(TINY) :])  # the requeued job: --resume auto
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    trained = [s for s in steps if "train/loss" in read_metrics(out / "metrics.jsonl")[s]]
+    assert (
+        sorted(set(trained)) == list(range(1, 13)) and steps.count(stopped_at) == 1
+    )  # none twice, none missing
+    assert losses(out) == losses(reference)  # exactly
+    last, ref = read_metrics(out / "metrics.jsonl")[12], read_metrics(reference / "metrics.jsonl")[12]
+    assert {k: v for k, v in last.items() if k.startswith("data/tokens/")} == {
+        k: v for k, v in ref.items() if k.startswith("data/tokens/")
+    }

@@ -190,10 +190,14 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     if problems or missing:
         return _fail(problems + [f"missing {m}" for m in missing])
 
+    from mellama_train.preemption import EXIT_PREEMPTED, Preempted
     from mellama_train.train import train  # heavy imports (torch, deepspeed) only for a real run
 
     try:
         run_dir = train(cfg)
+    except Preempted as exc:
+        print(f"preempted (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _exit_together(EXIT_PREEMPTED)
     except ValueError as exc:  # our input errors (data files, resume refusals): one line naming the fix
         print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -288,6 +292,20 @@ def merge_main(argv: list[str] | None = None) -> int:
         return _fail([str(exc)])
     print(f"done: {out}")
     return 0
+
+
+def _exit_together(code: int) -> None:
+    """Leave with `code` on every rank at the same moment. srun --kill-on-bad-exit ends a step as soon as one
+    rank exits non-zero, so a rank still tearing down the interpreter would be killed and the step's status
+    would read 143 instead of `code`. After a last barrier every rank exits at once, skipping the teardown
+    (the checkpoint, metrics and logs are already closed and flushed)."""
+    from mellama_train import engine
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    engine.barrier()
+    os._exit(code)
 
 
 def _fail(problems: list[str]) -> int:

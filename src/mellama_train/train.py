@@ -31,6 +31,7 @@ from mellama_train.model import (
     param_groups,
 )
 from mellama_train.outputs import default_output_dir, write_run_record
+from mellama_train.preemption import Preempted, StopFlag
 from mellama_train.schedule import lr_lambda
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ def train(cfg: Config) -> Path:
     )
     window = Window.new(len(names), env.device)
     chunk = cfg.train.loss_chunk_tokens
+    stop = StopFlag().install()
     eng.train()
     while state.step < cfg.total_steps:
         lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
@@ -156,11 +158,18 @@ def train(cfg: Config) -> Path:
                 state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
             )
         progress.update(1)
-        if state.step % cfg.train.save_every == 0 or last:
+        # One tiny collective per step: every rank must stop after the same step (they get signals apart).
+        stopping = not last and engine.all_reduce_max(int(stop.requested)) > 0
+        if state.step % cfg.train.save_every == 0 or last or stopping:
             state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
             checkpoint.save(
                 eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last
             )
+        if stopping:
+            progress.close()
+            metrics.close()
+            raise Preempted(state.step, stop.reason or "a peer rank's stop signal")
+    stop.uninstall()
     progress.close()
 
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
