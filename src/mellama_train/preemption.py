@@ -5,7 +5,8 @@ SIGUSR2 is the early warning the SLURM scripts request (`--signal=B:USR2@300`, f
 SIGTERM is what SLURM, `scancel` and most schedulers send before killing. SIGUSR1 is not used: some NCCL
 builds use it themselves. The handler only sets a flag: saving from inside a signal handler could interrupt a
 collective half-way. Ranks see signals at slightly different moments, so the loop agrees on the flag with one
-collective per step (`engine.all_reduce_max`) and every rank stops after the same step.
+collective per step (folded into the step's loss-scale all-reduce, train.py) and every rank stops after
+the same step.
 """
 
 from __future__ import annotations

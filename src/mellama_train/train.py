@@ -133,7 +133,9 @@ def train(cfg: Config) -> Path:
     while state.step < cfg.total_steps:
         lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
         micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
-        scale = _loss_scale(micro_batches, cfg.grad_accum_steps, env.world_size, env.device)
+        scale, stop_votes = _step_reduce(
+            micro_batches, cfg.grad_accum_steps, env.world_size, env.device, stop.requested
+        )
         for batch in micro_batches:
             loss_sum, sums, counts = forward_loss(eng, batch, len(names), env.device, chunk)
             eng.backward(loss_sum * scale.to(loss_sum.dtype))
@@ -158,8 +160,8 @@ def train(cfg: Config) -> Path:
                 state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
             )
         progress.update(1)
-        # One tiny collective per step: every rank must stop after the same step (they get signals apart).
-        stopping = not last and engine.all_reduce_max(int(stop.requested)) > 0
+        # Ranks get signals at different moments: they stop after the same step by acting on the shared count.
+        stopping = not last and float(stop_votes) > 0
         if state.step % cfg.train.save_every == 0 or last or stopping:
             state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
             checkpoint.save(
@@ -211,14 +213,23 @@ def _make_engine(cfg: Config, model: torch.nn.Module, ds_config: dict[str, Any])
     )
 
 
-def _loss_scale(
-    micro_batches: list[dict[str, torch.Tensor]], accum: int, world_size: int, device: torch.device
-) -> torch.Tensor:
-    """Factor that turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py).
+def _step_reduce(
+    micro_batches: list[dict[str, torch.Tensor]],
+    accum: int,
+    world_size: int,
+    device: torch.device,
+    stop_requested: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's one collective, before its forward passes: (loss scale, ranks that asked to stop).
 
-    One all-reduce of one number per step; on GPU it stays on the device (no host sync)."""
-    local = torch.tensor([float(sum(labelled_tokens(b) for b in micro_batches))], device=device)
-    return (accum * world_size) / engine.all_reduce_sum(local).clamp(min=1.0)
+    The scale turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py). The stop
+    count rides along so every rank learns of a peer's stop signal without a second collective; both stay on
+    the device, and the loop reads the stop count only after the step's work is queued."""
+    local = torch.tensor(
+        [float(sum(labelled_tokens(b) for b in micro_batches)), float(stop_requested)], device=device
+    )
+    total = engine.all_reduce_sum(local)
+    return (accum * world_size) / total[:1].clamp(min=1.0), total[1]
 
 
 def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[str, int]:
