@@ -131,9 +131,25 @@ wait "$step_pid" 2>/dev/null || last=$?
 ((last == 127)) || status=$last
 echo "$(date +%T) step ended with exit status $status"
 
+# A hang: every rank's watchdog dumped its stacks to logs/hang-rank-R.restart-N.txt and exited 76
+# (src/mellama_train/watchdog.py). Requeue once, since a dead node or a stuck collective rarely repeats on
+# a fresh allocation; a second hang in a row is left for a person, it would most likely hang again.
+hung=0
+hung_before=0
+if compgen -G "$output_dir/logs/hang-rank-*.restart-$restart.txt" >/dev/null; then
+    hung=1
+    echo "$(date +%T) the step hung: stacks in $output_dir/logs/hang-rank-*.restart-$restart.txt"
+fi
+if ((restart > 0)) && compgen -G "$output_dir/logs/hang-rank-*.restart-$((restart - 1)).txt" >/dev/null; then
+    hung_before=1
+fi
+if ((hung && hung_before)); then
+    echo "$(date +%T) it also hung before the last requeue: not requeued; read the stack dumps" >&2
+fi
+
 # A step that finished its work (exit 0) before or despite the warning is done: requeueing it would only
 # start a run with nothing left to train.
-if ((warned && status != 0)); then
+if ((status != 0)) && ((warned || (hung && !hung_before))); then
     # scontrol requeue ends this batch shell with SIGTERM: ignore it for the last line of the log.
     trap '' TERM
     scontrol requeue "$SLURM_JOB_ID" || fail "scontrol requeue $SLURM_JOB_ID failed; resubmit with the same --output-dir to resume"

@@ -204,6 +204,36 @@ def test_documents_come_out_whole_in_file_order(tokenizer, tmp_path):
     assert batches.mixture.streams[0].state.documents >= 10  # the check covered many documents
 
 
+def test_a_document_ten_times_seq_len_is_split_across_consecutive_sequences_not_truncated(
+    tokenizer, tmp_path
+):
+    seq_len = 32
+    encode = make_encoder(tokenizer)
+    long_doc = " ".join(make_docs(60, 20, 30, seed=11, tag="part"))  # one document of ~1,500 tokens
+    short_doc = "a short note after the long one."
+    doc_tokens = [BOS] + encode(long_doc) + [EOS]
+    assert len(doc_tokens) > 10 * seq_len
+    path = write_jsonl(tmp_path / "long.jsonl", [long_doc, short_doc])
+    cfg = make_cfg([SourceConfig(name="long", paths=[path])], seq_len=seq_len, micro_batch_size=1)
+    batches = build_train_batches(cfg, tokenizer, 0, 1)
+
+    rows = [next(batches) for _ in range(len(doc_tokens) // seq_len + 1)]
+    full_rows, rest = divmod(len(doc_tokens), seq_len)
+    for i, batch in enumerate(rows[:full_rows]):
+        # Every one of these sequences is the document alone: one segment, positions 0..seq_len-1.
+        assert batch["input_ids"][0].tolist() == doc_tokens[i * seq_len : (i + 1) * seq_len], f"sequence {i}"
+        assert batch["position_ids"][0].tolist() == list(range(seq_len))
+        assert batch["labels"][0, 0].item() == IGNORE_INDEX  # its first token's context is in sequence i-1
+        assert batch["labels"][0, 1:].tolist() == doc_tokens[i * seq_len + 1 : (i + 1) * seq_len]
+    # The document's last `rest` tokens open the next sequence, and the short document follows in the same one.
+    tail = rows[full_rows]["input_ids"][0].tolist()
+    short_tokens = [BOS] + encode(short_doc) + [EOS]
+    assert tail[:rest] == doc_tokens[full_rows * seq_len :]
+    assert tail[rest : rest + len(short_tokens)] == short_tokens
+    assert rows[full_rows]["position_ids"][0, rest].item() == 0
+    assert batches.mixture.streams[0].state.skipped == {}
+
+
 def test_every_source_stream_reassembles_into_its_documents(tokenizer):
     cfg = resolve("tiny")
     batches = build_train_batches(cfg, tokenizer, 0, 1)

@@ -83,6 +83,19 @@ def test_jsonl_skips_are_counted_located_and_content_free(tmp_path):
     assert count_records(path) == 7
 
 
+def test_invalid_utf8_is_a_located_skip_in_jsonl_and_text_files(tmp_path):
+    good = json.dumps({"text": "caf\u00e9 ok"}).encode()
+    bad = b'{"text": "' + SENTINEL.encode() + b' \xff\xfe broken"}'
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    assert read(path) == [(0, "caf\u00e9 ok"), (1, Skip("bad_utf8", f"{path}:line 2")), (2, "caf\u00e9 ok")]
+    report = tmp_path / "report.txt"
+    report.write_bytes(b"FINDINGS: \xc3\x28 " + SENTINEL.encode())
+    assert read(report) == [(0, Skip("bad_utf8", str(report)))]
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfIMPRESSION: clear.")
+    assert read(tmp_path / "bom.txt") == [(0, "IMPRESSION: clear.")]
+
+
 def test_jsonl_text_field_and_want_start_select_exact_indices(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [json.dumps({"body": doc}) for doc in DOCS])
     assert read(path, "body", want=lambda i: i % 2 == 1) == [(1, DOCS[1]), (3, DOCS[3])]

@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 from transformers import AutoModelForCausalLM
 
+from mellama_train.metrics import read_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 ENDED = {
     "COMPLETED",
@@ -201,11 +203,24 @@ def resumed_records(out: Path) -> list[dict[str, Any]]:
     return [r for r in records if r.get("resumed_from")]
 
 
+def wait_for_requeued_run(job_id: str, logs: tuple[Path, ...]) -> dict[str, str]:
+    """Wait until the job's first requeue (restart 1) has ended; returns its `scontrol show job`."""
+
+    def finished() -> dict[str, str] | None:
+        info = job_info(job_id)
+        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            # SLURM holds a requeued job for ~2 minutes before it may start again; a test need not wait.
+            sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        return info if info.get("Restarts") == "1" and info.get("JobState") in ENDED else None
+
+    return wait_for(finished, 600, "the requeued job to finish", logs)
+
+
 def test_warning_signal_saves_requeues_and_resumes_exactly(slurm_cluster, tmp_path):
     """SLURM's early warning (USR2 to the batch shell) -> forwarded to the ranks -> a checkpoint at the next step
     and exit 75 -> requeue under the same job id -> the run continues exactly: every step trained once, and the
     losses and tokens per source of an uninterrupted 2-rank run."""
-    from test_train_e2e import losses, read_metrics, two_ranks
+    from test_train_e2e import losses, two_ranks
 
     steps = [
         "--max-steps",
@@ -232,16 +247,7 @@ def test_warning_signal_saves_requeues_and_resumes_exactly(slurm_cluster, tmp_pa
         assert "step ended with exit status 75" in text, tail(log)
         assert "preempted (rank 0): stopped at step" in (out / "logs" / "rank-0.restart-0.log").read_text()
 
-        def finished() -> dict[str, str] | None:
-            info = job_info(job_id)
-            if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-                # SLURM holds a requeued job for ~2 minutes before it may start again; a test need not wait.
-                sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
-            return info if info.get("Restarts") == "1" and info.get("JobState") in ENDED else None
-
-        info = wait_for(
-            finished, 600, "the requeued job to finish", (log, out / "logs" / "rank-0.restart-1.log")
-        )
+        info = wait_for_requeued_run(job_id, (log, out / "logs" / "rank-0.restart-1.log"))
         assert_completed(info, (log,))
     (record,) = resumed_records(out)
     stopped_at = int(record["resumed_from"].rsplit("_", 1)[1])
@@ -259,3 +265,25 @@ def test_warning_signal_saves_requeues_and_resumes_exactly(slurm_cluster, tmp_pa
         "rank-1.restart-0.log",
         "rank-1.restart-1.log",
     ]
+
+
+def test_a_hung_step_is_dumped_requeued_once_and_resumed(slurm_cluster, tmp_path, monkeypatch):
+    """Rank 1 stops making progress in step 5 of the first start (tests/fault_launch.py): every rank's watchdog
+    dumps its stacks and exits 76, the job requeues itself, and the second start resumes from step 4 and ends."""
+    monkeypatch.setenv("MELLAMA_FAULT", "sleep:1:5")  # tiny on 2 ranks: 1 micro-batch per step
+    monkeypatch.setenv("MELLAMA_FAULT_RESTART", "0")
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    # launch.sh under the fault-injecting entry point, with the #SBATCH lines of slurm/pretrain.sh that matter
+    args = ["--requeue", "--open-mode=append", "slurm/launch.sh", "tests/fault_launch.py"]
+    args += ["--max-steps", "8", "--save-every", "2"]
+    args += ["--set", "train.watchdog_minutes=0.25", "--output-dir", str(out)]
+    with slurm_job(args, log) as job_id:
+        info = wait_for_requeued_run(job_id, (log, out / "logs" / "rank-0.restart-1.log"))
+        assert_completed(info, (log,))
+    text = log.read_text()
+    assert "the step hung: stacks in" in text and f"requeued job {job_id}" in text, tail(log)
+    dumps = sorted(p.name for p in (out / "logs").glob("hang-rank-*.txt"))
+    assert dumps == ["hang-rank-0.restart-0.txt", "hang-rank-1.restart-0.txt"]
+    (record,) = resumed_records(out)
+    assert record["resumed_from"].endswith("step_00000004")
+    assert max(read_metrics(out / "metrics.jsonl")) == 8 and (out / "final" / "model.safetensors").is_file()

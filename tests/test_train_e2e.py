@@ -44,7 +44,7 @@ def single(out: Path, *args: str) -> subprocess.CompletedProcess:
     return run([sys.executable, LAUNCH, "--output-dir", str(out), *TINY, *args])
 
 
-def two_ranks(out: Path, *args: str, shape: list[str] = TINY) -> subprocess.CompletedProcess:
+def two_rank_command(out: Path, *args: str, shape: list[str] = TINY, port: int = 29533) -> list[str]:
     """2 ranks through DeepSpeed's launcher; `shape` (default TINY) goes before the other arguments."""
     launcher = [
         sys.executable,
@@ -53,9 +53,13 @@ def two_ranks(out: Path, *args: str, shape: list[str] = TINY) -> subprocess.Comp
         "--num_gpus",
         "2",
         "--master_port",
-        "29533",
+        str(port),
     ]
-    return run([*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args])
+    return [*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args]
+
+
+def two_ranks(out: Path, *args: str, shape: list[str] = TINY) -> subprocess.CompletedProcess:
+    return run(two_rank_command(out, *args, shape=shape))
 
 
 def interrupted_copy(run_dir: Path, dest: Path, last_step: int, written_later: list[str]) -> Path:

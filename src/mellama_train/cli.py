@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 import yaml
@@ -65,6 +66,11 @@ def run_parser(task: str) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit"
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of an input error too (default: one line naming the fix)",
     )
     # DeepSpeed's launcher passes --local_rank; LOCAL_RANK in the environment is what we actually read.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -166,6 +172,7 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(args, task)
     except ConfigError as exc:
+        _traceback_if(args.debug)
         return _fail(exc.problems)
     problems, missing = validate(cfg)
     if cfg.train.backend == "single" and args.ds and _is_rank0():
@@ -178,6 +185,7 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
         try:
             examples = plan_epochs(cfg)
         except ValueError as exc:  # a data file that cannot be read: one line naming it and the fix
+            _traceback_if(args.debug)
             return _fail([str(exc)])
         if examples is not None and _is_rank0():
             logging.getLogger(__name__).info(
@@ -190,6 +198,7 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     if problems or missing:
         return _fail(problems + [f"missing {m}" for m in missing])
 
+    from mellama_train.guard import EXIT_DIVERGED, Diverged
     from mellama_train.preemption import EXIT_PREEMPTED, Preempted
     from mellama_train.train import train  # heavy imports (torch, deepspeed) only for a real run
 
@@ -198,7 +207,11 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"preempted (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
         _exit_together(EXIT_PREEMPTED)
+    except Diverged as exc:  # not requeued: repeating the same steps would fail the same way
+        print(f"stopped (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _exit_together(EXIT_DIVERGED)
     except ValueError as exc:  # our input errors (data files, resume refusals): one line naming the fix
+        _traceback_if(args.debug)
         print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if _is_rank0():
@@ -306,6 +319,13 @@ def _exit_together(code: int) -> None:
     logging.shutdown()
     engine.barrier()
     os._exit(code)
+
+
+def _traceback_if(debug: bool) -> None:
+    """--debug: the traceback of the exception being handled, before its one-line message. It holds code
+    locations and the message only: no error of this project quotes record content (data/readers.py)."""
+    if debug:
+        traceback.print_exc(file=sys.stderr)
 
 
 def _fail(problems: list[str]) -> int:

@@ -56,6 +56,9 @@ class SourceConfig:
     columns: dict[str, str] = field(default_factory=dict)
     """(tune) Field renames for instruction records: {instruction: question, input: context, output: answer};
     recognised names: instruction, input, output, system, messages."""
+    license: str | None = None
+    """License / data-use note of this source, e.g. "PhysioNet Credentialed Health Data License 1.5.0"; copied
+    into every checkpoint's trainer.json and into the model card (README.md) of `final/` and `adapter/`."""
 
 
 @dataclass
@@ -75,6 +78,14 @@ class DataConfig:
     pack: bool = False
     """(tune) Pack several whole examples per sequence (position_ids keep them from attending to each other);
     off: one example per row, padded to the longest in the micro-batch."""
+    max_skip_fraction: float = 0.001
+    """Stop the run when a source's skipped records (malformed JSON, invalid UTF-8, empty text, a missing or
+    non-text text_field, instructions without a response) exceed skip_allowance + this fraction of the records
+    read so far. Counted per rank over that rank's share of the records; `data.overflow: drop` skips do not
+    count."""
+    skip_allowance: int = 10
+    """Skipped records per source and rank tolerated whatever the fraction, so one bad line in a small file
+    does not stop a run."""
 
 
 @dataclass
@@ -204,6 +215,18 @@ class TrainConfig:
     no launcher: the 8gb profile)."""
     dist_timeout_minutes: int = 30
     """Collective timeout: a rank stuck longer than this fails the job instead of hanging it."""
+    watchdog_minutes: float = 20.0
+    """A rank that completes no step, evaluation or save for this long dumps every thread's Python stack to
+    stderr and logs/hang-rank-R.*.txt and exits 76 (SLURM jobs are requeued); 0 disables. Keep it below
+    dist_timeout_minutes so the dump says where each rank was."""
+    max_consecutive_skips: int = 5
+    """A step with a non-finite loss or gradient norm (or a skipped loss spike) is skipped on every rank, the
+    weights unchanged; more consecutive skips than this saves the last good state and stops the run (exit 3)."""
+    loss_spike_factor: float = 2.0
+    """A step loss above this factor x the running mean of recent good steps is a spike: logged and counted
+    (`train/loss_spikes`); 0 disables."""
+    skip_loss_spikes: bool = False
+    """Also skip the optimizer step of a loss spike (as for a non-finite loss); off: spikes are only logged."""
     world_size: int = 0
     """Data-parallel ranks; 0 = read from WORLD_SIZE (set by the launcher), else 1. Set it for a dry-run."""
     epochs: float | None = None
@@ -362,7 +385,16 @@ def _merge_sources(base: list[Any], over: list[Any]) -> list[Any]:
     """A recipe's sources replace the profile's list, but a recipe source named like a profile source inherits
     its unset fields: a recipe may give only `{name: pubmed, paths: [...]}` and keep the profile's weight."""
     by_name = {s.get("name"): s for s in base if isinstance(s, dict)}
-    return [_deep_merge(by_name.get(s.get("name"), {}), s) if isinstance(s, dict) else s for s in over]
+    merged = []
+    for src in over:
+        if not isinstance(src, dict):
+            merged.append(src)
+            continue
+        inherited = dict(by_name.get(src.get("name"), {}))
+        if "paths" in src and "license" not in src:
+            inherited.pop("license", None)  # a license note describes the files: other files need their own
+        merged.append(_deep_merge(inherited, src))
+    return merged
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -564,6 +596,11 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
             p.append(f"lora.dropout must be in [0, 1) (got {lo.dropout})")
         if not lo.target_modules:
             p.append("lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+    if not 0 <= d.max_skip_fraction <= 1 or d.skip_allowance < 0:
+        p.append(
+            f"data.max_skip_fraction must be in [0, 1] and data.skip_allowance >= 0 (got {d.max_skip_fraction},"
+            f" {d.skip_allowance})"
+        )
     if d.overflow not in ("truncate", "drop"):
         p.append(f"data.overflow must be truncate or drop (got {d.overflow!r})")
     if not d.chat_template.strip():
@@ -580,6 +617,16 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
                 "train.epochs with data.pack: packed rows hold a varying number of examples, so epochs cannot"
                 " give a step count up front; set train.max_steps instead"
             )
+    if t.watchdog_minutes < 0 or t.max_consecutive_skips < 0 or t.loss_spike_factor < 0:
+        p.append(
+            "train.watchdog_minutes, train.max_consecutive_skips and train.loss_spike_factor must be >= 0 (got"
+            f" {t.watchdog_minutes}, {t.max_consecutive_skips}, {t.loss_spike_factor}); 0 disables each"
+        )
+    if t.skip_loss_spikes and not t.loss_spike_factor > 1:
+        p.append(
+            f"train.skip_loss_spikes needs train.loss_spike_factor > 1 (got {t.loss_spike_factor}); a lower"
+            " factor would skip ordinary steps"
+        )
     if t.eval_every < 0 or t.eval_batches <= 0:
         p.append(
             f"train.eval_every must be >= 0 and train.eval_batches > 0 (got {t.eval_every}, {t.eval_batches})"

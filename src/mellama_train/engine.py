@@ -160,6 +160,12 @@ class Engine:
     def optimizer_steps(self) -> int:
         return self._ds.global_steps
 
+    @property
+    def step_applied(self) -> bool:
+        """Whether the last accumulation-boundary step changed the weights. ZeRO-2/3 (DeepSpeed >= 0.19.8)
+        discard a step whose global gradient norm is not finite, on every rank, and hold the lr schedule."""
+        return self._ds.was_step_applied()
+
     # ---- checkpoints -----------------------------------------------------------------------------------
     def save(self, checkpoints_dir: str, tag: str) -> None:
         """Collective: every rank writes its shard of the model, optimizer and scheduler states."""

@@ -14,6 +14,7 @@ import torch
 
 from mellama_train import engine as ds_engine
 from mellama_train.loss import mean_loss
+from mellama_train.model_card import write_model_card
 
 
 @torch.no_grad()
@@ -31,8 +32,11 @@ def probe_loss(
     return loss
 
 
-def write_hf_model(eng: ds_engine.Engine, tokenizer: Any, out_dir: Path, is_main: bool) -> None:
-    """Collective (every rank takes part in the gather); rank 0 writes."""
+def write_hf_model(
+    eng: ds_engine.Engine, tokenizer: Any, out_dir: Path, is_main: bool, run_dir: Path | None = None
+) -> None:
+    """Collective (every rank takes part in the gather); rank 0 writes, with a model card (README.md) made from
+    `run_dir` (default: out_dir's parent, the run directory `final/` lives in)."""
     state_dict = eng.full_state_dict()
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -42,4 +46,5 @@ def write_hf_model(eng: ds_engine.Engine, tokenizer: Any, out_dir: Path, is_main
         module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         module.config.use_cache = False
         tokenizer.save_pretrained(out_dir)
+        write_model_card(out_dir, run_dir or out_dir.parent, "model")
     ds_engine.barrier()

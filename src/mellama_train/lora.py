@@ -17,6 +17,7 @@ import torch
 
 from mellama_train import engine as ds_engine
 from mellama_train.config import Config
+from mellama_train.model_card import carry_model_card, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,8 @@ def save_adapter(eng: ds_engine.Engine, out_dir: Path, base_path: str, tokenizer
             out_dir, state_dict=state, safe_serialization=True, save_embedding_layers=False
         )
         tokenizer.save_pretrained(out_dir)  # with the chat template the adapter was tuned on
+        # Our card (base, data licenses, tokens, steps) replaces the generic one PEFT writes.
+        write_model_card(out_dir, out_dir.parent, "adapter")
     ds_engine.barrier()
 
 
@@ -91,6 +94,7 @@ def merge_adapter(
     # The adapter directory's tokenizer carries the chat template used in tuning; the base's may have none.
     tokenizer_dir = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
+    carry_model_card(Path(adapter), out_dir)
     log.info("merged %s into %s -> %s", adapter, base, out_dir)
     return out_dir
 

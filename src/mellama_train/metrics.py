@@ -20,7 +20,10 @@ class MetricsLogger:
         self._tb = None
         if enabled:
             # Append: a resumed run continues the same file; readers merge lines of the same step.
-            self._jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            path = run_dir / "metrics.jsonl"
+            self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
+            if path.stat().st_size and not _ends_with_newline(path):
+                self._jsonl.write("\n")  # a run killed mid-line: keep its fragment on a line of its own
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -44,13 +47,23 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, 2)
+        return fh.read(1) == b"\n"
+
+
 def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl -> {step: merged values}; later lines of a step win (a resumed run re-logs nothing twice,
-    but an eval line may share a step with a train line)."""
+    """metrics.jsonl -> {step: merged values}; later lines of a step win (steps recomputed after a resume are
+    logged again, and an eval line may share a step with a train line). A fragment left by a run killed
+    mid-write is not a record and is passed over."""
     merged: dict[int, dict[str, Any]] = {}
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            if line.strip():
-                record = json.loads(line)
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "step" in record:
                 merged.setdefault(record["step"], {}).update(record)
     return merged

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -62,6 +63,116 @@ def git_revision() -> str | None:
         return None
 
 
+# Keys that may differ between a run's record and a `--resume auto` restart of it: they change when or how
+# the run saves, logs, evaluates or guards itself, where its files live, or how memory is spent for the same
+# math; never what is trained. Anything else (lr, seq_len, batch, sources, weights, max_steps: it reshapes the
+# lr schedule, ...) differing means another run's checkpoints: refused unless `--resume PATH` names one.
+MAY_DIFFER_ON_RESUME = frozenset(
+    {
+        "train.output_dir",  # the run directory was moved or is named by another path
+        "train.resume",  # auto vs the explicit path that skips this check
+        "train.ds_config",  # its path (cwd-dependent); the numbers it resolves to come from keys compared here
+        "train.save_every",
+        "train.keep_last",
+        "train.log_every",
+        "train.eval_every",
+        "train.eval_batches",
+        "train.dist_timeout_minutes",  # hang detection: a requeued job may need other limits
+        "train.watchdog_minutes",
+        "train.max_consecutive_skips",  # fault policies: loosening one is how a stopped run is continued
+        "train.loss_spike_factor",
+        "train.skip_loss_spikes",
+        "train.world_size",  # sizes a dry-run only; checkpoint.load refuses a real world-size change
+        "train.gpu_memory_gib",  # the start-up memory check only
+        "train.loss_chunk_tokens",  # the same loss, computed in chunks
+        "model.gradient_checkpointing",  # memory for compute, same math
+        "model.attn_implementation",  # kernel choice (e.g. flash-attn installed on the new nodes)
+        "lora.merge",  # the export step only
+        "data.max_skip_fraction",  # raising these is the fix the skipped-record limit prints
+        "data.skip_allowance",
+    }
+)
+# Per-source keys (data.sources.<name>.<key>) that may differ: notes and held-out evaluation.
+SOURCE_KEYS_MAY_DIFFER = frozenset({"license", "eval_paths"})
+
+
+def source_licenses(cfg: Config) -> dict[str, str | None]:
+    """{source name: its license / data-use note (None: not given)}, for checkpoints and the model card."""
+    return {src.name: src.license for src in cfg.data.sources}
+
+
+def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record of the run directory's newest start (a resumed start adds run_record.<time>.json); records
+    that cannot be read (not written by this trainer, or damaged) are passed over."""
+    for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {dotted key: value}; sources are keyed by name, as `--set data.sources.mimic.weight`."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if dotted == "data.sources" and isinstance(value, list):
+            flat[dotted] = [s.get("name") for s in value]  # added, removed or reordered sources
+            for src in value:
+                flat.update(_flatten(src, f"{dotted}.{src.get('name')}."))
+        elif isinstance(value, dict) and value and dotted != "data.sources":
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _may_differ(key: str) -> bool:
+    parts = key.split(".")
+    if key.startswith("data.sources.") and len(parts) == 4:
+        return parts[3] in SOURCE_KEYS_MAY_DIFFER
+    return key in MAY_DIFFER_ON_RESUME
+
+
+def _show(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every compared key that differs. Keys missing from the record (a field this
+    version added) are not compared: the old run could not have set them."""
+    old, new = _flatten(recorded), _flatten(current)
+    return [
+        f"{key}: {_show(old[key])} -> {_show(value)}"
+        for key, value in new.items()
+        if key in old and old[key] != value and not _may_differ(key)
+    ]
+
+
+def same_run(run_dir: Path, cfg: Config) -> bool:
+    """The run directory's newest run record is of this run: the same config, but for MAY_DIFFER_ON_RESUME."""
+    record = latest_run_record(run_dir)
+    return record is not None and "config" in record and not config_changes(record["config"], cfg.to_dict())
+
+
+def check_same_run(run_dir: Path, cfg: Config, resume_from: Path | None) -> None:
+    """Refuse to `--resume auto` another run's checkpoints: the newest run record's config must match this
+    one except in MAY_DIFFER_ON_RESUME. An explicit `--resume PATH` is the user saying so: not checked."""
+    if resume_from is None or cfg.train.resume != "auto":
+        return
+    record = latest_run_record(run_dir)
+    if record is None or "config" not in record:
+        return  # nothing to compare with (a directory this trainer did not write)
+    changes = config_changes(record["config"], cfg.to_dict())
+    if changes:
+        raise ValueError(
+            f"{run_dir} holds checkpoints of a run with a different config (run_record.json): "
+            f"{'; '.join(changes)}; use a new --output-dir, restore those values, or continue from the "
+            f"checkpoint with the new values on purpose: --resume {resume_from}"
+        )
+
+
 def write_run_record(
     run_dir: Path, cfg: Config, ds_config: dict[str, Any], manifest: dict[str, Any], resumed_from: str | None
 ) -> Path:
@@ -81,5 +192,8 @@ def write_run_record(
     path = run_dir / "run_record.json"
     if path.exists():
         path = run_dir / f"run_record.{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=2, default=str))
+    # Atomic: a run killed while writing it must not leave a half record for the next start to compare with.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path)
     return path

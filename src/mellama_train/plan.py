@@ -123,6 +123,8 @@ class Plan:
     host: list[tuple[str, float]] = field(default_factory=list)
     disk: list[tuple[str, float]] = field(default_factory=list)
     advice: list[str] = field(default_factory=list)
+    checkpoint_bytes: float = 0.0
+    """Disk of one checkpoint (the free-disk check before a run's first save, disk_space.py)."""
 
     @property
     def peak(self) -> float:
@@ -213,9 +215,8 @@ def plan_single(cfg: Config, a: ArchConfig, gpu_gib: float) -> Plan:
     _activation_rows(plan, cfg, a, lo.enabled)
     _logit_rows(plan, cfg, a)
     plan.host.append(("host RAM while loading (one shard at a time)", SHARD_BYTES))
-    plan.disk.append(
-        ("per checkpoint (adapter + optimizer)", c.lora * (4 + 4 + opt_bytes) if lo.enabled else c.total * 14)
-    )
+    plan.checkpoint_bytes = c.lora * (4 + 4 + opt_bytes) if lo.enabled else c.total * 14
+    plan.disk.append(("per checkpoint (adapter + optimizer)", plan.checkpoint_bytes))
     if not plan.fits:
         plan.advice.append(_single_advice(cfg, c))
     return plan
@@ -298,6 +299,7 @@ def plan_deepspeed(cfg: Config, a: ArchConfig, gpus: int, gpus_per_node: int, gp
     export = "final/ gather on rank 0" if not lo.enabled else "LoRA merge on rank 0"
     plan.host.append((f"host RAM on rank 0's node at the end ({export})", c.total * 2))
     per_ckpt = (c.total * 2 + c.lora * 14) if lo.enabled else c.total * 14
+    plan.checkpoint_bytes = per_ckpt
     plan.disk.append(("per checkpoint (bf16 params + fp32 master + Adam)", per_ckpt))
     plan.disk.append((f"x keep_last {cfg.train.keep_last}", per_ckpt * cfg.train.keep_last))
     if not plan.fits:

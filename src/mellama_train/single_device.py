@@ -62,6 +62,8 @@ class SingleDeviceEngine:
         self._micro_steps = 0
         self.optimizer_steps = 0
         self._grad_norm: float | None = None
+        self.step_applied = True
+        """Whether the last accumulation-boundary step changed the weights (see guard.py)."""
 
     @property
     def module(self) -> torch.nn.Module:
@@ -79,9 +81,13 @@ class SingleDeviceEngine:
             return
         max_norm = self.grad_clip if self.grad_clip > 0 else math.inf
         self._grad_norm = float(torch.nn.utils.clip_grad_norm_(self._params, max_norm))
-        self.optimizer.step()
+        # As DeepSpeed does: a non-finite gradient norm discards the step (weights, moments and the lr schedule
+        # stay as they were); the step still counts, so accumulation boundaries stay where they were.
+        self.step_applied = math.isfinite(self._grad_norm)
+        if self.step_applied:
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
         self.optimizer_steps += 1
 
     def train(self) -> None:

@@ -6,6 +6,7 @@ and export live in their own modules and are called from here.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mellama_train import checkpoint, engine, export, lora, single_device
+from mellama_train import checkpoint, disk_space, engine, export, lora, single_device
 from mellama_train.config import Config
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
 from mellama_train.data.source import skip_totals
 from mellama_train.ds_config import resolve_ds_config
 from mellama_train.evaluation import evaluate
+from mellama_train.guard import Diverged, StepGuard
 from mellama_train.loss import forward_loss, labelled_tokens
 from mellama_train.metrics import MetricsLogger
 from mellama_train.model import (
@@ -30,9 +32,16 @@ from mellama_train.model import (
     load_tokenizer,
     param_groups,
 )
-from mellama_train.outputs import default_output_dir, write_run_record
+from mellama_train.outputs import (
+    check_same_run,
+    default_output_dir,
+    same_run,
+    source_licenses,
+    write_run_record,
+)
 from mellama_train.preemption import Preempted, StopFlag
 from mellama_train.schedule import lr_lambda
+from mellama_train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,14 @@ class Window:
         zeros = torch.zeros(num_sources, dtype=torch.float64, device=device)
         return cls(zeros, zeros.clone(), 0, 0, time.perf_counter())
 
+    def add(self, sums: torch.Tensor, counts: torch.Tensor, processed: int, applied: bool) -> None:
+        """Count one step; a skipped step's (non-finite or spiking) loss stays out of the logged loss."""
+        if applied:
+            self.sums += sums
+            self.counts += counts
+            self.steps += 1
+        self.processed += processed
+
 
 def train(cfg: Config) -> Path:
     single = cfg.train.backend == "single"
@@ -64,19 +81,7 @@ def train(cfg: Config) -> Path:
         )
     run_dir = Path(engine.broadcast_object(cfg.train.output_dir or str(default_output_dir(cfg))))
     cfg.train.output_dir = str(run_dir)
-    # Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
-    # A refusal is broadcast too: raised on rank 0 alone it would leave the others waiting for the timeout.
-    decision: tuple[str | None, str | None] = (None, None)
-    if env.is_main:
-        try:
-            found = checkpoint.find_resume_point(run_dir, cfg.train.resume)
-            decision = (str(found) if found else None, None)
-        except ValueError as exc:
-            decision = (None, str(exc))
-    found_path, refusal = engine.broadcast_object(decision)
-    if refusal:
-        raise ValueError(refusal)
-    resume_from = Path(found_path) if found_path else None
+    resume_from = _start_point(cfg, run_dir, env.is_main)
     ds_config = {} if single else resolve_ds_config(cfg.train.ds_config, cfg)
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -119,6 +124,7 @@ def train(cfg: Config) -> Path:
         state, data_state = checkpoint.load(eng, resume_from, env.rank, env.world_size)
         data.load_state_dict(data_state)
         log.info("resumed from %s at step %d", resume_from, state.step)
+    state.data_licenses = source_licenses(cfg)  # the recipe's notes, into each checkpoint's trainer.json
 
     names = data.source_names
     metrics = MetricsLogger(run_dir, env.is_main)
@@ -128,69 +134,106 @@ def train(cfg: Config) -> Path:
     )
     window = Window.new(len(names), env.device)
     chunk = cfg.train.loss_chunk_tokens
+    t = cfg.train
+    guard = StepGuard(t.loss_spike_factor, t.skip_loss_spikes, t.max_consecutive_skips)
+    guard.load_state_dict(state.guard)
     stop = StopFlag().install()
+    watchdog = Watchdog(t.watchdog_minutes * 60, run_dir, env.rank).start()
     eng.train()
-    while state.step < cfg.total_steps:
-        lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
-        micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
-        scale, stop_votes = _step_reduce(
-            micro_batches, cfg.grad_accum_steps, env.world_size, env.device, stop.requested
-        )
-        for batch in micro_batches:
-            loss_sum, sums, counts = forward_loss(eng, batch, len(names), env.device, chunk)
-            eng.backward(loss_sum * scale.to(loss_sum.dtype))
-            eng.step()  # optimizer + lr schedule step only on the last micro-batch
-            window.sums += sums
-            window.counts += counts
-            window.processed += batch["input_ids"].numel()
-        state.step += 1
-        window.steps += 1
+    try:
+        while state.step < cfg.total_steps:
+            lr = eng.lr  # the rate this step applies; the scheduler advances inside the last eng.step()
+            micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
+            sums, counts, step_loss, stop_votes = _train_step(
+                eng, micro_batches, guard, stop.requested, cfg, env, len(names)
+            )
+            state.step += 1
+            # The step's one host read, after its work is queued: its global loss and the ranks' stop votes.
+            loss_value, votes = torch.cat([step_loss.reshape(1), stop_votes.reshape(1)]).tolist()
+            verdict = guard.after_step(state.step, loss_value, eng.step_applied)
+            window.add(sums, counts, sum(b["input_ids"].numel() for b in micro_batches), verdict.applied)
+            watchdog.beat(f"step {state.step}")
 
-        last = state.step == cfg.total_steps
-        if state.step % cfg.train.log_every == 0 or last:
-            values = _window_metrics(window, eng, data, names, flops_tok, peak_flops, env.world_size)
-            values["train/lr"] = lr
-            metrics.log(state.step, values)
-            progress.set_postfix(
-                loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_sec']:.0f}"
-            )
-            window = Window.new(len(names), env.device)
-        if eval_passes and (last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0)):
-            metrics.log(
-                state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
-            )
-        progress.update(1)
-        # Ranks get signals at different moments: they stop after the same step by acting on the shared count.
-        stopping = not last and float(stop_votes) > 0
-        if state.step % cfg.train.save_every == 0 or last or stopping:
-            state.tokens_by_source = _global_tokens(data, names, env.device)  # one small all-reduce per save
-            checkpoint.save(
-                eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, cfg.train.keep_last
-            )
-        if stopping:
-            progress.close()
-            metrics.close()
-            raise Preempted(state.step, stop.reason or "a peer rank's stop signal")
-    stop.uninstall()
-    progress.close()
+            last = state.step == cfg.total_steps
+            if state.step % t.log_every == 0 or last:
+                values = _window_metrics(window, eng, data, names, flops_tok, peak_flops, env.world_size)
+                values.update({"train/lr": lr, **guard.metrics()})
+                metrics.log(state.step, values)
+                progress.set_postfix(
+                    loss=f"{values.get('train/loss', math.nan):.4f}",
+                    tok_s=f"{values['train/tokens_per_sec']:.0f}",
+                )
+                window = Window.new(len(names), env.device)
+            if eval_passes and (last or (t.eval_every and state.step % t.eval_every == 0)):
+                metrics.log(
+                    state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
+                )
+                watchdog.beat(f"evaluation at step {state.step}")
+            progress.update(1)
+            # Ranks get signals at different moments: they stop after the same step by acting on the shared count.
+            stopping = not last and votes > 0
+            if state.step % t.save_every == 0 or last or stopping or guard.diverged:
+                state.guard = guard.state_dict()
+                # Two small collectives per save: the global token counts, and rank 0's free-disk verdict.
+                state.tokens_by_source = _global_tokens(data, names, env.device)
+                disk_space.ensure_room(run_dir / "checkpoints", cfg, env.is_main)
+                saved = checkpoint.save(
+                    eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, t.keep_last
+                )
+                watchdog.beat(f"checkpoint {saved.name}")
+            if guard.diverged:  # the weights saved are the last good ones: the skipped steps changed nothing
+                metrics.close()
+                raise Diverged(state.step, guard.consecutive_skips, str(saved))
+            if stopping:
+                metrics.close()
+                raise Preempted(state.step, stop.reason or "a peer rank's stop signal")
+    finally:
+        watchdog.stop()
+        stop.uninstall()
+        progress.close()
 
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
     metrics.log(
         state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device, chunk)}
     )
     metrics.close()
+    _write_outputs(cfg, eng, tokenizer, run_dir, env.is_main)
+    return run_dir
+
+
+def _start_point(cfg: Config, run_dir: Path, is_main: bool) -> Path | None:
+    """Collective: the checkpoint to resume from (None: a fresh start), or the refusal, on every rank.
+
+    Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
+    A refusal is broadcast too: raised on rank 0 alone it would leave the others waiting for the timeout."""
+    decision: tuple[str | None, str | None] = (None, None)
+    if is_main:
+        try:
+            found = checkpoint.find_resume_point(run_dir, cfg.train.resume, same_run(run_dir, cfg))
+            check_same_run(run_dir, cfg, found)  # another run's checkpoints: refused, naming what differs
+            disk_space.check_room(run_dir / "checkpoints", cfg)
+            decision = (str(found) if found else None, None)
+        except ValueError as exc:
+            decision = (None, str(exc))
+    found_path, refusal = engine.broadcast_object(decision)
+    if refusal:
+        raise ValueError(refusal)
+    return Path(found_path) if found_path else None
+
+
+def _write_outputs(cfg: Config, eng: Any, tokenizer: Any, run_dir: Path, is_main: bool) -> None:
+    """Collective: final/ (full training) or adapter/ and, merged on rank 0, final/ (LoRA)."""
     if not cfg.lora.enabled:
-        export.write_hf_model(eng, tokenizer, run_dir / "final", env.is_main)
-        return run_dir
-    lora.save_adapter(eng, run_dir / "adapter", cfg.model.path, tokenizer, env.is_main)
-    if cfg.lora.merge and env.is_main:
+        export.write_hf_model(eng, tokenizer, run_dir / "final", is_main)
+        return
+    lora.save_adapter(eng, run_dir / "adapter", cfg.model.path, tokenizer, is_main)
+    if cfg.lora.merge and is_main:
         # Rank 0 alone, after the last collective: the other ranks may exit while it merges.
         engine.end_model_construction()
         dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         lora.merge_adapter(
             cfg.model.path, run_dir / "adapter", run_dir / "final", dtype, cfg.model.trust_remote_code
         )
-    return run_dir
 
 
 def _make_engine(cfg: Config, model: torch.nn.Module, ds_config: dict[str, Any]) -> Any:
@@ -213,6 +256,42 @@ def _make_engine(cfg: Config, model: torch.nn.Module, ds_config: dict[str, Any])
     )
 
 
+def _train_step(
+    eng: Any,
+    micro_batches: list[dict[str, torch.Tensor]],
+    guard: StepGuard,
+    stop_requested: bool,
+    cfg: Config,
+    env: engine.DistEnv,
+    num_sources: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward and backward every micro-batch; the optimizer steps inside the last `eng.step()`.
+
+    Returns this rank's per-source loss sums and token counts, the step's global loss and the ranks' stop votes,
+    all still on the device."""
+    scale, stop_votes = _step_reduce(
+        micro_batches, cfg.grad_accum_steps, env.world_size, env.device, stop_requested
+    )
+    sums = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
+    counts = torch.zeros_like(sums)
+    step_loss = sums.new_zeros(())
+    for i, batch in enumerate(micro_batches):
+        loss_sum, batch_sums, batch_counts = forward_loss(
+            eng, batch, num_sources, env.device, cfg.train.loss_chunk_tokens
+        )
+        sums += batch_sums
+        counts += batch_counts
+        factor = scale
+        if i == len(micro_batches) - 1:
+            # The step's loss is known once its last forward is done. For a step the guard rejects, this last
+            # backward is multiplied by NaN on every rank, so the engine discards the whole step (guard.py).
+            step_loss = _global_step_loss(sums, counts)
+            factor = scale * guard.backward_factor(step_loss)
+        eng.backward(loss_sum * factor.to(loss_sum.dtype))
+        eng.step()  # optimizer + lr schedule step only on the last micro-batch
+    return sums, counts, step_loss, stop_votes
+
+
 def _step_reduce(
     micro_batches: list[dict[str, torch.Tensor]],
     accum: int,
@@ -220,16 +299,23 @@ def _step_reduce(
     device: torch.device,
     stop_requested: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's one collective, before its forward passes: (loss scale, ranks that asked to stop).
+    """The step's first collective, before its forward passes: (loss scale, ranks that asked to stop).
 
     The scale turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py). The stop
-    count rides along so every rank learns of a peer's stop signal without a second collective; both stay on
+    count rides along so every rank learns of a peer's stop signal without another collective; both stay on
     the device, and the loop reads the stop count only after the step's work is queued."""
     local = torch.tensor(
         [float(sum(labelled_tokens(b) for b in micro_batches)), float(stop_requested)], device=device
     )
     total = engine.all_reduce_sum(local)
     return (accum * world_size) / total[:1].clamp(min=1.0), total[1]
+
+
+def _global_step_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The step's loss over the whole global batch: one all-reduce of two numbers, on the device (no host
+    sync). A non-finite loss on any rank makes it non-finite on every rank."""
+    total = engine.all_reduce_sum(torch.stack([sums.sum(), counts.sum()]))
+    return total[0] / total[1].clamp(min=1.0)
 
 
 def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[str, int]:
@@ -269,11 +355,9 @@ def _window_metrics(
     skipped, cut, processed = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n]
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = processed / max(elapsed, 1e-9)
-    values = {
-        "train/loss": sum(sums) / max(sum(counts), 1.0),
-        "train/tokens_per_sec": tokens_per_sec,
-        "train/tokens": sum(tokens),
-    }
+    values = {"train/tokens_per_sec": tokens_per_sec, "train/tokens": sum(tokens)}
+    if sum(counts):  # none when every step of the window was skipped
+        values["train/loss"] = sum(sums) / sum(counts)
     if (norm := eng.grad_norm) is not None:
         values["train/grad_norm"] = norm
     if peak_flops:

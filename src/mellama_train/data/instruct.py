@@ -27,7 +27,7 @@ from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.data.readers import Skip
-from mellama_train.data.source import Exhausted, SourceStream
+from mellama_train.data.source import Exhausted, SkipLimit, SourceStream
 
 ROLES = ("system", "user", "assistant")
 FIELDS = ("instruction", "input", "output", "system", "messages")
@@ -303,6 +303,7 @@ def build_instruct_batches(cfg: Config, tokenizer: Any, rank: int, world_size: i
             world_size,
             cfg.data.seed,
             records=True,
+            skip_limit=SkipLimit.of(cfg.data),
         )
         for src in cfg.data.sources
     ]
@@ -327,6 +328,7 @@ def build_instruct_eval_batches(
         records=True,
         paths=src.eval_paths,
         passes=1,
+        skip_limit=SkipLimit.of(cfg.data),
     )
     batches, rows = [], []
     while len(batches) < max_batches:

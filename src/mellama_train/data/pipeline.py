@@ -14,7 +14,7 @@ from mellama_train.data.instruct import build_instruct_batches, build_instruct_e
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
 from mellama_train.data.readers import Skip, count_records, expand_paths
-from mellama_train.data.source import Exhausted, SourceStream
+from mellama_train.data.source import Exhausted, SkipLimit, SourceStream
 
 
 def make_encoder(tokenizer: Any):
@@ -47,7 +47,14 @@ def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int)
     if cfg.task == "tune":
         return build_instruct_batches(cfg, tokenizer, rank, world_size)
     streams = [
-        SourceStream(src, document_encoder(tokenizer, src.cleaners), rank, world_size, cfg.data.seed)
+        SourceStream(
+            src,
+            document_encoder(tokenizer, src.cleaners),
+            rank,
+            world_size,
+            cfg.data.seed,
+            skip_limit=SkipLimit.of(cfg.data),
+        )
         for src in cfg.data.sources
     ]
     mixture = Mixture(streams, [src.weight for src in cfg.data.sources])
@@ -77,6 +84,7 @@ def build_eval_batches(
             cfg.data.seed,
             paths=src.eval_paths,
             passes=1,
+            skip_limit=SkipLimit.of(cfg.data),
         )
         packed = PackedBatches(Mixture([stream], [1.0]), cfg.data.seq_len, cfg.train.micro_batch_size)
         for _ in range(cfg.train.eval_batches):

@@ -63,7 +63,7 @@ class Skip:
     """A record that was counted and skipped (malformed JSON, missing/empty/non-string text field)."""
 
     reason: str
-    """Short machine-friendly reason: "bad_json", "missing_field", "empty" or "not_text"."""
+    """Short machine-friendly reason: "bad_json", "bad_utf8", "missing_field", "empty" or "not_text"."""
     where: str
     """Location only ("path:line N", "path:row N", "path:article N"), never record content."""
 
@@ -199,8 +199,9 @@ def _open_binary(path: str) -> IO[bytes]:
 
 
 def _open_text(path: str) -> IO[str]:
-    """Open for text reading. utf-8-sig drops an Excel-style BOM that would otherwise rename the first CSV
-    column; errors="replace" keeps one bad byte from costing a whole document."""
+    """Open for text reading (CSV). utf-8-sig drops an Excel-style BOM that would otherwise rename the first CSV
+    column. errors="replace": the stream is decoded in blocks ahead of the CSV parser, so a bad byte cannot be
+    tied to its row; it becomes U+FFFD instead (JSONL lines and text files with bad bytes are skipped)."""
     return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="replace", newline="")
 
 
@@ -319,7 +320,10 @@ def _read_jsonl(path: str, field: str | None, keep: Callable[[int], bool], start
             continue
         where = f"{path}:line {line_no}"
         try:
-            obj = json.loads(raw.decode("utf-8", errors="replace"))
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:  # (a ValueError too): a line that is not UTF-8 is not trusted as text
+            yield index, Skip("bad_utf8", where)
+            continue
         except ValueError:
             yield index, Skip("bad_json", where)
             continue
@@ -372,8 +376,12 @@ def _read_parquet(path: str, field: str | None, keep: Callable[[int], bool], sta
 
 def _read_text(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
     if keep(0):  # one file is one document (e.g. one MIMIC-CXR report per study)
-        with _open_text(path) as stream:
-            yield 0, _as_text(stream.read(), path)
+        with _open_binary(path) as stream:
+            raw = stream.read()
+        try:
+            yield 0, _as_text(raw.decode("utf-8-sig"), path)
+        except UnicodeDecodeError:
+            yield 0, Skip("bad_utf8", path)
 
 
 def _load_hf(path: str):  # -> datasets.Dataset; untyped to keep the slow `datasets` import lazy

@@ -27,13 +27,33 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from mellama_train.config import SourceConfig
+from mellama_train.config import DataConfig, SourceConfig
 from mellama_train.data.readers import Skip, expand_paths, iter_records, iter_texts
 
 log = logging.getLogger(__name__)
 
 # Skips are logged with their location only (file:line), never their content: the text may be clinical.
 MAX_SKIP_WARNINGS = 20
+# Skips the user asked for (`data.overflow: drop`): counted in the metrics, but not bad data, so never limited.
+CHOSEN_SKIPS = frozenset({"too_long"})
+
+
+@dataclass(frozen=True)
+class SkipLimit:
+    """Bad records a source may hold before the run stops: `allowance + fraction x records read`.
+
+    Each rank checks its own share (the records it read), so no collective is needed; with round-robin
+    sharding every rank sees about the same fraction. Checked as records are read, so a file whose bad lines
+    cluster at its start stops a run that the whole-file fraction would have allowed: raise the fields then."""
+
+    fraction: float
+    """data.max_skip_fraction."""
+    allowance: int
+    """data.skip_allowance."""
+
+    @classmethod
+    def of(cls, data: DataConfig) -> SkipLimit:
+        return cls(data.max_skip_fraction, data.skip_allowance)
 
 
 @dataclass
@@ -52,6 +72,8 @@ class SourceState:
     """Documents this rank has read from this source (all epochs)."""
     skipped: dict[str, int] = field(default_factory=dict)
     """Records skipped by reason (bad_json, missing_field, empty, not_text)."""
+    first_skip: str = ""
+    """Location (file:line) of the first record this rank skipped: the one to look at first. Never content."""
 
 
 class Exhausted(Exception):
@@ -73,16 +95,23 @@ class SourceStream:
         records: bool = False,
         paths: list[str] | None = None,
         passes: int | None = None,
+        skip_limit: SkipLimit | None = None,
     ):
         """`encode(text or record) -> item | Skip`; `records`: read whole records (dicts) instead of the text
         field; `paths`: read these instead of cfg.paths (held-out files); `passes`: stop (Exhausted) after
-        this many epochs instead of wrapping forever."""
+        this many epochs instead of wrapping forever; `skip_limit`: raise ValueError past it (None: no limit)."""
         self.name = cfg.name
         self.text_field = cfg.text_field
         self.records = records
         self.files = expand_paths(paths if paths is not None else cfg.paths, cfg.name)
+        if all(_unit_size(f) == 0 for f in self.files):  # caught here, before a model is built, not at step 1
+            raise ValueError(
+                f"data.sources[{cfg.name}]: its {len(self.files)} file(s) are all empty ({self.files[0]}, ...);"
+                " point its paths at the data, or drop the source"
+            )
         self.encode = encode
         self.passes = passes
+        self.skip_limit = skip_limit
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.state = SourceState()
         self._records: Iterator[tuple[int, str | Skip]] | None = None
@@ -148,10 +177,31 @@ class SourceStream:
             return item
 
     def _count_skip(self, skip: Skip) -> None:
-        self.state.skipped[skip.reason] = self.state.skipped.get(skip.reason, 0) + 1
+        s = self.state
+        s.skipped[skip.reason] = s.skipped.get(skip.reason, 0) + 1
         if self._warned < MAX_SKIP_WARNINGS:
             self._warned += 1
             log.warning("source %s: skipped a record (%s) at %s", self.name, skip.reason, skip.where)
+        if skip.reason in CHOSEN_SKIPS:
+            return
+        s.first_skip = s.first_skip or skip.where
+        if self.skip_limit is not None:
+            self._check_skip_limit(self.skip_limit)
+
+    def _check_skip_limit(self, limit: SkipLimit) -> None:
+        bad = sum(n for reason, n in self.state.skipped.items() if reason not in CHOSEN_SKIPS)
+        read = self.state.documents + sum(self.state.skipped.values())
+        allowed = limit.allowance + limit.fraction * read
+        if bad > allowed:
+            reasons = ", ".join(
+                f"{n} {r}" for r, n in sorted(self.state.skipped.items()) if r not in CHOSEN_SKIPS
+            )
+            raise ValueError(
+                f"data.sources[{self.name}]: {bad} of {read} records read on rank {self.rank} were skipped"
+                f" ({reasons}), over the limit of {limit.allowance} + {limit.fraction:g} x {read} = {allowed:g};"
+                f" first at {self.state.first_skip}; clean the file(s), or raise data.max_skip_fraction /"
+                " data.skip_allowance"
+            )
 
     # ---- the stream ------------------------------------------------------------------------------------
     def take(self, max_tokens: int) -> list[int]:

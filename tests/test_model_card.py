@@ -1,0 +1,85 @@
+"""Data licenses: from the recipe into checkpoints' trainer.json and the model card beside the weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mellama_train.config import resolve
+from mellama_train.model_card import carry_model_card, write_model_card
+from mellama_train.outputs import source_licenses
+
+SYNTHETIC = "synthetic sample data, no patient information"
+PHYSIONET = "PhysioNet Credentialed Health Data License 1.5.0"
+
+
+def test_tiny_profiles_carry_a_license_note_and_new_files_need_their_own(tmp_path):
+    for task in ("pretrain", "tune"):
+        assert set(source_licenses(resolve("tiny", task=task)).values()) == {SYNTHETIC}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "data:\n  sources:\n"
+        "    - {name: mimic, paths: [/data/mimic/discharge.csv.gz]}\n"  # real files: the demo's note must go
+        f"    - {{name: pubmed, paths: [/data/pubmed/], license: '{PHYSIONET}'}}\n"
+        "    - {name: redpajama, weight: 2}\n"  # the profile's files: its note stays
+    )
+    cfg = resolve("tiny", str(recipe))
+    assert source_licenses(cfg) == {"mimic": None, "pubmed": PHYSIONET, "redpajama": SYNTHETIC}
+
+
+def fake_run(run_dir: Path, task: str = "pretrain") -> None:
+    cfg = resolve(
+        "tiny", task=task, overrides=["data.sources.0.license=" + PHYSIONET, f"train.output_dir={run_dir}"]
+    )
+    names = [s.name for s in cfg.data.sources]
+    record = {"config": cfg.to_dict(), "data_manifest": {n: [{"path": f"/d/{n}.jsonl"}] for n in names}}
+    run_dir.mkdir(parents=True)
+    (run_dir / "run_record.json").write_text(json.dumps(record))
+    for step, scale in ((10, 1), (20, 2)):
+        ckpt = run_dir / "checkpoints" / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        trainer = {
+            "step": step,
+            "tokens_by_source": {n: scale * 1000 * (i + 1) for i, n in enumerate(names)},
+            "world_size": 1,
+            "data_licenses": source_licenses(cfg),
+        }
+        (ckpt / "trainer.json").write_text(json.dumps(trainer))
+        (ckpt / "COMPLETE").write_text(ckpt.name)
+
+
+def test_the_model_card_names_base_sources_licenses_tokens_and_steps(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    (run_dir / "final").mkdir()
+    card = write_model_card(run_dir / "final", run_dir, "model").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert "- base model: random initialisation (2 layers, hidden 64, vocabulary 2048)" in card
+    assert (
+        "- steps: 20, each 8 sequences of 256 tokens; peak lr 0.003, fp32" in card
+    )  # the newest complete checkpoint
+    assert "- training tokens: 12,000" in card
+    assert f"| pubmed | {PHYSIONET} | 15 | 2,000 | 1 |" in card
+    assert f"| mimic | {SYNTHETIC} | 1 | 4,000 | 1 |" in card
+    # A directory this trainer did not write gets no card rather than a wrong one.
+    assert write_model_card(tmp_path, tmp_path / "elsewhere", "model") is None
+
+
+def test_the_adapter_card_is_carried_into_the_merged_model(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, task="tune")
+    (run_dir / "adapter").mkdir()
+    adapter_card = write_model_card(run_dir / "adapter", run_dir, "adapter").read_text()
+    assert "library_name: peft" in adapter_card and "a LoRA adapter (PEFT)" in adapter_card
+    assert (
+        "(written to the run's `base/`)" in adapter_card and f"| medinstruct | {PHYSIONET} |" in adapter_card
+    )
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    text = carry_model_card(run_dir / "adapter", merged).read_text()
+    assert "the base model with the LoRA adapter merged" in text and f"| medinstruct | {PHYSIONET} |" in text
+    # An adapter from elsewhere (no run record beside it): its own card is copied.
+    foreign = tmp_path / "foreign" / "adapter"
+    foreign.mkdir(parents=True)
+    (foreign / "README.md").write_text("their card")
+    assert carry_model_card(foreign, merged).read_text() == "their card"
