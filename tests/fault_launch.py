@@ -4,7 +4,8 @@
 
 KIND is `nan` (the loss and the per-source sums of those forward passes become NaN, as a numerical fault in the
 model would make them), `spike` (they become 10 times larger, finite: a loss spike) or `sleep` (the rank stops
-making progress there, as on a stuck device or a dead peer).
+making progress there, as on a stuck device or a dead peer). KIND `forget` counts held-out evaluations instead
+of forward passes: in those, every source's held-out loss reads 1 nat higher (as if the model had forgotten).
 CALLS are 1-based indices of the training loop's forward passes, comma-separated (step s, micro-batch m of
 accumulation a is call (s - 1) * a + m). With MELLAMA_FAULT_RESTART=N the fault happens only in SLURM restart N
 of the job (a requeued job then runs clean). The product code has no fault hooks: this wraps its loss function.
@@ -48,6 +49,19 @@ def _install() -> None:
         return loss_sum, sums, counts
 
     train_module.forward_loss = faulty
+
+    real_evaluate = train_module.evaluate
+    evaluations = 0
+
+    def forgetful(*args, **kwargs):
+        nonlocal evaluations
+        evaluations += 1
+        values = real_evaluate(*args, **kwargs)
+        if faults.get(evaluations) == "forget":
+            values = {k: v + 1.0 if k.startswith("eval/loss/") else v for k, v in values.items()}
+        return values
+
+    train_module.evaluate = forgetful
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ the watchdog. Faults are injected by tests/fault_launch.py (the product has no f
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 import textwrap
@@ -194,7 +195,8 @@ def test_a_sleeping_rank_is_caught_by_every_ranks_watchdog(tmp_path):
     assert all("last completed: step 2" in d for d in dumps.values())
     assert "faulty" in dumps["hang-rank-1.restart-0.txt"]  # the stuck rank's stack shows where it is
     assert "faulty" not in dumps["hang-rank-0.restart-0.txt"]
-    assert "distributed" in dumps["hang-rank-0.restart-0.txt"]  # its peer waits inside a collective
+    # its peer waits for it inside a collective: DeepSpeed's all-gather or reduce-scatter, or torch.distributed
+    assert re.search(r"site-packages/(deepspeed|torch/distributed)/", dumps["hang-rank-0.restart-0.txt"])
     assert max(read_metrics(out / "metrics.jsonl")) == 2
 
 
@@ -205,7 +207,5 @@ def test_a_metrics_line_cut_by_a_kill_does_not_break_the_file(tmp_path):
     logger = MetricsLogger(tmp_path, enabled=True)  # the relaunch appends after the fragment
     logger.log(2, {"train/loss": 1.5})
     logger.close()
-    assert read_metrics(tmp_path / "metrics.jsonl") == {
-        1: {"step": 1, "train/loss": 2.0},
-        2: {"step": 2, "train/loss": 1.5},
-    }
+    metrics = read_metrics(tmp_path / "metrics.jsonl")
+    assert {s: v["train/loss"] for s, v in metrics.items()} == {1: 2.0, 2: 1.5}

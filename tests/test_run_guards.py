@@ -114,6 +114,7 @@ def test_a_source_full_of_bad_lines_stops_the_run_with_one_line_and_exit_2(tmp_p
         "data:\n  sources:\n"
         f"    - {{name: clinic, paths: ['{data}'], weight: 1}}\n"
         f"    - {{name: pubmed, paths: ['{REPO}/src/mellama_train/sample_data/pubmed/train/*'], weight: 1}}\n"
+        "train: {forgetting_source: null}\n"  # no general-domain probe among these sources
     )
     out = tmp_path / "run"
     proc = python_run(

@@ -1,4 +1,4 @@
-"""`python -m mellama_train <command>` = `mellama-train <command>` (pretrain, tune, merge)."""
+"""`python -m mellama_train <command>` = `mellama-train <command>` (pretrain, tune, merge, plan, status, report)."""
 
 import sys
 

@@ -47,6 +47,12 @@ class TrainerState:
     """Data-parallel ranks that wrote the checkpoint."""
     guard: dict[str, Any] = field(default_factory=dict)
     """The numerical guard's running loss mean and skip counters (guard.StepGuard), for an exact resume."""
+    eval_baseline: dict[str, float] = field(default_factory=dict)
+    """Held-out loss per source at step 0: what the forgetting monitor compares with (evaluation.py)."""
+    mixture_taken: dict[str, int] = field(default_factory=dict)
+    """Units the mixture weights count (tokens; tune: examples) taken per source, summed over ranks."""
+    epochs_by_source: dict[str, int] = field(default_factory=dict)
+    """Epochs every rank has completed of each source (the fewest over ranks): the mixture ledger."""
     data_licenses: dict[str, str | None] = field(default_factory=dict)
     """Each source's license / data-use note (data.sources[].license): a checkpoint copied elsewhere still says
     under which terms its training data came."""

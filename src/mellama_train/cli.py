@@ -198,7 +198,8 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     if problems or missing:
         return _fail(problems + [f"missing {m}" for m in missing])
 
-    from mellama_train.guard import EXIT_DIVERGED, Diverged
+    from mellama_train.evaluation import Forgetting
+    from mellama_train.guard import Diverged
     from mellama_train.preemption import EXIT_PREEMPTED, Preempted
     from mellama_train.train import train  # heavy imports (torch, deepspeed) only for a real run
 
@@ -207,9 +208,9 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
     except Preempted as exc:
         print(f"preempted (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
         _exit_together(EXIT_PREEMPTED)
-    except Diverged as exc:  # not requeued: repeating the same steps would fail the same way
+    except (Diverged, Forgetting) as exc:  # not requeued: repeating the same steps would end the same way
         print(f"stopped (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
-        _exit_together(EXIT_DIVERGED)
+        _exit_together(exc.exit_code)
     except ValueError as exc:  # our input errors (data files, resume refusals): one line naming the fix
         _traceback_if(args.debug)
         print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
@@ -307,6 +308,49 @@ def merge_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def status_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train status",
+        description="Where a run stands: newest complete checkpoint, step, mixture ledger, speed and time left,"
+        " fault counters, held-out losses. Exit 0, or 1 when an alarm (mixture drift, forgetting, a damaged"
+        " checkpoint) is raised.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from mellama_train.status import report
+
+    try:
+        lines, alarms = report(Path(args.run_dir))
+    except ValueError as exc:
+        return _fail([str(exc)])
+    print("\n".join(lines))
+    return 1 if alarms else 0
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train report",
+        description="A self-contained HTML page and PNG plots of a run (loss per source, lr, throughput,"
+        " mixture against its target, skipped records), from its files; no TensorBoard server needed.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory")
+    p.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report/)")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from mellama_train.report import write_report
+
+    try:
+        page, summary = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
+    except ValueError as exc:
+        return _fail([str(exc)])
+    print("\n".join(summary))
+    print(f"\nreport: {page}")
+    return 0
+
+
 def _exit_together(code: int) -> None:
     """Leave with `code` on every rank at the same moment. srun --kill-on-bad-exit ends a step as soon as one
     rank exits non-zero, so a rank still tearing down the interpreter would be killed and the step's status
@@ -337,7 +381,14 @@ def _fail(problems: list[str]) -> int:
 def main(argv: list[str] | None = None) -> Any:
     """`mellama-train <command> ...`"""
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"pretrain": pretrain_main, "tune": tune_main, "merge": merge_main, "plan": plan_main}
+    commands = {
+        "pretrain": pretrain_main,
+        "tune": tune_main,
+        "merge": merge_main,
+        "plan": plan_main,
+        "status": status_main,
+        "report": report_main,
+    }
     if not argv or argv[0] not in commands:
         print(
             f"usage: mellama-train {{{','.join(commands)}}} [options]  (see --help of each)", file=sys.stderr

@@ -83,6 +83,10 @@ class DataConfig:
     non-text text_field, instructions without a response) exceed skip_allowance + this fraction of the records
     read so far. Counted per rank over that rank's share of the records; `data.overflow: drop` skips do not
     count."""
+    mixture_tolerance: float = 0.01
+    """Drift alarm: the largest distance allowed between a source's achieved share of the weight unit (tokens;
+    tune: examples) and its target, once the scheduler's bound says the mix should be that close
+    (`data/drift` in the metrics); a warning, not a stop."""
     skip_allowance: int = 10
     """Skipped records per source and rank tolerated whatever the fraction, so one bad line in a small file
     does not stop a run."""
@@ -235,6 +239,13 @@ class TrainConfig:
     """Steps between held-out evaluations (sources' eval_paths); 0: only at the end."""
     eval_batches: int = 20
     """Held-out micro-batches per source and rank at most, per evaluation."""
+    forgetting_source: str | None = None
+    """The general-domain source whose held-out loss is the forgetting probe (the profiles: redpajama); its rise
+    above the step-0 value is `eval/rise/<source>`, and past forgetting_margin the alarm fires."""
+    forgetting_margin: float = 0.1
+    """Nats the probe's held-out loss may rise above its step-0 value before the forgetting alarm fires."""
+    stop_on_forgetting: bool = False
+    """When the forgetting alarm fires, save a checkpoint and stop (exit 4); off: only log it."""
 
 
 @dataclass
@@ -617,6 +628,24 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
                 "train.epochs with data.pack: packed rows hold a varying number of examples, so epochs cannot"
                 " give a step count up front; set train.max_steps instead"
             )
+    if t.forgetting_source is not None:
+        probe = next((src for src in d.sources if src.name == t.forgetting_source), None)
+        if probe is None:
+            p.append(
+                f"train.forgetting_source {t.forgetting_source!r} is not a source (have {names}); name the"
+                " general-domain source, or set it to null"
+            )
+        elif not probe.eval_paths:
+            missing.append(
+                f"data.sources[{probe.name}].eval_paths: held-out files of the forgetting probe"
+                " (train.forgetting_source), or set train.forgetting_source to null"
+            )
+    if not 0 < d.mixture_tolerance < 1:
+        p.append(
+            f"data.mixture_tolerance must be in (0, 1) (got {d.mixture_tolerance}); 0.01 = one percentage point"
+        )
+    if t.forgetting_margin < 0:
+        p.append(f"train.forgetting_margin must be >= 0 (got {t.forgetting_margin})")
     if t.watchdog_minutes < 0 or t.max_consecutive_skips < 0 or t.loss_spike_factor < 0:
         p.append(
             "train.watchdog_minutes, train.max_consecutive_skips and train.loss_spike_factor must be >= 0 (got"

@@ -243,6 +243,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise smallest of a small tensor over ranks."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
+    return values
+
+
 def all_reduce_max(value: int) -> int:
     """The largest of one integer over ranks (e.g. a batch count every rank must match)."""
     if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):

@@ -1,4 +1,5 @@
-"""Held-out loss per source (`eval/loss`, `eval/loss/<source>`), from the sources' `eval_paths`.
+"""Held-out loss and perplexity per source (`eval/loss/<source>`, `eval/ppl/<source>`), from the sources'
+`eval_paths`, and the forgetting monitor on the general-domain source.
 
 Under ZeRO-3 every forward pass is a collective (each layer's weights are gathered from all ranks), so every
 rank must run the same number of passes: a rank whose share of the held-out data is smaller runs padding
@@ -7,11 +8,19 @@ batches that carry no labels and so add nothing to the sums.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 
 from mellama_train import engine as ds_engine
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.loss import forward_loss
+
+log = logging.getLogger(__name__)
+
+EXIT_FORGETTING = 4
+"""Exit code of a run stopped by the forgetting monitor (train.stop_on_forgetting); not requeued."""
 
 
 def _empty_batch(pad_id: int) -> dict[str, torch.Tensor]:
@@ -46,8 +55,68 @@ def evaluate(
     eng.train()
     total = ds_engine.all_reduce_sum(torch.cat([sums, counts])).tolist()
     sums_, counts_ = total[:n], total[n:]
-    values = {"eval/loss": sum(sums_) / max(sum(counts_), 1.0), "eval/tokens": sum(counts_)}
+    loss = sum(sums_) / max(sum(counts_), 1.0)
+    values = {"eval/loss": loss, "eval/ppl": perplexity(loss), "eval/tokens": sum(counts_)}
     for name, s, c in zip(names, sums_, counts_):
         if c:
             values[f"eval/loss/{name}"] = s / c
+            values[f"eval/ppl/{name}"] = perplexity(s / c)
     return values
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean next-token loss in nats); inf past what a float holds (a diverged model)."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+class Forgetting(Exception):
+    """The general-domain held-out loss rose past the margin and train.stop_on_forgetting is on."""
+
+    exit_code = EXIT_FORGETTING
+
+    def __init__(self, step: int, source: str, rise: float, margin: float, checkpoint: str):
+        self.step = step
+        super().__init__(
+            f"held-out loss of {source} (the forgetting probe) rose {rise:.4f} above its step-0 value at step"
+            f" {step}, past train.forgetting_margin {margin:g}; a checkpoint was saved at {checkpoint}. Lower"
+            " optim.lr, give the general-domain source more weight, or raise train.forgetting_margin"
+        )
+
+
+class ForgettingMonitor:
+    """Compares the probe source's held-out loss with its value before training (step 0).
+
+    Continual pretraining on medical text can make the model worse at general text; the general-domain
+    source's held-out loss measures that. The baseline is checkpointed (TrainerState.eval_baseline), so a
+    resumed run compares with the same step-0 number."""
+
+    def __init__(self, source: str | None, margin: float, stop: bool):
+        self.source, self.margin, self.stop = source, margin, stop
+        self.baseline: dict[str, float] = {}
+        """Held-out loss per source at the run's first evaluation (step 0)."""
+        self.rise = 0.0
+
+    def observe(self, step: int, values: dict[str, float]) -> dict[str, float]:
+        """Record an evaluation; returns the monitor's metrics (rise of each source over its baseline)."""
+        losses = {k.removeprefix("eval/loss/"): v for k, v in values.items() if k.startswith("eval/loss/")}
+        if not self.baseline:
+            self.baseline = dict(losses)
+        out = {f"eval/rise/{n}": v - self.baseline[n] for n, v in losses.items() if n in self.baseline}
+        if self.source is None or f"eval/rise/{self.source}" not in out:
+            return out
+        self.rise = out[f"eval/rise/{self.source}"]
+        out["eval/forgetting_alarm"] = float(self.alarm)
+        if self.alarm:
+            log.warning(
+                "step %d: forgetting alarm: held-out loss of %s is %.4f above its step-0 value (margin %g)%s",
+                step,
+                self.source,
+                self.rise,
+                self.margin,
+                "; stopping (train.stop_on_forgetting)" if self.stop else "",
+            )
+        return out
+
+    @property
+    def alarm(self) -> bool:
+        return self.rise > self.margin

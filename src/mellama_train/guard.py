@@ -39,6 +39,8 @@ EMA_BETA = 0.95
 class Diverged(Exception):
     """Too many consecutive skipped steps: a checkpoint of the last good weights was saved, the run stops."""
 
+    exit_code = EXIT_DIVERGED
+
     def __init__(self, step: int, skipped: int, checkpoint: str):
         self.step = step
         super().__init__(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ class MetricsLogger:
         clean = {k: v for k, v in values.items() if isinstance(v, numbers.Number) and math.isfinite(v)}
         # Non-finite values (a nan loss) are kept in the JSON line as strings so they are seen, not dropped.
         odd = {k: str(v) for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)}
-        self._jsonl.write(json.dumps({"step": step, **clean, **odd}) + "\n")
+        # `time` (Unix seconds) lets `mellama-train status` and reports time steps without TensorBoard.
+        self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean, **odd}) + "\n")
         self._jsonl.flush()
         for key, value in clean.items():
             self._tb.add_scalar(key, value, step)

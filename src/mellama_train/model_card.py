@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from mellama_train.metrics import read_metrics
 from mellama_train.outputs import latest_run_record
 
 CARD = "README.md"
@@ -40,7 +41,25 @@ def _base_model(config: dict[str, Any]) -> str:
     return f"random initialisation ({shape}){written}"
 
 
-def render(record: dict[str, Any], trainer: dict[str, Any], kind: str) -> str:
+def _last_held_out(run_dir: Path) -> tuple[int | None, dict[str, float]]:
+    """(step, held-out loss per source) of the run's latest evaluation, from metrics.jsonl."""
+    path = run_dir / "metrics.jsonl"
+    metrics = read_metrics(path) if path.is_file() else {}
+    evals = [s for s, v in metrics.items() if "eval/loss" in v]
+    if not evals:
+        return None, {}
+    values = metrics[max(evals)]
+    return max(evals), {
+        k.removeprefix("eval/loss/"): v for k, v in values.items() if k.startswith("eval/loss/")
+    }
+
+
+def render(
+    record: dict[str, Any],
+    trainer: dict[str, Any],
+    kind: str,
+    held_out: tuple[int | None, dict[str, float]] = (None, {}),
+) -> str:
     config = record["config"]
     data, train, optim, lora = config["data"], config["train"], config["optim"], config["lora"]
     tokens = trainer.get("tokens_by_source", {})
@@ -72,14 +91,20 @@ def render(record: dict[str, Any], trainer: dict[str, Any], kind: str) -> str:
         "Each source's license / data-use note, as given in the recipe (`data.sources[].license`). The weights"
         " are derived from this data: its terms apply to them.",
         "",
-        "| source | license / data-use note | weight | tokens | files |",
-        "| --- | --- | --- | --- | --- |",
+        "| source | license / data-use note | weight | tokens | files | held-out loss |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
+    eval_step, eval_losses = held_out
     for src in data["sources"]:
         name = src["name"]
         note = licenses.get(name, src.get("license")) or "not given (set `data.sources[].license`)"
         count = f"{tokens[name]:,}" if name in tokens else "unknown"
-        lines.append(f"| {name} | {note} | {src['weight']:g} | {count} | {len(files.get(name, []))} |")
+        loss = f"{eval_losses[name]:.4f}" if name in eval_losses else "-"
+        lines.append(
+            f"| {name} | {note} | {src['weight']:g} | {count} | {len(files.get(name, []))} | {loss} |"
+        )
+    if eval_step is not None:
+        lines += ["", f"Held-out losses (nats per token) are from the evaluation at step {eval_step}."]
     lines += ["", "The run's full configuration and file manifest are in its `run_record.json`.", ""]
     return "\n".join(lines)
 
@@ -91,7 +116,8 @@ def write_model_card(out_dir: Path, run_dir: Path, kind: str) -> Path | None:
     if record is None or "config" not in record:
         return None
     path = Path(out_dir) / CARD
-    path.write_text(render(record, _newest_trainer_state(run_dir), kind), encoding="utf-8")
+    card = render(record, _newest_trainer_state(run_dir), kind, _last_held_out(run_dir))
+    path.write_text(card, encoding="utf-8")
     return path
 
 

@@ -82,6 +82,10 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "train.max_consecutive_skips",  # fault policies: loosening one is how a stopped run is continued
         "train.loss_spike_factor",
         "train.skip_loss_spikes",
+        "train.forgetting_source",  # what the forgetting monitor watches and does: the fix its stop prints
+        "train.forgetting_margin",
+        "train.stop_on_forgetting",
+        "data.mixture_tolerance",  # the drift alarm's threshold
         "train.world_size",  # sizes a dry-run only; checkpoint.load refuses a real world-size change
         "train.gpu_memory_gib",  # the start-up memory check only
         "train.loss_chunk_tokens",  # the same loss, computed in chunks

@@ -20,7 +20,7 @@ from mellama_train.config import Config
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
 from mellama_train.data.source import skip_totals
 from mellama_train.ds_config import resolve_ds_config
-from mellama_train.evaluation import evaluate
+from mellama_train.evaluation import Forgetting, ForgettingMonitor, evaluate
 from mellama_train.guard import Diverged, StepGuard
 from mellama_train.loss import forward_loss, labelled_tokens
 from mellama_train.metrics import MetricsLogger
@@ -137,6 +137,17 @@ def train(cfg: Config) -> Path:
     t = cfg.train
     guard = StepGuard(t.loss_spike_factor, t.skip_loss_spikes, t.max_consecutive_skips)
     guard.load_state_dict(state.guard)
+    forgetting = ForgettingMonitor(t.forgetting_source, t.forgetting_margin, t.stop_on_forgetting)
+    forgetting.baseline = dict(state.eval_baseline)
+
+    def held_out() -> dict[str, float]:  # collective: every rank runs the same number of forward passes
+        values = evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
+        values.update(forgetting.observe(state.step, values))
+        state.eval_baseline = forgetting.baseline
+        return values
+
+    if eval_passes and state.step == 0:  # the baseline: the model before any training step
+        metrics.log(0, held_out())
     stop = StopFlag().install()
     watchdog = Watchdog(t.watchdog_minutes * 60, run_dir, env.rank).start()
     eng.train()
@@ -165,17 +176,16 @@ def train(cfg: Config) -> Path:
                 )
                 window = Window.new(len(names), env.device)
             if eval_passes and (last or (t.eval_every and state.step % t.eval_every == 0)):
-                metrics.log(
-                    state.step, evaluate(eng, eval_batches, eval_passes, names, pad_id, env.device, chunk)
-                )
+                metrics.log(state.step, held_out())
                 watchdog.beat(f"evaluation at step {state.step}")
             progress.update(1)
             # Ranks get signals at different moments: they stop after the same step by acting on the shared count.
             stopping = not last and votes > 0
-            if state.step % t.save_every == 0 or last or stopping or guard.diverged:
+            forgot = forgetting.alarm and forgetting.stop and not last
+            if state.step % t.save_every == 0 or last or stopping or guard.diverged or forgot:
                 state.guard = guard.state_dict()
-                # Two small collectives per save: the global token counts, and rank 0's free-disk verdict.
-                state.tokens_by_source = _global_tokens(data, names, env.device)
+                # Small collectives per save: the mixture ledger, and rank 0's free-disk verdict.
+                _record_ledger(state, data, names, env.device)
                 disk_space.ensure_room(run_dir / "checkpoints", cfg, env.is_main)
                 saved = checkpoint.save(
                     eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, t.keep_last
@@ -184,6 +194,11 @@ def train(cfg: Config) -> Path:
             if guard.diverged:  # the weights saved are the last good ones: the skipped steps changed nothing
                 metrics.close()
                 raise Diverged(state.step, guard.consecutive_skips, str(saved))
+            if forgot:
+                metrics.close()
+                raise Forgetting(
+                    state.step, str(t.forgetting_source), forgetting.rise, t.forgetting_margin, str(saved)
+                )
             if stopping:
                 metrics.close()
                 raise Preempted(state.step, stop.reason or "a peer rank's stop signal")
@@ -318,9 +333,17 @@ def _global_step_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     return total[0] / total[1].clamp(min=1.0)
 
 
-def _global_tokens(data: Any, names: list[str], device: torch.device) -> dict[str, int]:
-    local = torch.tensor(data.mixture.tokens_by_source, dtype=torch.float64, device=device)
-    return {n: int(v) for n, v in zip(names, engine.all_reduce_sum(local).tolist())}
+def _record_ledger(state: checkpoint.TrainerState, data: Any, names: list[str], device: torch.device) -> None:
+    """The mixture ledger saved with every checkpoint, over all ranks: tokens and weight units (tokens; tune:
+    examples) taken per source, summed, and epochs completed per source, the fewest (an epoch counts once every
+    rank has finished it)."""
+    mix, n = data.mixture, len(names)
+    sums = torch.tensor([*mix.tokens_by_source, *mix.taken], dtype=torch.float64, device=device)
+    epochs = torch.tensor([s.epochs_completed for s in mix.streams], dtype=torch.float64, device=device)
+    sums_ = engine.all_reduce_sum(sums).tolist()
+    state.tokens_by_source = {name: int(v) for name, v in zip(names, sums_[:n])}
+    state.mixture_taken = {name: int(v) for name, v in zip(names, sums_[n:])}
+    state.epochs_by_source = {name: int(v) for name, v in zip(names, engine.all_reduce_min(epochs).tolist())}
 
 
 def _window_metrics(
@@ -347,12 +370,14 @@ def _window_metrics(
             vector(data.mixture.tokens_by_source),
             vector(list(skip_totals(data.mixture.streams).values())),
             vector(truncated or [0] * n),
+            vector(data.mixture.taken),
             vector([window.processed]),
         ]
     )
     total = engine.all_reduce_sum(local).tolist()
     sums, counts, tokens = total[:n], total[n : 2 * n], total[2 * n : 3 * n]
-    skipped, cut, processed = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n]
+    skipped, cut, taken = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n : 6 * n]
+    processed = total[6 * n]
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = processed / max(elapsed, 1e-9)
     values = {"train/tokens_per_sec": tokens_per_sec, "train/tokens": sum(tokens)}
@@ -373,4 +398,5 @@ def _window_metrics(
             values[f"data/truncated/{name}"] = cut[i]
         # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
         values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
+    values.update(data.mixture.drift_metrics(taken, world_size * data.mixture.max_take))
     return values

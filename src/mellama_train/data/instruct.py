@@ -307,7 +307,8 @@ def build_instruct_batches(cfg: Config, tokenizer: Any, rank: int, world_size: i
         )
         for src in cfg.data.sources
     ]
-    mixture = Mixture(streams, [src.weight for src in cfg.data.sources], unit="examples")
+    weights = [src.weight for src in cfg.data.sources]
+    mixture = Mixture(streams, weights, unit="examples", tolerance=cfg.data.mixture_tolerance)
     return InstructBatches(
         mixture, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.data.pack, _pad_id(tokenizer)
     )

@@ -16,17 +16,31 @@ which is how instruction mixtures are specified (LLaMA-Factory, axolotl); tokens
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mellama_train.data.source import SourceStream
 
+log = logging.getLogger(__name__)
+
 
 class Mixture:
-    def __init__(self, streams: list[SourceStream], weights: list[float], unit: str = "tokens"):
+    def __init__(
+        self,
+        streams: list[SourceStream],
+        weights: list[float],
+        unit: str = "tokens",
+        max_take: int = 1,
+        tolerance: float = 0.01,
+    ):
+        """`max_take`: the most units one `take` can hand out (seq_len tokens; 1 example), which bounds how far a
+        rank can be off its target; `tolerance`: the drift alarm's threshold (data.mixture_tolerance)."""
         total = sum(weights)
         self.streams = streams
         self.fractions = [w / total for w in weights]
         self.unit = unit
+        self.max_take, self.tolerance = max_take, tolerance
+        self._drifting = False
         self.taken = [0] * len(streams)
         """Units (tokens or examples) this rank has taken from each source, all epochs: the mixture's state."""
         self.tokens_by_source = [0] * len(streams)
@@ -53,6 +67,25 @@ class Mixture:
         self.tokens_by_source[index] += len(item)
         return index, item
 
+    def drift_metrics(self, taken_global: list[float], error_bound: float) -> dict[str, float]:
+        """Achieved shares over all ranks (`data/share/<source>`) and the largest distance from the target
+        (`data/drift`); a drift alarm (see `drift`) is logged once when it starts."""
+        report = drift(taken_global, self.fractions, error_bound, self.tolerance)
+        if report is None:
+            return {}
+        shares, distance, alarm = report
+        if alarm and not self._drifting:
+            log.warning(
+                "mixture drift: achieved %s shares %s are %.4f from the targets %s (data.mixture_tolerance %g)",
+                self.unit,
+                ", ".join(f"{n} {s:.4f}" for n, s in zip(self.names, shares)),
+                distance,
+                ", ".join(f"{f:.4f}" for f in self.fractions),
+                self.tolerance,
+            )
+        self._drifting = alarm
+        return {**{f"data/share/{n}": s for n, s in zip(self.names, shares)}, "data/drift": distance}
+
     @property
     def names(self) -> list[str]:
         return [s.name for s in self.streams]
@@ -75,3 +108,19 @@ class Mixture:
         self.tokens_by_source = [state["tokens_by_source"][n] for n in self.names]
         for stream in self.streams:
             stream.load_state_dict(state["sources"][stream.name])
+
+
+def drift(
+    taken: list[float], fractions: list[float], error_bound: float, tolerance: float
+) -> tuple[list[float], float, bool] | None:
+    """(achieved shares, largest distance from the targets, alarm) of units taken per source over all ranks;
+    None before anything was taken. The scheduler keeps each rank within one `take` (seq_len tokens, or one
+    example) of its target per source, so the mix is off by at most error_bound = world size x that many
+    units: only once error_bound / total is below the tolerance does a larger distance mean something is
+    wrong (a source that keeps failing to deliver), and raise the alarm."""
+    total = sum(taken)
+    if not total:
+        return None
+    shares = [t / total for t in taken]
+    distance = max(abs(s - f) for s, f in zip(shares, fractions))
+    return shares, distance, distance > tolerance and error_bound / total < tolerance

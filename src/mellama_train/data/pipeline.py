@@ -57,7 +57,8 @@ def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int)
         )
         for src in cfg.data.sources
     ]
-    mixture = Mixture(streams, [src.weight for src in cfg.data.sources])
+    weights = [src.weight for src in cfg.data.sources]
+    mixture = Mixture(streams, weights, max_take=cfg.data.seq_len, tolerance=cfg.data.mixture_tolerance)
     return PackedBatches(mixture, cfg.data.seq_len, cfg.train.micro_batch_size)
 
 
