@@ -206,11 +206,18 @@ def resumed_records(out: Path) -> list[dict[str, Any]]:
 def wait_for_requeued_run(job_id: str, logs: tuple[Path, ...]) -> dict[str, str]:
     """Wait until the job's first requeue (restart 1) has ended; returns its `scontrol show job`."""
 
+    released = False
+
     def finished() -> dict[str, str] | None:
+        nonlocal released
         info = job_info(job_id)
-        if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-            # SLURM holds a requeued job for ~2 minutes before it may start again; a test need not wait.
-            sh("scontrol", "update", f"JobId={job_id}", "StartTime=now")
+        if not released and info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
+            released = True  # once: each update would move the start 5 s further out
+            # SLURM holds a requeued job for ~2 minutes before it may start again; a test need not wait that long,
+            # but must not start it within the second of the requeue: slurmd compares credential times in whole
+            # seconds, so a new allocation in the same second as the old one's revocation is refused as revoked
+            # ("Killing non-startable batch job: Job credential revoked", exit 1 without a line of output).
+            sh("scontrol", "update", f"JobId={job_id}", "StartTime=now+5")
         return info if info.get("Restarts") == "1" and info.get("JobState") in ENDED else None
 
     return wait_for(finished, 600, "the requeued job to finish", logs)
