@@ -178,6 +178,13 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert steps_logged.count(3) == 1  # nothing before the checkpoint was trained again
     assert (resumed / "final" / "model.safetensors").is_file()
 
+    # A checkpoint partitioned over 2 ranks exports (DeepSpeed's reader joins the partitions) and verifies.
+    from mellama_train.cli import main
+
+    assert main(["export", str(full / "checkpoints" / "step_00000004"), str(tmp_path / "export")]) == 0
+    report = json.loads((tmp_path / "export" / "export.json").read_text())
+    assert report["step"] == 4 and report["problems"] == [] and report["probe"]["argmax_agreement"] > 0.5
+
 
 def test_a_stop_signal_saves_at_the_next_step_and_the_restart_continues_exactly(tmp_path):
     args = [*TINY, "--max-steps", "12", "--save-every", "100"]  # no periodic save: only the stop saves

@@ -4,6 +4,8 @@
         (DeepSpeed's files: model, optimizer and scheduler shards of every rank)
         rank_00000.pt ...     each rank's data position and RNG state (ranks read different documents)
         trainer.json          step, tokens per source, world size (rank 0)
+        hf/                   full-weight DeepSpeed runs: config.json, tokenizer and the probe logits that
+                              `mellama-train export` checks its output against (export.py)
         COMPLETE              written last, atomically, after every rank has finished writing: JSON naming
                               every other file of the directory with its size in bytes (the manifest)
 
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,9 +171,10 @@ def save(
     data_state: dict[str, Any],
     rank: int,
     keep_last: int,
+    write_meta: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Collective. Every rank writes its shards and its own data/RNG state; then rank 0 writes the manifest
-    marker, the last file of the checkpoint."""
+    """Collective. Every rank writes its shards and its own data/RNG state; then rank 0 writes `write_meta`'s
+    files (export.write_checkpoint_meta) and the manifest marker, the last file of the checkpoint."""
     tag = tag_for(trainer.step)
     path = checkpoints_dir / tag
     if rank == 0 and path.exists():
@@ -185,6 +189,8 @@ def save(
     os.replace(rank_file.with_suffix(".tmp"), rank_file)
     ds_engine.barrier()  # every rank's files are written before the marker says so
     if rank == 0:
+        if write_meta is not None:
+            write_meta(path)
         _atomic_write(path / TRAINER_STATE, json.dumps(asdict(trainer), indent=2))
         marker = {"tag": tag, "files": _flush_and_list(path)}
         _atomic_write(path / COMPLETE, json.dumps(marker, indent=1) + "\n")

@@ -351,6 +351,180 @@ def report_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def export_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train export",
+        description="Convert one ZeRO checkpoint (any step) into a Hugging Face model directory (sharded"
+        " safetensors, config, tokenizer, model card), streaming shard by shard, then verify it: tensor names"
+        " and parameter count, no empty or zeroed tensors, and the probe logits the training-time model"
+        " recorded. Exit 0 verified, 1 written but not verified (left in OUT_DIR.partial), 2 not exportable.",
+    )
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="<run>/checkpoints/step_N, or <run> for its newest complete one",
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="new directory for the model (must not hold files)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights dtype (default bf16)")
+    p.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        metavar="SIZE",
+        help="largest safetensors file, e.g. 5GB or 500MB (default 2GB); host memory stays under"
+        " SIZE + the largest tensor in fp32",
+    )
+    p.add_argument(
+        "--skip-probe",
+        action="store_true",
+        help="skip the probe-logits check (it loads the exported model once, in fp32: 4 bytes/parameter)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the probe check runs: cpu (default), cuda, cuda:1, ..., or auto (accelerate spreads the"
+        " model over GPUs, host memory and disk)",
+    )
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pathlib import Path
+
+    from mellama_train.hf_export import VerificationFailed, export_checkpoint
+
+    try:
+        result = export_checkpoint(
+            Path(args.checkpoint),
+            Path(args.out_dir),
+            args.dtype,
+            args.max_shard_size,
+            probe=not args.skip_probe,
+            device=args.device,
+        )
+    except VerificationFailed as exc:
+        _traceback_if(args.debug)
+        print(f"export NOT verified: {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        _traceback_if(args.debug)
+        return _fail([str(exc)])
+    gib = 1024**3
+    print(
+        f"exported {result.checkpoint} (step {result.step}) -> {result.out_dir}: {result.tensors} tensors,"
+        f" {result.parameters:,} parameters, {result.shards} shard(s), {result.bytes_written / gib:.3f} GiB"
+        f" {result.dtype}"
+    )
+    print(
+        f"host memory: peak {result.peak_anon_bytes / gib:.3f} GiB anonymous during conversion (bound"
+        f" {result.memory_bound_bytes / gib:.3f} GiB = largest shard + largest tensor in fp32)"
+    )
+    if result.probe.get("skipped"):
+        print("verified: names, shapes, count, no empty/zeroed tensors; probe check SKIPPED (--skip-probe)")
+    else:
+        pr = result.probe
+        print(
+            f"verified: names, shapes, count, no empty/zeroed tensors; probe logits differ by"
+            f" {pr['mean_diff_over_std']:.3%} of their spread on average (tolerance"
+            f" {pr['tolerance_mean_over_std']:.2%}; largest {pr['max_diff_over_std']:.2%}), argmax agreement"
+            f" {pr['argmax_agreement']:.1%}"
+        )
+    return 0
+
+
+def eval_harness_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train eval-harness",
+        description="Run EleutherAI's lm-evaluation-harness (extra: mellama-train[eval]) on a Hugging Face model"
+        " directory (an export, or a run's final/), print a table and write the scores as JSON.",
+    )
+    p.add_argument(
+        "model_dir", metavar="MODEL_DIR", help="an exported model (`mellama-train export`) or final/"
+    )
+    p.add_argument(
+        "--tasks",
+        default="pubmedqa,medqa,medmcqa",
+        help="comma-separated: pubmedqa, medqa (= medqa_4options), medmcqa, or any lm-eval task name"
+        " (default: the three)",
+    )
+    p.add_argument("--include-path", metavar="DIR", help="a directory of local lm-eval task YAMLs")
+    p.add_argument("--limit", type=float, help="evaluate only the first N documents of each task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: each task's own)")
+    p.add_argument("--batch-size", type=int, default=1, help="default 1")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", help="auto (the model's own, default), bfloat16, float32")
+    p.add_argument("--out", metavar="PATH", help="results JSON (default MODEL_DIR/eval-harness.json)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pathlib import Path
+
+    from mellama_train import eval_harness
+
+    try:
+        report = eval_harness.run(
+            Path(args.model_dir),
+            [t.strip() for t in args.tasks.split(",") if t.strip()],
+            Path(args.include_path) if args.include_path else None,
+            args.limit,
+            args.num_fewshot,
+            args.batch_size,
+            args.device,
+            args.dtype,
+        )
+    except ValueError as exc:
+        _traceback_if(args.debug)
+        return _fail([str(exc)])
+    out = eval_harness.write(
+        report, Path(args.out) if args.out else Path(args.model_dir) / "eval-harness.json"
+    )
+    print("\n".join(eval_harness.table(report)))
+    print(f"\nresults: {out}")
+    return 0
+
+
+def decontaminate_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train decontaminate",
+        description="Build the n-gram index of benchmark files (PubMedQA, MedQA, MedMCQA: JSON lines or a JSON"
+        " array/object of records; every string of a record is its text). A run with"
+        " data.decontamination=OUT drops each training document or example that shares an n-gram with them,"
+        " counted per source as data/decontaminated/<source>. With --scan, report how many records of"
+        " training files overlap, without training.",
+    )
+    p.add_argument("--benchmarks", nargs="+", required=True, metavar="FILE", help="benchmark files")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="where to write the index (ngrams.npy, manifest)"
+    )
+    p.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, as GPT-3's filter)")
+    p.add_argument(
+        "--scan",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="training files to check against the index (their text field: --text-field)",
+    )
+    p.add_argument("--text-field", default="text", help="the text field of --scan's JSON/CSV files")
+    args = p.parse_args(argv)
+    from pathlib import Path
+
+    from mellama_train.data import decontam
+
+    try:
+        index, info = decontam.build_index([Path(b) for b in args.benchmarks], args.n)
+        out = decontam.write_index(Path(args.out), index, info)
+        print(f"index {out}: {info.ngrams:,} distinct {info.n}-grams")
+        for f in info.files:
+            short = f" ({f.too_short} shorter than {info.n} words: not matchable)" if f.too_short else ""
+            print(f"  {f.path}: {f.records:,} records, {f.ngrams:,} n-grams{short}")
+        if args.scan:
+            loaded = decontam.Index(out)
+            for path, (read, hits) in decontam.scan(loaded, args.scan, args.text_field).items():
+                print(f"scan {path}: {hits:,} of {read:,} records overlap the benchmarks")
+    except ValueError as exc:
+        return _fail([str(exc)])
+    print(f"use it: --set data.decontamination={out}")
+    return 0
+
+
 def _exit_together(code: int) -> None:
     """Leave with `code` on every rank at the same moment. srun --kill-on-bad-exit ends a step as soon as one
     rank exits non-zero, so a rank still tearing down the interpreter would be killed and the step's status
@@ -388,6 +562,9 @@ def main(argv: list[str] | None = None) -> Any:
         "plan": plan_main,
         "status": status_main,
         "report": report_main,
+        "export": export_main,
+        "eval-harness": eval_harness_main,
+        "decontaminate": decontaminate_main,
     }
     if not argv or argv[0] not in commands:
         print(

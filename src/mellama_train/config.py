@@ -90,6 +90,10 @@ class DataConfig:
     skip_allowance: int = 10
     """Skipped records per source and rank tolerated whatever the fraction, so one bad line in a small file
     does not stop a run."""
+    decontamination: str | None = None
+    """A benchmark n-gram index written by `mellama-train decontaminate`: training documents (tune: examples)
+    sharing any n-gram with those benchmarks are dropped, counted as `data/decontaminated/<source>`. Held-out
+    files are not screened."""
 
 
 @dataclass
@@ -640,6 +644,11 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
                 f"data.sources[{probe.name}].eval_paths: held-out files of the forgetting probe"
                 " (train.forgetting_source), or set train.forgetting_source to null"
             )
+    if d.decontamination is not None and not os.path.isfile(os.path.join(d.decontamination, "manifest.json")):
+        p.append(
+            f"data.decontamination: {d.decontamination} holds no index (manifest.json); build one with"
+            f" `mellama-train decontaminate --benchmarks FILE... --out {d.decontamination}`"
+        )
     if not 0 < d.mixture_tolerance < 1:
         p.append(
             f"data.mixture_tolerance must be in (0, 1) (got {d.mixture_tolerance}); 0.01 = one percentage point"

@@ -21,6 +21,7 @@ KINDS = {
     "model": "the full model (every weight trained from the base below)",
     "adapter": "a LoRA adapter (PEFT); load it on the base model below, or use final/ (merged)",
     "merged": "the base model with the LoRA adapter merged into its weights",
+    "export": "the full model as it was at the checkpoint below, exported and verified by `mellama-train export`",
 }
 
 
@@ -41,11 +42,12 @@ def _base_model(config: dict[str, Any]) -> str:
     return f"random initialisation ({shape}){written}"
 
 
-def _last_held_out(run_dir: Path) -> tuple[int | None, dict[str, float]]:
-    """(step, held-out loss per source) of the run's latest evaluation, from metrics.jsonl."""
+def _last_held_out(run_dir: Path, up_to: int | None = None) -> tuple[int | None, dict[str, float]]:
+    """(step, held-out loss per source) of the run's latest evaluation (at or before step `up_to`), from
+    metrics.jsonl."""
     path = run_dir / "metrics.jsonl"
     metrics = read_metrics(path) if path.is_file() else {}
-    evals = [s for s, v in metrics.items() if "eval/loss" in v]
+    evals = [s for s, v in metrics.items() if "eval/loss" in v and (up_to is None or s <= up_to)]
     if not evals:
         return None, {}
     values = metrics[max(evals)]
@@ -109,14 +111,24 @@ def render(
     return "\n".join(lines)
 
 
-def write_model_card(out_dir: Path, run_dir: Path, kind: str) -> Path | None:
-    """Write out_dir/README.md from run_dir's record and newest checkpoint; None when run_dir has no record
-    (a directory this trainer did not write)."""
+def write_model_card(out_dir: Path, run_dir: Path, kind: str, checkpoint: Path | None = None) -> Path | None:
+    """Write out_dir/README.md from run_dir's record and its newest checkpoint (or `checkpoint`, with the
+    held-out losses of its step or before); None when run_dir has no record (a directory this trainer did not
+    write)."""
     record = latest_run_record(run_dir)
     if record is None or "config" not in record:
         return None
     path = Path(out_dir) / CARD
-    card = render(record, _newest_trainer_state(run_dir), kind, _last_held_out(run_dir))
+    if checkpoint is None:
+        trainer, held_out = _newest_trainer_state(run_dir), _last_held_out(run_dir)
+    else:
+        from mellama_train.checkpoint import TRAINER_STATE
+
+        trainer = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        held_out = _last_held_out(run_dir, trainer.get("step"))
+    card = render(record, trainer, kind, held_out)
+    if checkpoint is not None:
+        card += f"Exported from checkpoint `{Path(checkpoint).name}`; its verification is in `export.json`.\n"
     path.write_text(card, encoding="utf-8")
     return path
 

@@ -99,8 +99,10 @@ def make_plots(metrics: dict[int, dict[str, Any]], targets: dict[str, float], ou
 
     def skips(ax: Any) -> bool:
         records = _series(metrics, "data/skipped/")
+        dropped = _series(metrics, "data/decontaminated/")
         steps = _key(metrics, "train/skipped_steps", "optimizer steps skipped")
         _lines(records, "-", "records skipped: {}")(ax)
+        _lines(dropped, ":", "of which decontaminated: {}")(ax)
         _lines(steps)(ax)
         return bool(records or steps)
 

@@ -131,6 +131,14 @@ def report(run_dir: Path) -> tuple[list[str], list[str]]:
         "",
         f"faults      skipped steps {guard.get('skipped_steps', 0)}, loss spikes {guard.get('loss_spikes', 0)}",
     ]
+    dropped = [v for _, v in sorted(logged.items()) if any(k.startswith("data/decontaminated/") for k in v)]
+    if dropped:  # data.decontamination: what the benchmark n-gram filter took out, per source (run totals)
+        counts = {
+            k.removeprefix("data/decontaminated/"): int(n)
+            for k, n in dropped[-1].items()
+            if k.startswith("data/decontaminated/")
+        }
+        lines.append("decontam.   " + ", ".join(f"{name} {n:,} dropped" for name, n in counts.items()))
 
     evals = [s for s, v in logged.items() if "eval/loss" in v]
     if evals:

@@ -134,6 +134,7 @@ def train(cfg: Config) -> Path:
     )
     window = Window.new(len(names), env.device)
     chunk = cfg.train.loss_chunk_tokens
+    screened = cfg.data.decontamination is not None  # data/decontaminated/<source> in the metrics
     t = cfg.train
     guard = StepGuard(t.loss_spike_factor, t.skip_loss_spikes, t.max_consecutive_skips)
     guard.load_state_dict(state.guard)
@@ -145,6 +146,19 @@ def train(cfg: Config) -> Path:
         values.update(forgetting.observe(state.step, values))
         state.eval_baseline = forgetting.baseline
         return values
+
+    # Every checkpoint carries the logits of a fixed probe sequence, for `mellama-train export`'s check (LoRA and
+    # single-device checkpoints are not exported by it).
+    exportable = not single and not cfg.lora.enabled
+    probe_ids = export.probe_input(min(len(tokenizer), model.config.vocab_size))
+
+    def checkpoint_meta() -> Any:  # collective: every rank takes part in the probe's forward
+        if not exportable:
+            return None
+        logits = export.probe_logits(eng, probe_ids, env.device)
+        return lambda path: export.write_checkpoint_meta(
+            path, eng.module.config, tokenizer, probe_ids, logits, cfg.train.precision
+        )
 
     if eval_passes and state.step == 0:  # the baseline: the model before any training step
         metrics.log(0, held_out())
@@ -167,7 +181,9 @@ def train(cfg: Config) -> Path:
 
             last = state.step == cfg.total_steps
             if state.step % t.log_every == 0 or last:
-                values = _window_metrics(window, eng, data, names, flops_tok, peak_flops, env.world_size)
+                values = _window_metrics(
+                    window, eng, data, names, flops_tok, peak_flops, env.world_size, screened
+                )
                 values.update({"train/lr": lr, **guard.metrics()})
                 metrics.log(state.step, values)
                 progress.set_postfix(
@@ -188,7 +204,13 @@ def train(cfg: Config) -> Path:
                 _record_ledger(state, data, names, env.device)
                 disk_space.ensure_room(run_dir / "checkpoints", cfg, env.is_main)
                 saved = checkpoint.save(
-                    eng, run_dir / "checkpoints", state, data.state_dict(), env.rank, t.keep_last
+                    eng,
+                    run_dir / "checkpoints",
+                    state,
+                    data.state_dict(),
+                    env.rank,
+                    t.keep_last,
+                    checkpoint_meta(),
                 )
                 watchdog.beat(f"checkpoint {saved.name}")
             if guard.diverged:  # the weights saved are the last good ones: the skipped steps changed nothing
@@ -207,7 +229,7 @@ def train(cfg: Config) -> Path:
         stop.uninstall()
         progress.close()
 
-    probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # same batch on every rank
+    probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # the same batch on every rank
     metrics.log(
         state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device, chunk)}
     )
@@ -354,6 +376,7 @@ def _window_metrics(
     flops_tok: float,
     peak_flops: float | None,
     world_size: int,
+    decontaminating: bool = False,
 ) -> dict[str, float]:
     """One all-reduce of loss sums, token counts and data counters; the only host sync of a logged step."""
     n = len(names)
@@ -371,13 +394,14 @@ def _window_metrics(
             vector(list(skip_totals(data.mixture.streams).values())),
             vector(truncated or [0] * n),
             vector(data.mixture.taken),
+            vector(list(skip_totals(data.mixture.streams, "contaminated").values())),
             vector([window.processed]),
         ]
     )
     total = engine.all_reduce_sum(local).tolist()
     sums, counts, tokens = total[:n], total[n : 2 * n], total[2 * n : 3 * n]
     skipped, cut, taken = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n : 6 * n]
-    processed = total[6 * n]
+    contaminated, processed = total[6 * n : 7 * n], total[7 * n]
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = processed / max(elapsed, 1e-9)
     values = {"train/tokens_per_sec": tokens_per_sec, "train/tokens": sum(tokens)}
@@ -396,6 +420,8 @@ def _window_metrics(
         values[f"data/skipped/{name}"] = skipped[i]
         if truncated is not None:
             values[f"data/truncated/{name}"] = cut[i]
+        if decontaminating:
+            values[f"data/decontaminated/{name}"] = contaminated[i]
         # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
         values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
     values.update(data.mixture.drift_metrics(taken, world_size * data.mixture.max_take))

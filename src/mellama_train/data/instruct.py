@@ -24,6 +24,7 @@ import torch
 
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data.cleaners import get_cleaner
+from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.data.readers import Skip
@@ -295,10 +296,11 @@ def _pad_id(tokenizer: Any) -> int:
 
 def build_instruct_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> InstructBatches:
     resolve_chat_template(tokenizer, cfg.data.chat_template)
+    index = load_index(cfg.data.decontamination)
     streams = [
         SourceStream(
             src,
-            ExampleEncoder(tokenizer, src, cfg.data.seq_len, cfg.data.overflow),
+            screened(ExampleEncoder(tokenizer, src, cfg.data.seq_len, cfg.data.overflow), index),
             rank,
             world_size,
             cfg.data.seed,

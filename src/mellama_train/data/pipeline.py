@@ -10,6 +10,7 @@ import torch
 
 from mellama_train.config import Config
 from mellama_train.data.cleaners import get_cleaner
+from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
@@ -46,10 +47,11 @@ def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int)
     """The endless, resumable micro-batch stream of one rank: packed documents (pretrain) or examples (tune)."""
     if cfg.task == "tune":
         return build_instruct_batches(cfg, tokenizer, rank, world_size)
+    index = load_index(cfg.data.decontamination)
     streams = [
         SourceStream(
             src,
-            document_encoder(tokenizer, src.cleaners),
+            screened(document_encoder(tokenizer, src.cleaners), index),
             rank,
             world_size,
             cfg.data.seed,

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 # Skips are logged with their location only (file:line), never their content: the text may be clinical.
 MAX_SKIP_WARNINGS = 20
-# Skips the user asked for (`data.overflow: drop`): counted in the metrics, but not bad data, so never limited.
-CHOSEN_SKIPS = frozenset({"too_long"})
+# Skips the user asked for (`data.overflow: drop`, `data.decontamination`): counted in the metrics, but not bad
+# data, so never limited.
+CHOSEN_SKIPS = frozenset({"too_long", "contaminated"})
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,8 @@ def _unit_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def skip_totals(streams: list[SourceStream]) -> dict[str, int]:
-    """Skipped records per source (all reasons), for metrics."""
+def skip_totals(streams: list[SourceStream], reason: str | None = None) -> dict[str, int]:
+    """Skipped records per source (all reasons, or one), for metrics."""
+    if reason is not None:
+        return {s.name: s.state.skipped.get(reason, 0) for s in streams}
     return {s.name: sum(Counter(s.state.skipped).values()) for s in streams}
