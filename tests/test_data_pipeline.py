@@ -534,3 +534,20 @@ def test_same_config_same_batches_and_the_seed_reorders_files(tokenizer):
     for a, b in zip(one, two):
         assert all(torch.equal(a[key], b[key]) for key in KEYS)
     assert any(not torch.equal(a["input_ids"], c["input_ids"]) for a, c in zip(one, other))
+
+
+def test_the_fast_encoder_gives_the_wrappers_ids_on_every_sample_document(tokenizer):
+    """make_encoder calls the Rust tokenizer directly (docs/PERFORMANCE.md): it must not change a single id."""
+    from mellama_train.data.readers import expand_paths, iter_texts
+
+    cfg = resolve("tiny")
+    encode = make_encoder(tokenizer)
+    assert encode.__name__ == "encode_fast"  # the sample tokenizer is a fast one: the path under test
+    checked = 0
+    for src in cfg.data.sources:
+        for path in expand_paths(src.paths, src.name):
+            for _, text in iter_texts(path, src.text_field):
+                if isinstance(text, str):
+                    assert encode(text) == tokenizer(text, add_special_tokens=False)["input_ids"], path
+                    checked += 1
+    assert checked > 2000

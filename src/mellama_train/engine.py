@@ -56,8 +56,16 @@ def init_distributed(timeout_minutes: int) -> DistEnv:
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("LOCAL_SIZE", "1")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    if not cuda and "LOCAL_SIZE" not in os.environ and "LOCAL_WORLD_SIZE" in os.environ:
+        os.environ["LOCAL_SIZE"] = os.environ["LOCAL_WORLD_SIZE"]  # torchrun's name for it
+    # DeepSpeed's CPU accelerator answers device_count() from LOCAL_SIZE, else by running `numactl --hardware`,
+    # and ZeRO-3 asks once per gradient bucket: 76 subprocesses a step on the tiny model, 15% of its step time
+    # (docs/PERFORMANCE.md). Its own launcher sets LOCAL_SIZE; a launcher-less run is set above. SLURM CPU jobs
+    # (the test cluster) still pay it: LOCAL_SIZE also switches DeepSpeed's shared-memory all-reduce on, which
+    # is left as SLURM leaves it.
     if cuda:
         torch.cuda.set_device(local_rank)
     # gloo on CPU: DeepSpeed's CPU accelerator would otherwise ask for oneCCL, which a laptop does not have.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from mellama_train.data.mixture import Mixture
@@ -50,7 +51,10 @@ class PackedBatches:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         rows = [pack_sequence(self.mixture, self.seq_len) for _ in range(self.micro_batch_size)]
-        return {key: torch.tensor([row[key] for row in rows], dtype=torch.long) for key in rows[0]}
+        # Through numpy: it converts nested lists of ints about 3x faster than torch.tensor does.
+        return {
+            key: torch.from_numpy(np.array([row[key] for row in rows], dtype=np.int64)) for key in rows[0]
+        }
 
     @property
     def source_names(self) -> list[str]:
