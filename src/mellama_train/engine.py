@@ -1,7 +1,8 @@
 """The DeepSpeed boundary: the only module that imports deepspeed.
 
 Everything distributed goes through here: process-group start-up, ZeRO-3 partitioned model construction,
-the wrapped model's forward/backward/step, checkpoint save/load and gathering full weights for export.
+the wrapped model's forward/backward/step, checkpoint save/load, gathering full weights for export, and the
+offline, weights-only read of a ZeRO checkpoint for `mellama-train export`.
 The training loop sees a small `Engine` object and never a DeepSpeed type.
 """
 
@@ -237,6 +238,36 @@ def estimate_zero3_model_states(
 
 
 # ---- collectives the loop needs, kept here so the loop never touches the process group itself ----------
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside (DeepSpeed's checkpoint reader passes weights_only=False) is forced to
+    weights_only=True, with the plain data classes DeepSpeed's checkpoints pickle allowed (an enum and the loss
+    scalers: attributes only, no code runs to build them)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def lazy_zero_state_dict(checkpoints_dir: str, tag: str) -> dict[str, Any]:
+    """A ZeRO-2/3 checkpoint's full fp32 state dict, offline and lazily (DeepSpeed's zero_to_fp32 reader: each
+    value joins a parameter's slices from the mapped rank partitions when `.contiguous()` is called), read with
+    weights-only loads so that a checkpoint from elsewhere cannot run code. No process group needed."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with _weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag=tag, lazy_mode=True)
 
 
 def barrier() -> None:

@@ -1,11 +1,11 @@
 """`mellama-train export CHECKPOINT OUT_DIR`: one ZeRO checkpoint, of any step, becomes a verified Hugging Face
 model directory (sharded safetensors, config, tokenizer, model card).
 
-Reading. DeepSpeed's own reader (`deepspeed.utils.zero_to_fp32`, lazy mode) maps each rank's fp32 optimizer
-partitions (torch.load with mmap) and hands back, per parameter, a view that concatenates that parameter's
-slices only when asked. It loads with weights_only=False; here every torch.load runs with PyTorch's
-TORCH_FORCE_WEIGHTS_ONLY_LOAD set, allowing tensors, containers and the one DeepSpeed enum its checkpoints
-pickle, so a crafted checkpoint cannot run code on the exporting host.
+Reading (engine.lazy_zero_state_dict, behind the DeepSpeed boundary). DeepSpeed's own reader (zero_to_fp32,
+lazy mode) maps each rank's fp32 optimizer partitions (torch.load with mmap) and hands back, per parameter, a
+view that joins that parameter's slices only when asked. It passes weights_only=False; the engine runs it with
+PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD set, allowing tensors, containers and the few plain DeepSpeed classes
+its checkpoints pickle, so a crafted checkpoint cannot run code on the exporting host.
 
 Writing, shard by shard. The parameters are split into shards of at most `max_shard_size` bytes in the output
 dtype (huggingface_hub's planner); each shard is materialised, checked, written and freed before the next.
@@ -33,13 +33,11 @@ import ctypes
 import json
 import logging
 import math
-import os
 import re
 import resource
 import shutil
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,26 +126,6 @@ def resolve_checkpoint(path: Path) -> Path:
     return found
 
 
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """Every torch.load inside (DeepSpeed's reader passes weights_only=False) is forced to weights_only=True,
-    with the plain data classes DeepSpeed's checkpoints pickle allowed (an enum and the loss scalers: attributes
-    only, no code runs to build them)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
 def _anon_bytes() -> int:
     """Anonymous resident memory of this process (Linux /proc; 0 elsewhere)."""
     with contextlib.suppress(OSError, ValueError):
@@ -211,11 +189,11 @@ def _expected_tensors(config: Any) -> dict[str, torch.Size]:
 
 
 def _lazy_state_dict(ckpt: Path) -> dict[str, Any]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from mellama_train import engine
 
-    with _weights_only_loads(), contextlib.redirect_stdout(None):  # its progress prints go to stdout
+    with contextlib.redirect_stdout(None):  # DeepSpeed's reader prints its progress to stdout
         try:
-            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+            return engine.lazy_zero_state_dict(str(ckpt.parent), ckpt.name)
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line naming the checkpoint
             lines = str(exc).splitlines() or [type(exc).__name__]
             # A weights-only refusal says which class it would not build; other errors say what broke first.
