@@ -48,6 +48,26 @@ metadata:
 """
 
 
+_TASK_INDEXES: dict[object, object] = {}
+
+
+@pytest.fixture(autouse=True)
+def shared_task_index(monkeypatch):
+    """lm-eval's TaskManager indexes the harness's thousands of task YAMLs when built (about 10 s here); the
+    calls in these tests share one per include path instead of each indexing again."""
+    import lm_eval.tasks
+
+    real = lm_eval.tasks.TaskManager
+
+    def shared(include_path=None, **kwargs):
+        key = (include_path, tuple(sorted(kwargs.items())))
+        if key not in _TASK_INDEXES:
+            _TASK_INDEXES[key] = real(include_path=include_path, **kwargs)
+        return _TASK_INDEXES[key]
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", shared)
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     """A random tiny LLaMA with the sample tokenizer, saved as a Hugging Face directory."""
@@ -124,8 +144,14 @@ def test_a_missing_extra_an_unknown_task_and_unreachable_data_are_one_line_each(
     assert main(["eval-harness", str(tiny_model), "--tasks", "pubmedqaa"]) == 2
     assert "unknown to lm-eval-harness: pubmedqaa (did you mean pubmedqa" in capsys.readouterr().err
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine, like many clusters, cannot reach the Hub
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # This machine, like many clusters, cannot reach the Hub. Offline mode as a user sets it (HF_HUB_OFFLINE=1
+    # before starting): the libraries read it at import, which in this process is already done. Without it
+    # the same line comes after ~23 s of retries.
+    import datasets
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     assert main(["eval-harness", str(tiny_model), "--tasks", "pubmedqa"]) == 2
     err = capsys.readouterr().err
     assert "task pubmedqa: its data is not available" in err and "--include-path" in err

@@ -34,8 +34,10 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        cmd, cwd=REPO, env={**clean_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -44,7 +46,9 @@ def single(out: Path, *args: str) -> subprocess.CompletedProcess:
     return run([sys.executable, LAUNCH, "--output-dir", str(out), *TINY, *args])
 
 
-def two_rank_command(out: Path, *args: str, shape: list[str] = TINY, port: int = 29533) -> list[str]:
+def two_rank_command(
+    out: Path, *args: str, shape: list[str] = TINY, port: int = 29533, launch: str = LAUNCH
+) -> list[str]:
     """2 ranks through DeepSpeed's launcher; `shape` (default TINY) goes before the other arguments."""
     launcher = [
         sys.executable,
@@ -55,11 +59,16 @@ def two_rank_command(out: Path, *args: str, shape: list[str] = TINY, port: int =
         "--master_port",
         str(port),
     ]
-    return [*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args]
+    return [*launcher, launch, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args]
 
 
-def two_ranks(out: Path, *args: str, shape: list[str] = TINY) -> subprocess.CompletedProcess:
-    return run(two_rank_command(out, *args, shape=shape))
+def two_ranks(out: Path, *args: str, shape: list[str] = TINY, gather_log: Path | None = None) -> None:
+    """gather_log: run through tests/zero3_gather_launch.py, which counts ZeRO-3's all-gathers per step there."""
+    if gather_log is None:
+        run(two_rank_command(out, *args, shape=shape))
+        return
+    launch = str(REPO / "tests" / "zero3_gather_launch.py")
+    run(two_rank_command(out, *args, shape=shape, launch=launch), env={"MELLAMA_GATHER_LOG": str(gather_log)})
 
 
 def interrupted_copy(run_dir: Path, dest: Path, last_step: int, written_later: list[str]) -> Path:
@@ -155,7 +164,7 @@ def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):
 @pytest.mark.slow
 def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     full = tmp_path / "full"
-    two_ranks(full, "--max-steps", "8", "--save-every", "4")
+    two_ranks(full, "--max-steps", "8", "--save-every", "4", gather_log=tmp_path / "gathers_full.json")
     reference = losses(full)
     assert sorted(reference) == list(range(1, 9))
     ckpt = full / "checkpoints"
@@ -165,7 +174,7 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
 
     # Same run, interrupted after the step-4 checkpoint: drop everything written after it, then relaunch.
     resumed = interrupted_copy(full, tmp_path / "resumed", 4, ["checkpoints/step_00000008", "final"])
-    two_ranks(resumed, "--max-steps", "8", "--save-every", "4")
+    two_ranks(resumed, "--max-steps", "8", "--save-every", "4", gather_log=tmp_path / "gathers_resumed.json")
 
     after = losses(resumed)
     assert [after[s] for s in range(5, 9)] == [
@@ -177,6 +186,14 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     steps_logged = [json.loads(x)["step"] for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged.count(3) == 1  # nothing before the checkpoint was trained again
     assert (resumed / "final" / "model.safetensors").is_file()
+
+    # The fresh run evaluated before its first step; the resumed one started with a training step. Once ZeRO-3
+    # has recorded its parameter trace (the first step), both gather the same number of times a step: the
+    # step-0 evaluation does not leave DeepSpeed re-gathering every layer before each backward (engine.py).
+    fresh = json.loads((tmp_path / "gathers_full.json").read_text())["per_step"]  # steps 1-8
+    restarted = json.loads((tmp_path / "gathers_resumed.json").read_text())["per_step"]  # steps 5-8
+    assert len(fresh) == 8 and len(restarted) == 4
+    assert set(fresh[1:]) == set(restarted[1:]) and len(set(fresh[1:])) == 1, (fresh, restarted)
 
     # A checkpoint partitioned over 2 ranks exports (DeepSpeed's reader joins the partitions) and verifies.
     from mellama_train.cli import main

@@ -1,0 +1,58 @@
+"""Test-only entry point: launch/pretrain.py that also counts ZeRO-3's parameter all-gathers per training step.
+
+    MELLAMA_GATHER_LOG=out.json deepspeed --num_gpus 2 tests/zero3_gather_launch.py [pretrain flags]
+
+Rank 0 writes {"per_step": [all-gathers of each training step this process ran, in order]}. With
+MELLAMA_KEEP_EVAL_TRACE=1 the engine keeps a parameter trace that an evaluation pass recorded (DeepSpeed's own
+behaviour), to see what `Engine._forget_forward_only_trace` prevents. The product code has no counting hooks:
+this wraps torch.distributed's all-gather and the loop's step function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mellama_train import engine as engine_module  # noqa: E402
+from mellama_train import train as train_module  # noqa: E402
+from mellama_train.cli import pretrain_main  # noqa: E402
+
+PER_STEP: list[int] = []
+IN_STEP = [False]
+
+
+def _install() -> None:
+    all_gather = dist.all_gather_into_tensor  # what DeepSpeed's comm layer calls for every ZeRO-3 gather
+
+    def counting_all_gather(*args, **kwargs):
+        if IN_STEP[0]:
+            PER_STEP[-1] += 1
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather_into_tensor = counting_all_gather
+    step = train_module._train_step
+
+    def counting_step(*args, **kwargs):
+        PER_STEP.append(0)
+        IN_STEP[0] = True
+        try:
+            return step(*args, **kwargs)
+        finally:
+            IN_STEP[0] = False
+            if os.environ.get("RANK", "0") == "0":
+                Path(os.environ["MELLAMA_GATHER_LOG"]).write_text(json.dumps({"per_step": PER_STEP}))
+
+    train_module._train_step = counting_step
+    if os.environ.get("MELLAMA_KEEP_EVAL_TRACE"):
+        engine_module.Engine._forget_forward_only_trace = lambda self: None
+
+
+if __name__ == "__main__":
+    _install()
+    sys.exit(pretrain_main())
