@@ -151,12 +151,13 @@ class Engine:
         parameters by that record. When the first record comes from forward-only passes (the step-0 evaluation,
         before any training step), DeepSpeed 0.19.8 gathers each layer twice in every later training step,
         once in the forward and again before the backward, for the rest of the run. On the tiny model with
-        2 ranks that is 63 all-gathers a step instead of 33, 15% of its step time (docs/PERFORMANCE.md).
+        2 ranks that is 63 all-gathers a step instead of 33, most of the trainer's 15% gap to a bare DeepSpeed
+        loop (docs/PERFORMANCE.md).
         An evaluation later in the run reuses the training record and does no harm. Dropping the record
         once the evaluation is over is too late: the first training pass must find no record at all, so
         the record is dropped after every eval pass that began one. DeepSpeed has no public call for this."""
         offload = getattr(getattr(self._ds, "optimizer", None), "parameter_offload", None)
-        if offload is None:  # ZeRO-1/2 and the LoRA-frozen cases without partitioned parameters: no trace
+        if offload is None:  # ZeRO-1/2: parameters are not partitioned, so there is no trace
             return
         coordinator = offload.get_param_coordinator()
         if coordinator.is_record_trace():
