@@ -4,9 +4,10 @@
 python launch/tune.py                                               # one process, no launcher
 deepspeed launch/tune.py --ds ds_configs/zero3.json                 # DeepSpeed launcher, local devices
 
-# the real thing: tune the continually pretrained model (the two stages chain with no conversion)
-deepspeed launch/tune.py --ds ds_configs/zero3.json --profile 13b --base runs/pretrain-13b/final \
-    --config my_instructions.yaml
+# the real thing: tune the continually pretrained model (the two stages chain with no conversion); `mellama-train
+# launch` passes Ctrl-C/SIGTERM to every rank (save, exit 75) and keeps the ranks' exit code
+mellama-train launch deepspeed launch/tune.py --ds ds_configs/zero3.json --profile 13b \
+    --base runs/pretrain-13b/final --config my_instructions.yaml
 sbatch slurm/tune.sh --profile 13b --base /models/me-llama-13b --config my_instructions.yaml
 """
 

@@ -1,6 +1,7 @@
 """Test-only entry point: launch/pretrain.py with a fault injected into the training loop of one rank.
 
     MELLAMA_FAULT='KIND:RANK:CALLS[;KIND:RANK:CALLS...]' python tests/fault_launch.py [pretrain flags]
+    MELLAMA_FAULT='hang_merge:0:1' python tests/fault_launch.py merge [merge flags]   (any mellama-train command)
 
 KIND is `nan` (the loss and the per-source sums of those forward passes become NaN, as a numerical fault in the
 model would make them), `spike` (they become 10 times larger, finite: a loss spike) or `sleep` (the rank stops
@@ -9,6 +10,11 @@ of forward passes: in those, every source's held-out loss reads 1 nat higher (as
 CALLS are 1-based indices of the training loop's forward passes, comma-separated (step s, micro-batch m of
 accumulation a is call (s - 1) * a + m). With MELLAMA_FAULT_RESTART=N the fault happens only in SLURM restart N
 of the job (a requeued job then runs clean). The product code has no fault hooks: this wraps its loss function.
+
+Planted hangs, one per phase the watchdog covers outside the loop (the rank sleeps there, as on a hung filesystem
+or a peer that never comes; CALLS is 1): `hang_load` in the model's construction, `hang_eval` in held-out
+evaluation number CALLS (1 = the step-0 evaluation), `hang_export` in writing final/, `hang_merge` in loading the
+base of a merge. A rendezvous that never completes needs no plant: start one rank of a world of two.
 """
 
 from __future__ import annotations
@@ -62,8 +68,42 @@ def _install() -> None:
         return values
 
     train_module.evaluate = forgetful
+    _plant_hangs(faults)
+
+
+def planted_hang(*args, **kwargs):
+    time.sleep(3600)  # the watchdog's dump names this function
+
+
+def _plant_hangs(faults: dict[int, str]) -> None:
+    from mellama_train import export
+
+    kinds = set(faults.values())
+    if "hang_load" in kinds:
+        train_module.build_model = planted_hang
+    if "hang_export" in kinds:
+        export.write_hf_model = planted_hang
+    if "hang_merge" in kinds:
+        import transformers
+
+        transformers.AutoModelForCausalLM.from_pretrained = planted_hang
+    if "hang_eval" in kinds:
+        real_evaluate, evaluations = train_module.evaluate, 0
+
+        def hanging(*args, **kwargs):
+            nonlocal evaluations
+            evaluations += 1
+            if faults.get(evaluations) == "hang_eval":
+                planted_hang()
+            return real_evaluate(*args, **kwargs)
+
+        train_module.evaluate = hanging
 
 
 if __name__ == "__main__":
     _install()
+    if sys.argv[1:2] and not sys.argv[1].startswith("-"):  # a mellama-train command: merge, export, tune...
+        from mellama_train.cli import main
+
+        sys.exit(main(sys.argv[1:]))
     sys.exit(pretrain_main())

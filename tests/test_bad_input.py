@@ -82,3 +82,38 @@ def test_every_test_named_in_docs_faults_exists():
     assert len(named) >= 20
     missing = [f"{f}::{t}" for f, t in named if f"def {t}(" not in (tests / f).read_text()]
     assert not missing
+
+
+def test_a_model_or_adapter_with_only_pickle_weights_is_refused_before_anything_is_loaded(tmp_path):
+    """Training reads safetensors only: a pytorch_model.bin is never unpickled (it could run code)."""
+    model_dir, adapter_dir = tmp_path / "model", tmp_path / "adapter"
+    for directory, config in ((model_dir, "config.json"), (adapter_dir, "adapter_config.json")):
+        directory.mkdir()
+        (directory / config).write_text('{"max_position_embeddings": 4096}')
+    (model_dir / "pytorch_model.bin").write_bytes(b"a pickle")
+    (adapter_dir / "adapter_model.bin").write_bytes(b"a pickle")
+    cfg = resolve(
+        "tiny",
+        task="tune",
+        overrides=[
+            "model.init=pretrained",
+            f"model.path={model_dir}",
+            f"model.init_adapter={adapter_dir}",
+        ],
+    )
+    problems, _ = validate(cfg)
+    model_line = next(p for p in problems if p.startswith("model.path:"))
+    adapter_line = next(p for p in problems if p.startswith("model.init_adapter:"))
+    assert "only pickle weights (pytorch_model.bin), which training does not load" in model_line
+    assert "only pickle weights (adapter_model.bin), which training does not load" in adapter_line
+    assert "save_pretrained(..., safe_serialization=True)" in model_line
+
+
+def test_a_model_config_that_is_not_a_json_object_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("[" * 100_000)  # deeper than the parser recurses
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    problems, _ = validate(resolve("tiny", overrides=["model.init=pretrained", f"model.path={tmp_path}"]))
+    assert (
+        f"model.path: {tmp_path}/config.json is not a readable JSON object; restore the model's config"
+        in problems
+    )

@@ -1,6 +1,8 @@
 """No training text leaves the data: a canary planted in clinical notes and instructions must not appear in
 anything a pretraining run, a tuning run or a failed run writes or prints (metrics, TensorBoard, run record,
-logs, checkpoints, exports, stdout and stderr, tracebacks included)."""
+logs, checkpoints, exports, stdout and stderr, tracebacks included), neither as text nor as token ids: every
+integer sequence found in checkpoints (rank files read with weights-only loading, trainer.json), metrics and
+logs is decoded with the run's tokenizer and searched too."""
 
 from __future__ import annotations
 
@@ -9,15 +11,20 @@ import gzip
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from mellama_train.config import SourceConfig, resolve
+from mellama_train.data.pipeline import build_train_batches
 from mellama_train.metrics import read_metrics
-from mellama_train.sample_data import sample_path
+from mellama_train.sample_data import TOKENIZER_DIR, sample_path
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "ZXQ-CANARY-7781"
@@ -87,6 +94,124 @@ def scan(root: Path) -> dict[str, int]:
         if n:
             hits[str(path.relative_to(root))] = n
     return hits
+
+
+# ---- token ids: every integer sequence, decoded ----------------------------------------------------------
+
+_INT_RUN = re.compile(r"-?\d+(?:[\s,;\[\]()]+-?\d+)+")
+
+
+def integer_sequences(value: object) -> list[list[int]]:
+    """Every sequence of integers inside a loaded object: each list/tuple of ints, each integer tensor, and all
+    the integers of the object in order (tokens scattered over a dict's values are found too)."""
+    runs: list[list[int]] = []
+    every: list[int] = []
+
+    def walk(v: object) -> None:
+        if isinstance(v, bool):
+            return
+        if isinstance(v, int):
+            every.append(v)
+        elif isinstance(v, torch.Tensor):
+            if not v.is_floating_point() and not v.is_complex() and v.numel():
+                runs.append([int(x) for x in v.flatten().tolist()])
+        elif isinstance(v, str):
+            runs.extend(integer_sequences_in_text(v))
+        elif isinstance(v, dict):
+            for item in v.values():
+                walk(item)
+        elif isinstance(v, list | tuple):
+            ints = [x for x in v if isinstance(x, int) and not isinstance(x, bool)]
+            if len(ints) > 1:
+                runs.append(ints)
+            for item in v:
+                walk(item)
+
+    walk(value)
+    return runs + [every]
+
+
+def integer_sequences_in_text(text: str) -> list[list[int]]:
+    return [[int(x) for x in re.findall(r"-?\d+", run)] for run in _INT_RUN.findall(text)]
+
+
+def file_integer_sequences(path: Path) -> list[list[int]]:
+    """Integer sequences of one file the runs wrote: .pt files through weights-only loading (which must succeed
+    for the rank files), JSON through json, any other text through a regex over its digits."""
+    if path.suffix == ".pt":
+        try:
+            return integer_sequences(torch.load(path, weights_only=True, map_location="cpu"))
+        except Exception:
+            assert not path.name.startswith("rank_"), f"{path} is not loadable with weights_only=True"
+            return []  # a DeepSpeed shard that holds more than tensors: its integers are optimizer counters
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return []
+    if path.suffix == ".json":
+        return integer_sequences(json.loads(text))
+    if path.suffix == ".jsonl":
+        return [
+            run for line in text.splitlines() if line.strip() for run in integer_sequences(json.loads(line))
+        ]
+    return integer_sequences_in_text(text)
+
+
+def decodes_to_canary(runs: list[list[int]], tokenizer) -> bool:
+    """True when some run of in-vocabulary ids decodes to text holding the canary."""
+    vocab = len(tokenizer)
+    for run in runs:
+        segment: list[int] = []
+        for token in [*run, -1]:
+            if 0 <= token < vocab:
+                segment.append(token)
+                continue
+            if len(segment) > 1:
+                text = tokenizer.decode(segment, skip_special_tokens=True)
+                if CANARY in text or CANARY in text.replace(" ", ""):
+                    return True
+            segment = []
+    return False
+
+
+def token_hits(root: Path, tokenizer) -> list[str]:
+    return [
+        str(path.relative_to(root))
+        for path in sorted(p for p in root.rglob("*") if p.is_file())
+        if path.suffix in (".pt", ".json", ".jsonl", ".log", ".txt")
+        and decodes_to_canary(file_integer_sequences(path), tokenizer)
+    ]
+
+
+def test_data_positions_hold_no_token_of_a_document_and_the_scan_would_find_one(tmp_path):
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    mimic_with_canary(tmp_path / "discharge.csv.gz")
+    instructions_with_canary(tmp_path / "instructions.jsonl")
+    cfg = resolve("tiny", overrides=["data.seq_len=16", "train.micro_batch_size=1"])
+    cfg.data.sources = [SourceConfig(name="mimic", paths=[str(tmp_path / "discharge.csv.gz")])]
+    tune = resolve("tiny", task="tune", overrides=["data.seq_len=300", "data.pack=true"])
+    tune.data.sources = [SourceConfig(name="notes", paths=[str(tmp_path / "instructions.jsonl")])]
+    states = tmp_path / "states"
+    states.mkdir()
+    in_progress = carried = 0  # the cases that once stored tokens: a document split across sequences, and
+    for name, config in (("pretrain", cfg), ("tune", tune)):  # an example carried to the next packed row
+        batches = build_train_batches(config, tokenizer, 0, 1)
+        for step in range(12):
+            next(batches)
+            state = batches.state_dict()
+            in_progress += state["sources"].get("mimic", {}).get("offset", 0) > 0
+            carried += state.get("carry") is not None
+            torch.save({"data": state}, states / f"rank_{name}_{step:02d}.pt")
+    assert in_progress and carried
+    assert token_hits(states, tokenizer) == []
+    assert scan(states) == {}
+    # The scan can fail: a position that kept the unread tokens of the current document, as they once did.
+    ids = tokenizer(f"seen by Dr {CANARY} for chest pain", add_special_tokens=False)["input_ids"]
+    torch.save({"data": {"sources": {"mimic": {"pending": ids, "epoch": 0}}}}, states / "rank_old.pt")
+    assert token_hits(states, tokenizer) == ["rank_old.pt"]
+    (states / "metrics.jsonl").write_text(json.dumps({"step": 1, "ids": ids}) + "\n")
+    (states / "train.log").write_text(f"tokens {' '.join(map(str, ids))} done\n")
+    assert token_hits(states, tokenizer) == ["metrics.jsonl", "rank_old.pt", "train.log"]
 
 
 @pytest.mark.slow
@@ -183,3 +308,10 @@ def test_a_canary_in_clinical_data_appears_nowhere_the_runs_write_or_print(tmp_p
     assert scan(runs) == {}
     for output in printed:
         assert CANARY not in output and CANARY.lower() not in output
+    # Token ids too: every integer sequence in checkpoints, trainer.json, metrics and logs, and all printed.
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    assert any((runs / "pretrain" / "checkpoints").rglob("rank_*.pt"))
+    assert token_hits(runs, tokenizer) == []
+    assert not decodes_to_canary(
+        [run for out in printed for run in integer_sequences_in_text(out)], tokenizer
+    )

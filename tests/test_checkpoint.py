@@ -1,102 +1,367 @@
-"""Which checkpoint a run resumes from, what retention deletes, and how a damaged checkpoint is caught: on fake
-step directories written through checkpoint.save with a stub engine (no DeepSpeed), plus one real run."""
+"""Which checkpoint a run resumes from, what retention deletes, and how a damaged or planted checkpoint is caught.
+
+Checkpoints here are written by the real save path (checkpoint.save, rank 0 of a world of one) with a stub engine
+that writes real torch files the way DeepSpeed lays them out; the resume checks read them with the real code
+(digests, weights-only unpickling, DeepSpeed's counters). tests/test_checkpoint_faults.py plants faults in real
+DeepSpeed checkpoints and resumes them through the entry point."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import os
+import pickle
+import shutil
+import subprocess
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_train_e2e import interrupted_copy, losses, single
+import torch
 
-from mellama_train import checkpoint
-from mellama_train.checkpoint import COMPLETE, TrainerState, find_resume_point, tag_for
-
-
-def make(root, step, complete=True):
-    """A step directory with a marker of the old plain-text kind (no manifest), or none."""
-    path = root / "checkpoints" / tag_for(step)
-    path.mkdir(parents=True)
-    if complete:
-        (path / COMPLETE).write_text("ok\n")
-    return path
-
+from mellama_train import checkpoint, engine, integrity
+from mellama_train.checkpoint import (
+    COMPLETE,
+    CheckpointWriteError,
+    TrainerState,
+    find_resume_point,
+    resume_candidates,
+    tag_for,
+)
 
 SHARD = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 class StubEngine:
-    """What checkpoint.save/load need of the DeepSpeed engine: it writes two fake shards, or fails to load."""
+    """What checkpoint.save/load need of the engine, writing files shaped like DeepSpeed's ZeRO-3 ones."""
 
-    def __init__(self, load_error: Exception | None = None):
-        self.load_error = load_error
+    def __init__(self, steps: int = 0, shard_bytes: int = 4000, fail_load: bool = False):
+        self.steps, self.shard_bytes, self.fail_load = steps, shard_bytes, fail_load
         self.loaded: list[str] = []
 
-    def save(self, checkpoints_dir: str, tag: str) -> None:
+    def save(self, checkpoints_dir: str, tag: str) -> dict[str, integrity.FileDigest]:
         path = Path(checkpoints_dir) / tag
-        path.mkdir(parents=True, exist_ok=True)
-        (path / SHARD).write_bytes(b"o" * 1000)
-        (path / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"m" * 300)
+        model = {"global_steps": self.steps, "skipped_steps": 0, "lr_scheduler": {"last_epoch": self.steps}}
+        optim = {
+            "optimizer_state_dict": {"moments": torch.arange(self.shard_bytes // 4, dtype=torch.float32)}
+        }
+        return {
+            str(path / MODEL): integrity.save_torch(model, path / MODEL),
+            str(path / SHARD): integrity.save_torch(optim, path / SHARD),
+        }
+
+    def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
+        return engine.step_counters(step_dir, rank)  # the real reader of DeepSpeed's counters
 
     def load(self, checkpoints_dir: str, tag: str) -> None:
+        if self.fail_load:
+            raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
         self.loaded.append(tag)
-        if self.load_error is not None:
-            raise self.load_error
+        self.steps = int(tag.split("_")[1])
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self.steps
 
 
-def saved(root, step, keep_last=3):
-    """A checkpoint written by the real save path (rank 0 of a world of one), manifest included."""
+def saved(root: Path, step: int, keep_last: int = 5, **stub) -> Path:
+    """A checkpoint of step `step` written by checkpoint.save."""
     trainer = TrainerState(step=step, tokens_by_source={"pubmed": 64 * step})
-    return checkpoint.save(StubEngine(), root / "checkpoints", trainer, {"position": step}, 0, keep_last)
+    data = {"tokens_by_source": {"pubmed": 64 * step}, "position": step}
+    return checkpoint.save(StubEngine(step, **stub), root / "checkpoints", trainer, data, 0, keep_last)
 
 
-def test_save_writes_last_a_manifest_of_every_file_with_its_size(tmp_path):
+def resume(root: Path, resume_arg: str = "auto") -> tuple[Path, TrainerState, dict]:
+    """What a restarted run of one rank resumes from."""
+    return checkpoint.load(StubEngine(), resume_candidates(root, resume_arg), rank=0, world_size=1)
+
+
+def seal(path: Path, world_size: int = 1) -> None:
+    """A manifest for a hand-made step directory (fake runs in other tests): every file present, rank 0."""
+    files = {}
+    for item in sorted(path.rglob("*")):
+        if item.is_file() and item.name != COMPLETE:
+            digest = integrity.file_digest(item)
+            files[item.relative_to(path).as_posix()] = {
+                "bytes": digest.size,
+                "sha256": digest.sha256,
+                "rank": 0,
+            }
+    step = int(path.name.split("_")[1])
+    body = {"format": 2, "tag": path.name, "step": step, "world_size": world_size, "files": files}
+    (path / COMPLETE).write_text(json.dumps({**body, "manifest_sha256": integrity.json_digest(body)}))
+
+
+def reseal(path: Path, key: bytes | None = None) -> None:
+    """Recompute every digest of a checkpoint's manifest, as an attacker who edits files and marker would (with
+    `key`: an HMAC seal made with that key, the attacker's guess)."""
+    marker = json.loads((path / COMPLETE).read_text())
+    marker.pop("manifest_sha256", None)
+    marker.pop("manifest_hmac", None)
+    for name, entry in marker["files"].items():
+        digest = integrity.file_digest(path / name)
+        entry.update(bytes=digest.size, sha256=digest.sha256)
+    seal_name = "manifest_hmac" if key else "manifest_sha256"
+    marker[seal_name] = integrity.json_digest(marker, key)
+    (path / COMPLETE).write_text(json.dumps(marker))
+
+
+def flip_a_bit(path: Path, offset_from_end: int = 200) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(-offset_from_end, os.SEEK_END)
+        byte = fh.read(1)[0]
+        fh.seek(-offset_from_end, os.SEEK_END)
+        fh.write(bytes([byte ^ 0x04]))
+
+
+class Payload:
+    """A pickle that runs a command when unpickled, as a planted shard would."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant_payload(file: Path, witness: Path) -> None:
+    """Replace the pickle inside a torch zip file with one that would run `touch witness`."""
+    with zipfile.ZipFile(file) as zf:
+        entries = {info.filename: zf.read(info.filename) for info in zf.infolist()}
+    name = next(n for n in entries if n.endswith("data.pkl"))
+    entries[name] = pickle.dumps({"optimizer_state_dict": Payload(witness)}, protocol=2)
+    with zipfile.ZipFile(file, "w") as zf:
+        for entry, data in entries.items():
+            zf.writestr(entry, data)
+
+
+# ---- what a save writes -----------------------------------------------------------------------------------
+
+
+def test_save_writes_last_a_manifest_of_every_file_with_its_size_digest_and_writer(tmp_path):
     path = saved(tmp_path, 4)
     marker = json.loads((path / COMPLETE).read_text())
-    on_disk = {p.name: p.stat().st_size for p in path.iterdir() if p.name != COMPLETE}
-    assert set(on_disk) == {
-        SHARD,
-        "zero_pp_rank_0_mp_rank_00_model_states.pt",
-        "rank_00000.pt",
-        "trainer.json",
-    }
-    assert marker == {"tag": "step_00000004", "files": on_disk}
+    on_disk = {p.name: p for p in path.iterdir() if p.name != COMPLETE}
+    assert set(on_disk) == {SHARD, MODEL, "rank_00000.pt", "trainer.json"}
+    assert marker["tag"] == "step_00000004" and marker["step"] == 4 and marker["world_size"] == 1
+    for name, file in on_disk.items():  # what `sha256sum FILE` prints is what the manifest holds
+        entry = marker["files"][name]
+        assert entry == {
+            "bytes": file.stat().st_size,
+            "sha256": hashlib.sha256(file.read_bytes()).hexdigest(),
+            "rank": 0,
+        }
     assert all(p.stat().st_mtime_ns <= (path / COMPLETE).stat().st_mtime_ns for p in path.iterdir())
-    assert checkpoint.verify(path) is None
+    assert checkpoint.verify(path, deep=True) is None
+    assert not list((tmp_path / "checkpoints").glob("*.partial"))
 
 
-def test_a_truncated_shard_is_skipped_naming_it_and_the_previous_checkpoint_is_used(tmp_path, caplog):
-    older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
-    with open(newest / SHARD, "r+b") as fh:
-        fh.truncate(10)  # the disk filled up, or a copy was cut short
+def test_the_rank_file_holds_coordinates_and_counters_not_tokens(tmp_path):
+    path = saved(tmp_path, 4)
+    state = engine.safe_load(str(path / "rank_00000.pt"))
+    assert state["step"] == 4 and state["rank"] == 0 and state["world_size"] == 1
+    assert state["tokens_by_source"] == {"pubmed": 256} and state["data"]["position"] == 4
+
+
+def test_a_save_killed_half_way_leaves_a_partial_directory_that_resume_passes_over(tmp_path, caplog):
+    older = saved(tmp_path, 2)
+
+    class Killed(StubEngine):
+        def save(self, checkpoints_dir, tag):
+            super().save(checkpoints_dir, tag)
+            raise KeyboardInterrupt  # the process dies after writing its shards, before the manifest
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(Killed(4), tmp_path / "checkpoints", TrainerState(step=4), {}, 0, 5)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step_00000002", "step_00000004.partial"]  # never a step directory without a manifest
     with caplog.at_level(logging.WARNING):
-        assert find_resume_point(tmp_path, "auto") == older
-    assert (
-        f"skipping damaged checkpoint step_00000004: {newest / SHARD} is 10 bytes, expected 1000"
-        in caplog.text
-    )
+        assert resume(tmp_path)[0] == older
+    assert "skipping incomplete checkpoint(s) step_00000004.partial" in caplog.text
+    newest = saved(tmp_path, 4)  # the next save at that step replaces the partial one
+    assert checkpoint.verify(newest, deep=True) is None
+    assert not (tmp_path / "checkpoints" / "step_00000004.partial").exists()
 
 
-def test_a_missing_file_is_skipped_too(tmp_path, caplog):
+# ---- planted faults: every one is named, and the previous checkpoint is used ------------------------------
+
+
+def _truncate(path: Path) -> None:
+    with open(path / SHARD, "r+b") as fh:
+        fh.truncate(10)
+
+
+def _edit_trainer_step(path: Path) -> None:  # same length: sizes cannot see it
+    text = (path / "trainer.json").read_text()
+    (path / "trainer.json").write_text(text.replace('"step": 4', '"step": 9'))
+
+
+def _edit_trainer_step_and_reseal(path: Path) -> None:
+    _edit_trainer_step(path)
+    reseal(path)
+
+
+def _edit_rank_file_step_and_reseal(path: Path) -> None:
+    state = engine.safe_load(str(path / "rank_00000.pt"))
+    state["step"] = 40
+    torch.save(state, path / "rank_00000.pt")
+    reseal(path)
+
+
+def _edit_deepspeed_steps_and_reseal(path: Path) -> None:
+    torch.save({"global_steps": 400, "skipped_steps": 0, "lr_scheduler": {"last_epoch": 400}}, path / MODEL)
+    reseal(path)
+
+
+def _edit_token_counts_and_reseal(path: Path) -> None:
+    state = engine.safe_load(str(path / "rank_00000.pt"))
+    state["tokens_by_source"] = {"pubmed": 1}
+    torch.save(state, path / "rank_00000.pt")
+    reseal(path)
+
+
+def _edit_marker(path: Path) -> None:
+    text = (path / COMPLETE).read_text()
+    (path / COMPLETE).write_text(text.replace('"world_size": 1', '"world_size": 2'))
+
+
+def _rename_marker_tag(path: Path) -> None:  # a manifest copied from another step directory
+    marker = json.loads((path / COMPLETE).read_text())
+    marker.pop("manifest_sha256")
+    marker.update(tag="step_00000009", step=9)
+    marker["manifest_sha256"] = integrity.json_digest(marker)
+    (path / COMPLETE).write_text(json.dumps(marker))
+
+
+FAULTS = {
+    "truncated shard": (_truncate, f"{SHARD} is 10 bytes, expected"),
+    "missing rank file": (lambda p: (p / "rank_00000.pt").unlink(), "rank_00000.pt is missing"),
+    "file added beside the shards": (
+        lambda p: (p / "zero_pp_rank_0_mp_rank_01_model_states.pt").write_bytes(b"x"),
+        "zero_pp_rank_0_mp_rank_01_model_states.pt is not in its manifest",
+    ),
+    "bit flipped in the optimizer moments": (
+        lambda p: flip_a_bit(p / SHARD),
+        f"{SHARD} changed after it was written (its SHA-256 differs)",
+    ),
+    "integer edited in trainer.json": (
+        _edit_trainer_step,
+        "trainer.json changed after it was written (its SHA-256 differs)",
+    ),
+    "manifest edited": (_edit_marker, "COMPLETE was modified after it was written"),
+    "manifest of another step": (_rename_marker_tag, "describes step_00000009 (step 9), not its directory"),
+    "manifest removed": (lambda p: (p / COMPLETE).unlink(), "COMPLETE is missing"),
+    "manifest unreadable": (
+        lambda p: ((p / COMPLETE).unlink(), (p / COMPLETE).mkdir()),
+        "COMPLETE cannot be read",
+    ),
+    "trainer.json step edited, digests recomputed": (
+        _edit_trainer_step_and_reseal,
+        "counters disagree: trainer.json says step 9",
+    ),
+    "rank file step edited, digests recomputed": (
+        _edit_rank_file_step_and_reseal,
+        "counters disagree: rank_00000.pt says step 40 of rank 0",
+    ),
+    "DeepSpeed's step edited, digests recomputed": (
+        _edit_deepspeed_steps_and_reseal,
+        "counters disagree: DeepSpeed's global_steps is 400",
+    ),
+    "token counts edited, digests recomputed": (
+        _edit_token_counts_and_reseal,
+        "the ranks' data positions hold {'pubmed': 1} tokens per source, trainer.json {'pubmed': 256}",
+    ),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_a_planted_fault_is_named_and_the_previous_checkpoint_is_used(tmp_path, caplog, fault):
+    plant, named = FAULTS[fault]
     older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
-    (newest / "rank_00000.pt").unlink()
+    plant(newest)
     with caplog.at_level(logging.WARNING):
-        assert find_resume_point(tmp_path, "auto") == older
-    assert f"{newest / 'rank_00000.pt'} is missing" in caplog.text
+        path, trainer, data = resume(tmp_path)
+    assert path == older and trainer.step == 2 and data["position"] == 2
+    warning = next(r.getMessage() for r in caplog.records if "skipping damaged checkpoint" in r.getMessage())
+    assert warning.startswith("skipping damaged checkpoint step_00000004: ") and named in warning
+    assert "\n" not in warning
 
 
-def test_no_intact_checkpoint_is_an_error_naming_the_file_not_a_restart(tmp_path):
+def test_a_payload_planted_in_a_shard_never_runs(tmp_path, caplog):
+    """The attacker replaces a shard's pickle with one that runs a command, then recomputes the manifest's
+    digests: the weights-only unpickling refuses it before anything is loaded, and the older one is used."""
+    witness = tmp_path / "payload-ran"
     older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
-    (older / SHARD).write_bytes(b"")
-    (newest / "trainer.json").unlink()
+    plant_payload(newest / SHARD, witness)
+    reseal(newest)
+    with caplog.at_level(logging.WARNING):
+        assert resume(tmp_path)[0] == older
+    assert not witness.exists()
+    assert f"a file of {newest} cannot be loaded safely (UnpicklingError" in caplog.text
+    with pytest.raises(Exception):  # noqa: B017 (sanity: the planted file is a working payload)
+        engine.safe_load(str(newest / SHARD))
+    assert not witness.exists()
+
+
+def test_a_payload_in_the_only_checkpoint_is_one_line_and_never_runs(tmp_path):
+    witness = tmp_path / "payload-ran"
+    only = saved(tmp_path, 2)
+    plant_payload(only / "rank_00000.pt", witness)
+    reseal(only)
     with pytest.raises(ValueError) as err:
-        find_resume_point(tmp_path, "auto")
+        resume(tmp_path)
     message = str(err.value)
     assert "\n" not in message and "refusing to restart from step 0" in message
-    assert f"{older / SHARD} is 0 bytes, expected 1000" in message
-    assert f"{newest / 'trainer.json'} is missing" in message
+    assert f"a file of {only} cannot be loaded safely" in message
+    assert not witness.exists()
+
+
+def test_with_a_signing_key_an_edit_resealed_without_the_key_is_caught(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(integrity.SIGNING_KEY_ENV, "a secret of the lab")
+    older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
+    marker = json.loads((newest / COMPLETE).read_text())
+    assert "manifest_hmac" in marker and "manifest_sha256" not in marker
+    assert resume(tmp_path)[0] == newest  # sealed and checked with the same key
+
+    _edit_trainer_step(newest)
+    reseal(newest)  # a forger without the key can only write a plain digest...
+    with caplog.at_level(logging.WARNING):
+        assert resume(tmp_path)[0] == older
+    assert "COMPLETE is not sealed with the key in MELLAMA_CHECKPOINT_KEY" in caplog.text
+    reseal(newest, key=b"a guess")  # ...or a seal made with another key
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert resume(tmp_path)[0] == older
+    assert "COMPLETE was modified after it was written" in caplog.text
+
+    monkeypatch.delenv(integrity.SIGNING_KEY_ENV)  # a restart that forgot the key is told what to set
+    with pytest.raises(ValueError, match="is sealed with a key: set MELLAMA_CHECKPOINT_KEY"):
+        resume(tmp_path)
+
+
+def test_no_intact_checkpoint_is_an_error_naming_each_file_not_a_restart(tmp_path):
+    older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
+    (older / SHARD).write_bytes(b"")
+    flip_a_bit(newest / "rank_00000.pt")
+    with pytest.raises(ValueError) as err:
+        resume(tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and "refusing to restart from step 0" in message
+    assert f"{older / SHARD} is 0 bytes, expected" in message
+    assert f"{newest / 'rank_00000.pt'} changed after it was written" in message
     assert "restore the named file(s), or pass a new --output-dir" in message
+
+
+def test_removing_every_marker_never_turns_the_run_into_a_fresh_start(tmp_path):
+    for step in (2, 4, 6):
+        (saved(tmp_path, step) / COMPLETE).unlink()
+    for same_run in (False, True):  # not even for a requeued job of this very run
+        with pytest.raises(ValueError, match="refusing to restart from step 0"):
+            find_resume_point(tmp_path, "auto", same_run=same_run)
 
 
 def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
@@ -108,61 +373,136 @@ def test_an_explicit_damaged_checkpoint_is_refused_naming_the_file(tmp_path):
         find_resume_point(tmp_path, str(path))
 
 
-def test_a_legacy_marker_without_manifest_is_accepted(tmp_path, caplog):
-    path = make(tmp_path, 10, complete=False)
+def test_an_explicit_resume_of_a_final_model_says_how_to_train_on_from_it(tmp_path):
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as err:
+        find_resume_point(tmp_path, str(final))
+    assert "not a checkpoint directory" in str(err.value)
+    assert f"--set model.init=pretrained --set model.path={final} (tuning: --base {final})" in str(err.value)
+
+
+def test_a_marker_of_an_earlier_version_cannot_be_verified_and_is_not_trusted(tmp_path, caplog):
+    path = tmp_path / "checkpoints" / tag_for(10)
+    path.mkdir(parents=True)
     (path / COMPLETE).write_text(f"{path.name}\n")  # what versions before the manifest wrote
-    with caplog.at_level(logging.DEBUG, logger="mellama_train.checkpoint"):
-        assert find_resume_point(tmp_path, "auto") == path
-        assert find_resume_point(tmp_path, str(path)) == path
-    assert "marker without a manifest" in caplog.text
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match="without content digests and cannot be verified"):
+        find_resume_point(tmp_path, str(path))
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="refusing to restart from step 0"):
+        find_resume_point(tmp_path, "auto")
 
 
-def test_a_save_replaces_a_leftover_directory_of_the_same_step(tmp_path):
-    stale = make(tmp_path, 4)  # e.g. skipped as damaged at resume, now trained to again
-    (stale / "leftover.tmp").write_text("x")
-    path = saved(tmp_path, 4)
-    assert path == stale and not (path / "leftover.tmp").exists()
-    assert "leftover.tmp" not in json.loads((path / COMPLETE).read_text())["files"]
-
-
-def test_prune_never_deletes_the_checkpoint_just_written(tmp_path):
-    for step in (10, 20, 30):
-        saved(tmp_path, step)
-    rewritten = saved(tmp_path, 5, keep_last=2)  # resumed from an older point (--resume PATH) and saved again
-    left = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
-    assert (
-        left == ["step_00000005", "step_00000020", "step_00000030"] and checkpoint.verify(rewritten) is None
-    )
-    checkpoint._prune(tmp_path / "checkpoints", keep_last=0)  # refused by config validation; still keeps one
-    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*")] == ["step_00000030"]
-
-
-def test_resume_on_another_world_size_is_refused_saying_the_data_position_cannot_be_remapped(tmp_path):
-    path = saved(tmp_path, 4)  # written by 1 rank
-    engine = StubEngine()
-    with pytest.raises(ValueError) as err:
-        checkpoint.load(engine, path, rank=0, world_size=4)
-    message = str(err.value)
-    assert "written by 1 data-parallel ranks but this run has 4" in message
-    assert "cannot be remapped exactly" in message and "relaunch on the original 1 ranks" in message
-    assert engine.loaded == []  # refused before anything was loaded
-
-
-def test_a_shard_deepspeed_cannot_read_is_an_error_naming_the_checkpoint_and_the_previous_one(tmp_path):
+def test_a_shard_that_fails_to_load_after_every_check_is_one_line_naming_the_previous_one(tmp_path):
     older, newest = saved(tmp_path, 2), saved(tmp_path, 4)
-    damaged = StubEngine(
-        RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
-    )
+    candidates = resume_candidates(tmp_path, "auto")
     with pytest.raises(ValueError) as err:
-        checkpoint.load(damaged, newest, rank=0, world_size=1)
+        checkpoint.load(StubEngine(fail_load=True), candidates, 0, 1)
     message = str(err.value)
     assert message.startswith(f"cannot load checkpoint {newest} (RuntimeError: PytorchStreamReader failed")
     assert message.endswith(f"resume from the previous checkpoint with --resume {older}")
-    with pytest.raises(ValueError, match="pass a new --output-dir to start over"):
-        checkpoint.load(damaged, older, rank=0, world_size=1)  # nothing older to point to
-    state, data = checkpoint.load(StubEngine(), newest, rank=0, world_size=1)
-    assert state.step == 4 and state.tokens_by_source == {"pubmed": 256} and data == {"position": 4}
+
+
+def test_resume_on_another_world_size_is_refused_saying_the_data_position_cannot_be_remapped(tmp_path):
+    saved(tmp_path, 2)
+    saved(tmp_path, 4)  # written by 1 rank
+    stub = StubEngine()
+    with pytest.raises(ValueError) as err:
+        checkpoint.load(stub, resume_candidates(tmp_path, "auto"), rank=0, world_size=4)
+    message = str(err.value)
+    assert "written by 1 data-parallel ranks but this run has 4" in message
+    assert "cannot be remapped exactly" in message and "relaunch on the original 1 ranks" in message
+    assert stub.loaded == []  # refused before anything was loaded, not passed over for an older one
+
+
+# ---- saving never destroys a complete checkpoint ----------------------------------------------------------
+
+
+def test_a_save_never_overwrites_a_complete_checkpoint_it_moves_it_aside(tmp_path, caplog):
+    first = saved(tmp_path, 4)
+    digest = json.loads((first / COMPLETE).read_text())["manifest_sha256"]
+    with caplog.at_level(logging.WARNING):
+        again = saved(tmp_path, 4)  # resumed from an older point and trained through step 4 again
+    aside = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step_00000004.replaced-")]
+    assert len(aside) == 1 and json.loads((aside[0] / COMPLETE).read_text())["manifest_sha256"] == digest
+    assert checkpoint.verify(again, deep=True) is None and "moved aside" in caplog.text
+
+
+def test_prune_keeps_the_newest_and_the_one_just_written_and_reclaims_stale_partials(tmp_path):
+    for step in (10, 20, 30):
+        saved(tmp_path, step)
+    stale = tmp_path / "checkpoints" / "step_00000015.partial"
+    in_progress = tmp_path / "checkpoints" / "step_00000040.partial"  # newer than every complete one
+    stale.mkdir()
+    in_progress.mkdir()
+    rewritten = saved(tmp_path, 5, keep_last=2)  # resumed from an older point (--resume PATH) and saved again
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    # The newer history is neither counted nor deleted; the stale partial (older than the newest) is reclaimed.
+    assert left == [
+        "step_00000005",
+        "step_00000010",
+        "step_00000020",
+        "step_00000030",
+        "step_00000040.partial",
+    ]
+    assert checkpoint.verify(rewritten, deep=True) is None
+    saved(tmp_path, 35, keep_last=2)  # past them all again: the normal rule
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir())
+    assert left == ["step_00000030", "step_00000035", "step_00000040.partial"]
+    checkpoint._prune(tmp_path / "checkpoints", keep_last=0)  # refused by config validation; still keeps one
+    assert [p.name for p in (tmp_path / "checkpoints").glob("step_*[0-9]")] == ["step_00000035"]
+
+
+def test_retention_keeps_the_checkpoint_a_run_fell_back_to_not_the_damaged_one_past_it(tmp_path):
+    for step in (10, 20, 30):
+        saved(tmp_path, step)
+    flip_a_bit(tmp_path / "checkpoints" / "step_00000030" / SHARD)
+    assert resume(tmp_path)[0].name == "step_00000020"
+    saved(tmp_path, 25, keep_last=2)
+    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert left == ["step_00000020", "step_00000025", "step_00000030"]  # 20 intact, 30 kept for a person
+
+
+def test_a_checkpoint_made_read_only_to_keep_it_does_not_stop_the_run(tmp_path, monkeypatch, caplog):
+    saved(tmp_path, 10)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", refuse)  # as for a non-owner of the directory
+    monkeypatch.setattr(Path, "unlink", lambda self, missing_ok=False: refuse(self))
+    with caplog.at_level(logging.WARNING):
+        path = saved(tmp_path, 20, keep_last=1)
+    assert checkpoint.verify(path, deep=True) is None
+    assert "could not remove an old checkpoint" in caplog.text and "it is kept" in caplog.text
+
+
+def test_a_crafted_manifest_or_rank_file_is_damaged_never_a_traceback(tmp_path, caplog):
+    older = saved(tmp_path, 2)
+    crafted = {
+        "format": 1e999,
+        "files": {"../../etc/passwd": {"bytes": 1, "sha256": "0" * 64, "rank": 0}},
+    }
+    for body in crafted.items():
+        newest = saved(tmp_path, 4)
+        marker = json.loads((newest / COMPLETE).read_text())
+        marker.pop("manifest_sha256")
+        marker.update([body])
+        marker["manifest_sha256"] = integrity.json_digest(marker)
+        (newest / COMPLETE).write_text(json.dumps(marker))
+        with caplog.at_level(logging.WARNING):
+            assert resume(tmp_path)[0] == older
+        assert checkpoint.verify(newest) is not None
+        shutil.rmtree(newest)  # (a save at step 4 would move it aside; this test starts each case clean)
+    for forged in ([1, 2, 3], {"step": 4, "rank": 0, "data": {}, "tokens_by_source": {"pubmed": 256}}):
+        newest = saved(tmp_path, 4)
+        torch.save(forged, newest / "rank_00000.pt")
+        reseal(newest)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert resume(tmp_path)[0] == older
+        assert "rank_00000.pt" in caplog.text
+        shutil.rmtree(newest)
 
 
 def test_fresh_directory_starts_from_scratch(tmp_path):
@@ -170,17 +510,8 @@ def test_fresh_directory_starts_from_scratch(tmp_path):
     assert find_resume_point(tmp_path / "new", "never") is None
 
 
-def test_auto_takes_the_newest_complete_and_names_skipped_partials(tmp_path, caplog):
-    make(tmp_path, 100)
-    newest = make(tmp_path, 200)
-    make(tmp_path, 300, complete=False)  # killed while saving
-    with caplog.at_level(logging.WARNING):
-        assert find_resume_point(tmp_path, "auto") == newest
-    assert "step_00000300" in caplog.text
-
-
 def test_only_partial_checkpoints_is_an_error_not_a_restart(tmp_path):
-    make(tmp_path, 50, complete=False)
+    (tmp_path / "checkpoints" / "step_00000050.partial").mkdir(parents=True)
     with pytest.raises(ValueError, match="refusing to restart from step 0"):
         find_resume_point(tmp_path, "auto")
 
@@ -191,7 +522,7 @@ def test_only_partial_checkpoints_of_this_same_run_start_over_with_a_warning(tmp
     from mellama_train.config import resolve
     from mellama_train.outputs import same_run, write_run_record
 
-    make(tmp_path, 3, complete=False)
+    (tmp_path / "checkpoints" / "step_00000003.partial").mkdir(parents=True)
     cfg = resolve("tiny")
     assert not same_run(tmp_path, cfg)  # no run record: cannot tell whose partials these are
     write_run_record(tmp_path, cfg, {}, {}, None)
@@ -200,53 +531,75 @@ def test_only_partial_checkpoints_of_this_same_run_start_over_with_a_warning(tmp
     assert same_run(tmp_path, resolve("tiny", overrides=["train.save_every=7"]))  # may differ on a resume
     with caplog.at_level(logging.WARNING):
         assert find_resume_point(tmp_path, "auto", same_run=True) is None
-    assert "only incomplete checkpoints (step_00000003), interrupted saves of this same run" in caplog.text
+    assert (
+        "only incomplete checkpoints (step_00000003.partial), interrupted saves of this same run"
+        in caplog.text
+    )
     (tmp_path / "run_record.json").write_text('{"config": {"tr')  # a damaged record is passed over
     assert not same_run(tmp_path, cfg)
 
 
 def test_never_refuses_a_directory_with_checkpoints(tmp_path):
-    make(tmp_path, 10)
+    saved(tmp_path, 10)
     with pytest.raises(ValueError, match="choose a new --output-dir"):
         find_resume_point(tmp_path, "never")
 
 
-def test_explicit_path_must_be_complete(tmp_path):
-    good, bad = make(tmp_path, 10), make(tmp_path, 20, complete=False)
-    assert find_resume_point(tmp_path, str(good)) == good
-    with pytest.raises(ValueError, match="not a complete checkpoint"):
-        find_resume_point(tmp_path, str(bad))
+# ---- a disk that fills during a save ----------------------------------------------------------------------
 
 
-def test_prune_keeps_the_newest_complete_and_removes_stale_partials(tmp_path):
-    for step in (10, 20, 30):
-        make(tmp_path, step)
-    stale = make(tmp_path, 25, complete=False)
-    in_progress = make(
-        tmp_path, 40, complete=False
-    )  # newer than every complete one: maybe still being written
-    checkpoint._prune(tmp_path / "checkpoints", keep_last=2)
-    left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert left == ["step_00000020", "step_00000030", "step_00000040"]
-    assert not stale.exists() and in_progress.exists()
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A small filesystem that fills up for real (needs root and mount rights: CI runs as root)."""
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_real_run_resumes_from_the_older_checkpoint_when_the_newest_shard_is_truncated(tmp_path):
-    reference = tmp_path / "reference"
-    single(reference, "--max-steps", "6", "--save-every", "2")
-    out = interrupted_copy(
-        reference, tmp_path / "run", 6, ["final"]
-    )  # as if it died right after the last save
-    shard = out / "checkpoints" / "step_00000006" / SHARD
-    size = shard.stat().st_size
-    with open(shard, "r+b") as fh:
-        fh.truncate(size // 2)
+@pytest.fixture
+def small_disk(tmp_path):
+    with tmpfs(tmp_path / "disk", "2m") as mount:
+        yield mount
 
-    proc = single(out, "--max-steps", "6", "--save-every", "2")
-    warning = f"skipping damaged checkpoint step_00000006: {shard} is {size // 2} bytes, expected {size}"
-    assert warning in proc.stderr
-    record = json.loads(max(out.glob("run_record.*.json")).read_text())
-    assert record["resumed_from"] == str(out / "checkpoints" / "step_00000004")
-    assert losses(out) == losses(reference)  # steps 5-6 trained again, to the same losses exactly
-    assert checkpoint.verify(out / "checkpoints" / "step_00000006") is None  # rewritten whole
-    assert (out / "final" / "model.safetensors").is_file()
+
+def test_a_disk_that_fills_during_a_save_is_one_line_and_the_partial_save_is_ignored(small_disk):
+    older = saved(small_disk, 2, shard_bytes=1_200_000)
+    with pytest.raises(CheckpointWriteError) as err:
+        saved(small_disk, 4, shard_bytes=1_200_000)  # a second copy (2.4 MB of 2) cannot fit beside the first
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("writing step_00000004 on rank 0 failed (No space left")
+    assert "bytes free on the filesystem of" in message and "the checkpoint needs about" in message
+    assert "the partial save is left as step_00000004.partial and is ignored on resume" in message
+    assert (small_disk / "checkpoints" / "step_00000004.partial").is_dir()
+    assert resume(small_disk)[0] == older  # intact, and the partial one passed over
+
+
+# ---- `mellama-train status --verify` -----------------------------------------------------------------------
+
+
+def test_status_verify_hashes_every_checkpoint_and_names_a_damaged_one(tmp_path, capsys):
+    from mellama_train.cli import main
+    from mellama_train.config import resolve
+    from mellama_train.outputs import write_run_record
+
+    write_run_record(tmp_path, resolve("tiny"), {}, {}, None)
+    older = saved(tmp_path, 2)
+    saved(tmp_path, 4)
+    assert main(["status", str(tmp_path), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "step_00000004 (every file matches its SHA-256 in the manifest)" in out
+    assert "step_00000002 (intact)" in out
+
+    flip_a_bit(older / SHARD)  # sizes unchanged: only the content check sees it
+    assert main(["status", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["status", str(tmp_path), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert f"step_00000002 (DAMAGED: {older / SHARD} changed after it was written" in out

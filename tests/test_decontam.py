@@ -74,6 +74,7 @@ def leaked_corpus(tmp_path, leaked: list[int], total: int = 40):
     return corpus, bench
 
 
+@pytest.mark.slow
 def test_a_run_drops_overlapping_documents_and_counts_them_per_source(tmp_path, capsys):
     corpus, bench = leaked_corpus(tmp_path, leaked=[1, 4, 6])
     index = tmp_path / "decontam"

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 from test_train_e2e import LAUNCH, REPO, TINY, clean_env, run
 
@@ -43,6 +48,7 @@ def test_forgetting_monitor_compares_with_step_0_and_keeps_its_baseline():
     assert resumed.alarm
 
 
+@pytest.mark.slow
 def test_held_out_eval_at_step_0_and_every_10_steps_with_perplexity_ledger_and_status(tmp_path, capsys):
     out = tmp_path / "run"
     run(
@@ -98,6 +104,7 @@ def test_held_out_eval_at_step_0_and_every_10_steps_with_perplexity_ledger_and_s
     assert f"| {metrics[12]['eval/loss/mimic']:.4f} |" in card and "evaluation at step 12" in card
 
 
+@pytest.mark.slow
 def test_the_forgetting_alarm_stops_the_run_and_a_resume_keeps_the_step_0_baseline(tmp_path, capsys):
     out = tmp_path / "run"
     args = [FAULT_LAUNCH, "--output-dir", str(out), *TINY, "--max-steps", "12"]
@@ -136,3 +143,242 @@ def test_status_and_report_of_a_directory_that_is_no_run_say_so_in_one_line(tmp_
     assert f"{tmp_path}: no readable run_record.json; pass a run directory" in capsys.readouterr().err
     assert report_main([str(tmp_path)]) == 2
     assert "pass a run directory (its --output-dir)" in capsys.readouterr().err
+
+
+# ---- dead or alive: fabricated run directories -------------------------------------------------------------
+
+
+def fabricated_run(tmp_path, minutes_ago: float, heartbeat: dict | None = None, **last_values) -> Path:
+    """A run directory as a 100-step run leaves it after logging steps 1-20 at 1 s/step, the last one
+    `minutes_ago` minutes ago; no checkpoint. `heartbeat`: fields over a running rank 0's."""
+    from mellama_train.config import resolve
+    from mellama_train.outputs import write_run_record
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    write_run_record(
+        run, resolve("tiny", overrides=["train.max_steps=100", "train.log_every=1"]), {}, {}, None
+    )
+    end = time.time() - minutes_ago * 60
+    with open(run / "metrics.jsonl", "w") as fh:
+        for step in range(1, 21):
+            values = {"train/loss": 3.0, "train/tokens_per_sec": 100.0, "train/skipped_steps": 0}
+            values.update(last_values if step == 20 else {})
+            fh.write(json.dumps({"step": step, "time": end - (20 - step), **values}) + "\n")
+    if heartbeat is not None:
+        beat = {"host": socket.gethostname(), "pid": os.getpid(), "state": "running", "time": end}
+        started = psutil.Process().create_time()  # the watchdog of this (test) process started after it
+        beat.update(
+            started=started, phase="training", last_completed="step 20", last_progress=end, every_s=10
+        )
+        beat.update(heartbeat)
+        (run / "heartbeat.json").write_text(json.dumps(beat))
+        os.utime(run / "heartbeat.json", (beat["time"], beat["time"]))  # as last written
+    return run
+
+
+def a_dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def stamp(run: Path) -> str:
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last))
+
+
+@pytest.mark.parametrize(
+    "heartbeat, why",
+    [
+        ({"pid": "dead"}, "is gone without a word"),  # this host: its process no longer exists
+        ({"host": "another-node"}, "is gone without a word"),  # another host: its heartbeat is 8 min old
+        (None, "no process has reported on it (no heartbeat.json)"),  # a run from before heartbeats
+        ({"state": "failed (RuntimeError)"}, "it failed (RuntimeError)"),
+        ({"state": "hung (exit 76)"}, "the watchdog ended it (exit 76); read logs/hang-rank-*.txt"),
+        ({"state": "stopped (exit 75)"}, "it stopped on request (exit 75) and has not been restarted"),
+    ],
+)
+def test_a_run_without_a_live_process_or_progress_is_stalled_or_dead(tmp_path, capsys, heartbeat, why):
+    if heartbeat and heartbeat.get("pid") == "dead":
+        heartbeat = {"pid": a_dead_pid()}
+    run = fabricated_run(tmp_path, minutes_ago=8, heartbeat=heartbeat)
+    assert status_main([str(run)]) == 1
+    out = capsys.readouterr().out
+    assert f"state       STALLED OR DEAD since {stamp(run)}" in out
+    alarm = next(line for line in out.splitlines() if line.startswith("alarms"))
+    assert f"stalled or dead since {stamp(run)} (8 min ago)" in alarm and why in alarm
+    assert "relaunch" in alarm and "(nothing was saved yet)" in alarm
+    assert "time left: 1 min for 80 steps once it runs again" in out  # not a countdown of a dead run
+
+
+@pytest.mark.parametrize(
+    "heartbeat",
+    [
+        {},  # this host, this (live) process, stuck for 8 minutes: the watchdog's business, not dead
+        {"host": "another-node", "time": "now"},  # another host whose heartbeat is fresh
+    ],
+)
+def test_a_live_run_is_not_called_dead_even_without_progress(tmp_path, capsys, heartbeat):
+    if heartbeat.get("time") == "now":
+        heartbeat["time"] = time.time()
+    run = fabricated_run(tmp_path, minutes_ago=8, heartbeat=heartbeat)
+    assert status_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    host = heartbeat.get("host", socket.gethostname())
+    assert f"state       running on {host} (pid {os.getpid()}); last progress 8 min ago: step 20" in out
+    assert "alarms      none" in out
+
+
+def test_a_finished_run_and_a_stop_moments_ago_are_not_dead(tmp_path, capsys):
+    run = fabricated_run(tmp_path, minutes_ago=600, heartbeat={"state": "finished"})
+    assert status_main([str(run)]) == 0
+    assert "state       finished" in capsys.readouterr().out
+    (run / "heartbeat.json").unlink()
+    (run / "final").mkdir()
+    (run / "final" / "config.json").write_text("{}")  # a run from before heartbeats, with its final model
+    assert status_main([str(run)]) == 0
+    assert "state       finished" in capsys.readouterr().out
+
+    stopped = fabricated_run(tmp_path / "b", minutes_ago=0.1, heartbeat={"state": "stopped (exit 75)"})
+    assert status_main([str(stopped)]) == 0  # a requeue is restarting it: no alarm yet
+    assert "state       not running: it stopped on request (exit 75)" in capsys.readouterr().out
+
+
+def test_fault_counters_come_from_the_metrics_also_past_the_newest_checkpoint(tmp_path, capsys):
+    values = {
+        "train/skipped_steps": 3,
+        "train/loss_spikes": 1,
+        "data/skipped/mimic": 7,
+        "data/skipped/pubmed": 0,
+    }
+    run = fabricated_run(tmp_path, minutes_ago=0.1, heartbeat={"time": time.time()}, **values)
+    assert status_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint  none complete yet" in out
+    assert "faults      (step 20) skipped steps 3, loss spikes 1; records skipped: pubmed 0, mimic 7" in out
+
+
+def test_a_fresh_heartbeat_is_a_live_run_even_when_its_pid_is_not_visible_here(tmp_path, capsys):
+    """Rank 0 in a container on this host (same hostname, its own PID namespace): its pid names no process here,
+    or another one. The heartbeat it rewrites every 10 s is what says it is alive."""
+    invisible = a_dead_pid()
+    run = fabricated_run(tmp_path, minutes_ago=8, heartbeat={"pid": invisible, "time": time.time()})
+    assert status_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    host = socket.gethostname()
+    assert f"state       running on {host} (pid {invisible}); last progress 8 min ago: step 20" in out
+    assert "alarms      none" in out
+
+
+# ---- hostile run files: status and report never show a traceback -------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, nested deeper than the parser's recursion limit
+
+
+def _append_metrics(run: Path, text: str) -> None:
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(text + "\n")
+
+
+def _step_dir(run: Path) -> Path:
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    return step
+
+
+def _heartbeat(run: Path, text: str) -> None:
+    (run / "heartbeat.json").write_text(text)
+    written = (
+        time.time() - 8 * 60
+    )  # as a rank 0 that died 8 minutes ago left it: the file's date is stale too
+    os.utime(run / "heartbeat.json", (written, written))
+
+
+HOSTILE = {
+    # A step directory whose marker was removed, one whose marker cannot be stat'ed (a symlink loop: ELOOP, as
+    # root too), and one that cannot be listed (not as root: root reads it anyway).
+    "marker-removed": lambda run: _step_dir(run),
+    "marker-unreadable": lambda run: (_step_dir(run) / "COMPLETE").symlink_to("COMPLETE"),
+    "step-dir-unreadable": lambda run: _step_dir(run).chmod(0),
+    # Numbers that parse but are no finite number of their type.
+    "metrics-time-inf": lambda run: _append_metrics(run, '{"step": 21, "time": 1e999, "train/loss": 3.0}'),
+    "heartbeat-progress-inf": lambda run: _heartbeat(
+        run, '{"state": "running", "last_progress": 1e999, "time": 0}'
+    ),
+    "skipped-steps-inf": lambda run: _append_metrics(run, '{"step": 21, "train/skipped_steps": 1e999}'),
+    "metrics-wrong-types": lambda run: _append_metrics(
+        run, '{"step": "21", "time": "x"}\n{"step": 22, "eval/loss": 1, "eval/loss/pubmed": "nan"}'
+    ),
+    "heartbeat-time-far-ahead": lambda run: _heartbeat(run, '{"state": "running", "time": 1e300}'),
+    "metrics-far-apart": lambda run: _append_metrics(  # finite, but the plots' axis arithmetic overflows
+        run,
+        '{"step": 21, "train/lr": 1e308}\n{"step": 22, "train/lr": -1e308, "train/tokens_per_sec": 1e308}',
+    ),
+    # Nested deeper than the JSON parser goes (RecursionError).
+    "metrics-nested": lambda run: _append_metrics(run, DEEP),
+    "heartbeat-nested": lambda run: _heartbeat(run, DEEP),
+    "run-record-nested": lambda run: (run / "run_record.99999999-000000.json").write_text(
+        '{"config": ' + DEEP + "}"
+    ),
+}
+
+
+@pytest.mark.parametrize("plant", list(HOSTILE), ids=list(HOSTILE))
+def test_hostile_run_files_give_a_status_and_a_report_never_a_traceback(tmp_path, capsys, plant):
+    """A run directory in shared scratch, with one file planted: `status` still reports (this run is dead: exit
+    1, with its alarm), and `report` still writes its page; nothing reaches stderr."""
+    run = fabricated_run(tmp_path, minutes_ago=8)
+    HOSTILE[plant](run)
+    try:
+        assert status_main([str(run)]) == 1
+        captured = capsys.readouterr()
+        assert captured.err == "" and "state       STALLED OR DEAD since" in captured.out
+        if "step-dir" in plant or "marker" in plant:
+            assert "checkpoint  step_00000010 (DAMAGED: " in captured.out
+        assert report_main([str(run), "--out", str(tmp_path / "report")]) == 0
+        captured = capsys.readouterr()
+        assert captured.err == "" and (tmp_path / "report" / "report.html").is_file()
+    finally:
+        for step in (run / "checkpoints").glob("step_*"):
+            step.chmod(0o755)
+
+
+def test_an_unexpected_failure_reading_a_run_is_one_line_naming_it_and_debug_shows_where(
+    tmp_path, capsys, monkeypatch
+):
+    """Whatever the readers do not foresee is one line naming the run directory, never a traceback."""
+    run = fabricated_run(tmp_path, minutes_ago=8)
+
+    def unforeseen(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr("mellama_train.status.read_metric_lines", unforeseen)
+    monkeypatch.setattr("mellama_train.report.read_metrics", unforeseen)
+    for main in (status_main, report_main):
+        assert main([str(run)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(
+            f"error: {run}: a file of this run directory could not"
+        )
+        assert "(RecursionError)" in err and "--debug prints the traceback" in err
+        assert main([str(run), "--debug"]) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and "in unforeseen" in err
+
+
+def test_a_nested_newer_run_record_is_passed_over_at_training_start(tmp_path):
+    """Rank 0 compares the run record before resuming (outputs.same_run): a record it cannot parse is passed
+    over, as an invalid one is, rather than a traceback on rank 0 while the other ranks wait."""
+    from mellama_train.config import resolve
+    from mellama_train.outputs import check_same_run, latest_run_record, same_run
+
+    run = fabricated_run(tmp_path, minutes_ago=8)
+    HOSTILE["run-record-nested"](run)
+    (run / "run_record.99999998-000000.json").write_text('{"config": {"data": {"sources": [1, "x"]}}}')
+    cfg = resolve("tiny", overrides=["train.max_steps=100", "train.log_every=1"])
+    assert latest_run_record(run)["config"]["data"]["sources"] == [1, "x"]  # not nested: it is the newest
+    assert not same_run(run, cfg)  # a config of another run, compared without a traceback
+    (run / "run_record.99999998-000000.json").unlink()
+    assert same_run(run, cfg)  # the nested one is passed over: the first start's record is compared
+    check_same_run(run, cfg, run / "checkpoints" / "step_00000010")

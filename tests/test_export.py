@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from test_checkpoint import reseal
 from test_train_e2e import REPO, clean_env, single
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -41,6 +42,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+@pytest.mark.slow
 def test_a_middle_checkpoint_exports_sharded_verified_and_loads(run_dir, tmp_path):
     out = tmp_path / "step3"
     proc = subprocess.run(  # the real command line, once
@@ -80,6 +82,7 @@ def test_a_middle_checkpoint_exports_sharded_verified_and_loads(run_dir, tmp_pat
     assert not torch.equal(weights(out)["lm_head.weight"].float(), final["lm_head.weight"].float())
 
 
+@pytest.mark.slow
 def test_the_run_directory_means_its_newest_checkpoint_and_fp32_equals_final_bitwise(run_dir, tmp_path):
     out = tmp_path / "newest"
     assert export(run_dir, out, "--dtype", "fp32") == 0
@@ -94,6 +97,7 @@ def tampered_copy(run_dir: Path, dest: Path) -> Path:
     return dest / "checkpoints" / "step_00000003"
 
 
+@pytest.mark.slow
 def test_probe_logits_that_do_not_match_exit_1_and_leave_nothing_in_out_dir(run_dir, tmp_path, capsys):
     ckpt = tampered_copy(run_dir, tmp_path / "copy")
     probe = ckpt / "hf" / "probe.safetensors"
@@ -101,9 +105,11 @@ def test_probe_logits_that_do_not_match_exit_1_and_leave_nothing_in_out_dir(run_
     with safe_open(str(probe), "pt") as fh:
         metadata = fh.metadata()
     tensors["logits"] = tensors["logits"] * 1.5  # what a training-time model with other weights would give
-    save_file(tensors, str(probe), metadata=metadata)  # same size: the manifest still holds
-
+    save_file(tensors, str(probe), metadata=metadata)
     out = tmp_path / "model"
+    assert export(ckpt, out) == 2  # the manifest's digest catches the edit
+    assert f"{ckpt} is damaged: {probe} changed after it was written" in capsys.readouterr().err
+    reseal(ckpt)  # as if the logits had been recorded so: only the probe check can tell
     assert export(ckpt, out) == 1
     err = capsys.readouterr().err
     assert "export NOT verified: probe logits differ from the training-time model's by" in err
@@ -114,18 +120,21 @@ def test_probe_logits_that_do_not_match_exit_1_and_leave_nothing_in_out_dir(run_
     assert export(ckpt, out) == 1 and not out.exists()
 
 
+@pytest.mark.slow
 def test_a_config_that_does_not_match_the_tensors_exits_1_before_writing(run_dir, tmp_path, capsys):
     ckpt = tampered_copy(run_dir, tmp_path / "copy")
     config = ckpt / "hf" / "config.json"
     text = config.read_text()
     assert '"num_hidden_layers": 2' in text
-    config.write_text(text.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))  # same size
+    config.write_text(text.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    reseal(ckpt)
     assert export(ckpt, tmp_path / "model") == 1
     err = capsys.readouterr().err
     assert "tensors of the model are not in the checkpoint, e.g. model.layers.2." in err
     assert not (tmp_path / "model").exists() and not (tmp_path / "model.partial").exists()
 
 
+@pytest.mark.slow
 def test_what_cannot_be_exported_gets_one_line_naming_the_fix(run_dir, tmp_path, capsys):
     assert export(tmp_path / "nothing-here", tmp_path / "a") == 2
     assert "not a checkpoint (no COMPLETE marker) nor a run directory" in capsys.readouterr().err
@@ -143,6 +152,7 @@ def test_what_cannot_be_exported_gets_one_line_naming_the_fix(run_dir, tmp_path,
     manifest = json.loads((older / "COMPLETE").read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("hf/")}
     (older / "COMPLETE").write_text(json.dumps(manifest))
+    reseal(older)
     assert export(older, tmp_path / "c") == 2
     assert "has no hf/ (config, tokenizer and probe logits)" in capsys.readouterr().err
 
@@ -157,6 +167,7 @@ def test_what_cannot_be_exported_gets_one_line_naming_the_fix(run_dir, tmp_path,
     assert (taken / "notes.txt").read_text() == "the user's"
 
 
+@pytest.mark.slow
 def test_an_unsafe_pickle_in_a_checkpoint_is_refused_without_running_it(run_dir, tmp_path, capsys):
     """A checkpoint from elsewhere is read with weights_only loads: a pickle that would run code is refused."""
     marker = tmp_path / "ran"
@@ -168,9 +179,7 @@ def test_an_unsafe_pickle_in_a_checkpoint_is_refused_without_running_it(run_dir,
     ckpt = tampered_copy(run_dir, tmp_path / "copy")
     states = next(ckpt.glob("*model_states.pt"))
     torch.save({"module": {}, "buffer_names": [], "payload": Payload()}, states, pickle_module=pickle)
-    manifest = json.loads((ckpt / "COMPLETE").read_text())
-    manifest["files"][states.name] = states.stat().st_size
-    (ckpt / "COMPLETE").write_text(json.dumps(manifest))
+    reseal(ckpt)  # the attacker recomputes the manifest's digests too
 
     assert export(ckpt, tmp_path / "model") == 2
     err = capsys.readouterr().err

@@ -1,11 +1,14 @@
 """Numerical faults and hangs: a NaN on one rank skips the step on every rank with the weights unchanged, too many
-in a row stop the run with the last good weights saved; a rank that stops making progress is dumped and ended by
-the watchdog. Faults are injected by tests/fault_launch.py (the product has no fault hooks)."""
+in a row stop the run with the last good weights saved; a rank that stops making progress anywhere (start-up, the
+step-0 evaluation, the loop, the final export, a merge) is dumped and ended by the watchdog. Faults are injected
+by tests/fault_launch.py (the product has no fault hooks)."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_e2e import REPO, TINY, clean_env
+from test_train_e2e import LAUNCH, REPO, TINY, clean_env
 
 from mellama_train.guard import EXIT_DIVERGED, SPIKE_MIN_GOOD_STEPS, StepGuard
 from mellama_train.metrics import read_metrics
@@ -111,6 +114,8 @@ def _fp32_weights(checkpoints: Path, step: int) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag=f"step_{step:08d}")
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_faults_on_one_rank_skip_the_step_everywhere_and_repeated_ones_stop_the_run(tmp_path):
     """One 2-rank run, accumulation 2 (global batch 4 = 1 x 2 ranks x 2), faults on rank 1 only. Its forward
     pass number (s - 1) * 2 + m is step s, micro-batch m:
@@ -183,6 +188,8 @@ def test_the_watchdog_dumps_every_thread_and_exits_when_nothing_progresses(tmp_p
     assert "stuck_in_a_collective" in dump and "stuck_in_a_collective" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.slow
 def test_a_sleeping_rank_is_caught_by_every_ranks_watchdog(tmp_path):
     out = tmp_path / "run"
     # rank 1 stops in its 5th forward (step 3); rank 0 then waits in the step's collective
@@ -209,3 +216,99 @@ def test_a_metrics_line_cut_by_a_kill_does_not_break_the_file(tmp_path):
     logger.close()
     metrics = read_metrics(tmp_path / "metrics.jsonl")
     assert {s: v["train/loss"] for s, v in metrics.items()} == {1: 2.0, 2: 1.5}
+
+
+# ---- hangs outside the loop: one rank, a short watchdog ----------------------------------------------------
+
+
+def _hang(tmp_path: Path, fault: str | None, *args: str, minutes: str = "0.25", env: dict | None = None):
+    """One process through tests/fault_launch.py with MELLAMA_FAULT=fault; (process, its output dir)."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        FAULT_LAUNCH if fault else LAUNCH,
+        "--output-dir",
+        str(out),
+        *TINY,
+        "--max-steps",
+        "2",
+    ]
+    cmd += ["--set", f"train.watchdog_minutes={minutes}", *args]
+    env = {**clean_env(), **({"MELLAMA_FAULT": fault} if fault else {}), **(env or {})}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return proc, out
+
+
+def _dump(proc: subprocess.CompletedProcess, out: Path) -> str:
+    assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
+    dump = (out / "logs" / "hang-rank-0.restart-0.txt").read_text()
+    assert "watchdog: rank 0: no progress for" in proc.stderr  # stderr first, then the file
+    return dump
+
+
+@pytest.mark.slow
+def test_a_rendezvous_that_never_completes_is_dumped_and_ends_76(tmp_path):
+    """Rank 0 of a world of two whose rank 1 never comes: it waits in the process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    alone = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": port,
+    }
+    proc, out = _hang(tmp_path, None, minutes="0.1", env=alone)
+    dump = _dump(proc, out)
+    assert "during start-up (train.watchdog_minutes 0.1); last completed: start of the run" in dump
+    assert "init_distributed" in dump and "distributed_c10d.py" in dump  # waiting inside the rendezvous
+
+
+@pytest.mark.slow
+def test_a_hang_while_loading_the_model_is_dumped_ends_76_and_status_says_so(tmp_path, capsys):
+    proc, out = _hang(tmp_path, "hang_load:0:1")
+    dump = _dump(proc, out)
+    assert "during start-up" in dump and "planted_hang" in dump
+    from mellama_train.cli import status_main
+
+    assert json.loads((out / "heartbeat.json").read_text())["state"] == f"hung (exit {EXIT_HUNG})"
+    status_main([str(out)])
+    assert "state       not running: the watchdog ended it (exit 76)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_hang_in_the_step_0_evaluation_is_dumped_and_ends_76(tmp_path):
+    proc, out = _hang(tmp_path, "hang_eval:0:1")
+    dump = _dump(proc, out)
+    assert "during step-0 evaluation" in dump and "last completed: start-up" in dump
+    assert "planted_hang" in dump
+    assert not [p for p in (out / "checkpoints").glob("step_*")]  # no step ran
+
+
+@pytest.mark.slow
+def test_a_hang_while_writing_final_is_dumped_and_ends_76(tmp_path):
+    proc, out = _hang(tmp_path, "hang_export:0:1")
+    dump = _dump(proc, out)
+    assert "during final export" in dump and "last completed: checkpoint step_00000002" in dump
+    assert "planted_hang" in dump and "_write_outputs" in dump
+
+
+@pytest.mark.slow
+def test_a_merge_that_hangs_is_dumped_and_ends_76(tmp_path):
+    """`mellama-train merge` on a hung filesystem: loading the base never returns (planted there)."""
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    base.mkdir()
+    adapter.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "model.safetensors").write_bytes(b"")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    cmd = [sys.executable, FAULT_LAUNCH, "merge", "--adapter", str(adapter), "--out", str(tmp_path / "out")]
+    env = {**clean_env(), "MELLAMA_FAULT": "hang_merge:0:1"}
+    proc = subprocess.run(
+        [*cmd, "--watchdog-minutes", "0.1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == EXIT_HUNG, proc.stderr[-3000:]
+    assert "during merge (--watchdog-minutes 0.1)" in proc.stderr and "planted_hang" in proc.stderr
+    assert "merge_adapter" in proc.stderr

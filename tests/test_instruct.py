@@ -118,6 +118,39 @@ def test_a_template_that_rewrites_past_turns_is_refused_with_the_fix(tokenizer):
         encoder(tokenizer)({"messages": messages})
 
 
+# LLaMA-2-chat's own rule, as in its tokenizer_config.json: a conversation that breaks it is rejected.
+ALTERNATING_TEMPLATE = (
+    "{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endfor %}"
+)
+
+
+def test_a_record_the_chat_template_rejects_is_a_counted_located_skip(tokenizer, tmp_path, caplog):
+    good = {"instruction": "Name a beta blocker.", "output": "atenolol"}
+    twice = [{"role": "user", "content": SECRET}, {"role": "user", "content": "again"}]
+    rejected = {"messages": [*twice, {"role": "assistant", "content": "c"}]}
+    path = write_jsonl(tmp_path / "qa.jsonl", [good, rejected, good])
+    cfg = tune_cfg([SourceConfig(name="qa", paths=[path])])
+    cfg.data.chat_template = ALTERNATING_TEMPLATE
+    stream = build_train_batches(cfg, tokenizer, 0, 1).mixture.streams[0]
+    with caplog.at_level("WARNING"):
+        first, second = stream.next_item(), stream.next_item()  # the rank goes on past the rejected record
+    assert first.input_ids == second.input_ids
+    assert stream.state.skipped == {"template_rejected": 1}
+    assert stream.state.first_skip == f"{path}:record 2 (TemplateError)"
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"(template_rejected) at {path}:record 2" in logged and SECRET not in logged
+
+
+def test_a_chat_template_that_does_not_compile_is_one_fatal_line(tokenizer):
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}"  # no endfor
+    with pytest.raises(ValueError) as err:
+        encoder(tokenizer)({"instruction": "q", "output": "a"})
+    assert str(err.value).startswith("data.chat_template does not compile (line 1: ")
+    assert str(err.value).endswith("fix it, or use data.chat_template=default") and "\n" not in str(err.value)
+
+
 def test_columns_rename_fields_and_bad_records_are_counted_skips(tokenizer):
     enc = encoder(tokenizer, columns={"instruction": "question", "output": "answer"})
     ex = enc({"question": "Yes or no: is aspirin an NSAID?", "answer": "yes"})

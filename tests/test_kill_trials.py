@@ -64,14 +64,14 @@ def choose(rng: random.Random, kind: str, resumed_at: int) -> Target:
     return Target("step", min(rng.randint(resumed_at + 1, resumed_at + 2 * SAVE_EVERY), STEPS - 1))
 
 
-def saving(step_dir: Path, launched_ns: int, moment: str) -> bool:
-    """step_dir is being written by this launch: it exists, has no marker yet, and was (re)created since the
-    launch (an interrupted save's leftover directory is older)."""
+def saving(partial: Path, launched_ns: int, moment: str) -> bool:
+    """The save is being written by this launch: its `step_N.partial` directory exists, has no marker yet, and was
+    (re)created since the launch (an interrupted save's leftover directory is older)."""
     try:
-        fresh = step_dir.stat().st_mtime_ns >= launched_ns
+        fresh = partial.stat().st_mtime_ns >= launched_ns
     except FileNotFoundError:
         return False
-    return fresh and not (step_dir / COMPLETE).exists() and (not moment or (step_dir / moment).exists())
+    return fresh and not (partial / COMPLETE).exists() and (not moment or (partial / moment).exists())
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -107,6 +107,7 @@ def launch_and_kill(out: Path, log: Path, port: int, target: Target) -> bool:
             start_new_session=True,  # its own process group: the kill takes the ranks with it, like a node loss
         )
     step_dir = out / "checkpoints" / tag_for(target.step)
+    partial = step_dir.with_name(f"{step_dir.name}.partial")  # where a save writes until it is complete
     deadline = time.monotonic() + 300
     try:
         while True:
@@ -117,15 +118,15 @@ def launch_and_kill(out: Path, log: Path, port: int, target: Target) -> bool:
                 break
             if target.kind == "save" and step_logged:
                 # The save follows the step's log line within milliseconds and lasts tens: poll tightly.
-                while not saving(step_dir, launched_ns, target.moment):
-                    if (step_dir / COMPLETE).exists() or proc.poll() is not None:
+                while not saving(partial, launched_ns, target.moment):
+                    if step_dir.exists() or proc.poll() is not None:
                         break  # missed it: kill now, just after the save
                     time.sleep(0.001)
                 break
             time.sleep(0.02)
     finally:
         kill_group(proc)
-    return target.kind == "save" and step_dir.is_dir() and not (step_dir / COMPLETE).exists()
+    return target.kind == "save" and partial.is_dir() and not step_dir.exists()
 
 
 @pytest.mark.slow

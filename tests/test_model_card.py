@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from test_checkpoint import seal
+
 from mellama_train.config import resolve
 from mellama_train.model_card import carry_model_card, write_model_card
 from mellama_train.outputs import source_licenses
@@ -45,7 +48,7 @@ def fake_run(run_dir: Path, task: str = "pretrain") -> None:
             "data_licenses": source_licenses(cfg),
         }
         (ckpt / "trainer.json").write_text(json.dumps(trainer))
-        (ckpt / "COMPLETE").write_text(ckpt.name)
+        seal(ckpt)
 
 
 def test_the_model_card_names_base_sources_licenses_tokens_and_steps(tmp_path):
@@ -83,3 +86,40 @@ def test_the_adapter_card_is_carried_into_the_merged_model(tmp_path):
     foreign.mkdir(parents=True)
     (foreign / "README.md").write_text("their card")
     assert carry_model_card(foreign, merged).read_text() == "their card"
+
+
+def _stale_empty_newest(run_dir: Path) -> None:  # a step directory left behind, its marker gone
+    (run_dir / "checkpoints" / "step_99999999").mkdir()
+
+
+def _nested_trainer_state_resealed(run_dir: Path) -> None:  # sizes and seal agree: only reading it fails
+    newest = run_dir / "checkpoints" / "step_00000020"
+    (newest / "trainer.json").write_text("[" * 100_000 + "]" * 100_000)
+    seal(newest)
+
+
+def _every_marker_removed(run_dir: Path) -> None:
+    for marker in (run_dir / "checkpoints").glob("step_*/COMPLETE"):
+        marker.unlink()
+
+
+@pytest.mark.parametrize(
+    "damage, steps, note",
+    [
+        (_stale_empty_newest, "- steps: 20,", "from checkpoint `step_00000020`; newer ones did not verify: "),
+        (_nested_trainer_state_resealed, "- steps: 10,", "from checkpoint `step_00000010`; newer ones did"),
+        (_every_marker_removed, "- steps: unknown,", "not given: no checkpoint of this run verifies ("),
+    ],
+    ids=["stale-empty-step-dir", "nested-trainer-json", "no-checkpoint-verifies"],
+)
+def test_a_damaged_or_stale_newest_checkpoint_never_fails_the_card(tmp_path, damage, steps, note, caplog):
+    """The card is written on rank 0 after training (write_hf_model, save_adapter): a step directory it cannot
+    trust is passed over and named, and with none left the card says its numbers are missing."""
+    run_dir = tmp_path / "run"
+    fake_run(run_dir)
+    damage(run_dir)
+    (run_dir / "final").mkdir()
+    card = write_model_card(run_dir / "final", run_dir, "model").read_text()
+    assert steps in card and note in card
+    assert f"| pubmed | {PHYSIONET} | 15 |" in card  # the sources and their terms are still there
+    assert "model card:" in caplog.text  # and the log says what was passed over

@@ -25,8 +25,10 @@ from mellama_train.plan import count
 
 bnb = pytest.importorskip("bitsandbytes")
 
+# intermediate 192, not the tiny profile's 176: every 4-bit layer's shape is one that bitsandbytes' packed CPU
+# layout also accepts (out_features % 32, in_features % 64), as real LLaMA shapes are; the last test covers 176.
 TINY_ARCH = (
-    "{vocab_size: 2048, hidden_size: 64, intermediate_size: 176, num_layers: 2, num_heads: 4,"
+    "{vocab_size: 2048, hidden_size: 64, intermediate_size: 192, num_layers: 2, num_heads: 4,"
     " num_kv_heads: 2, max_position_embeddings: 512, rope_theta: 10000.0}"
 )
 PRETRAIN_RECIPE = f"""
@@ -74,6 +76,7 @@ def stage1(recipes, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_stage1_continued_pretraining_writes_an_adapter_and_no_merged_model(stage1):
     assert (stage1 / "adapter" / "adapter_model.safetensors").is_file() and not (stage1 / "final").exists()
     adapter = json.loads((stage1 / "adapter" / "adapter_config.json").read_text())
@@ -86,6 +89,7 @@ def test_stage1_continued_pretraining_writes_an_adapter_and_no_merged_model(stag
     assert sorted(metrics) == list(range(1, 7)) and metrics[6] < metrics[1]
 
 
+@pytest.mark.slow
 def test_stage2_tunes_the_stage1_adapter_further(stage1, recipes, tmp_path):
     out = tmp_path / "stage2"
     entry(
@@ -108,6 +112,7 @@ def test_stage2_tunes_the_stage1_adapter_further(stage1, recipes, tmp_path):
     ] == str(stage1 / "base")
 
 
+@pytest.mark.slow
 def test_init_adapter_starts_from_the_stage1_weights(stage1, recipes):
     cfg = resolve("8gb", recipe=str(recipes["tune"]), task="tune")
     cfg.model.path, cfg.model.init_adapter = str(stage1 / "base"), str(stage1 / "adapter")
@@ -151,6 +156,7 @@ def test_the_4bit_base_keeps_embeddings_and_head_in_bf16_and_trains_only_adapter
     assert count_params(base) - adapters == count(cfg.model.arch).total
 
 
+@pytest.mark.slow
 def test_single_backend_resume_reproduces_the_uninterrupted_losses(stage1, recipes, tmp_path):
     reference = losses(stage1)
     resumed = interrupted_copy(stage1, tmp_path / "resumed", 3, ["checkpoints/step_00000006", "adapter"])
@@ -179,6 +185,7 @@ def test_the_8gb_profile_refuses_several_ranks_and_says_what_to_use():
     assert "paged_adamw_8bit; one device, no DeepSpeed; cutoff 1024 tokens" in ok.stdout
 
 
+@pytest.mark.slow
 def test_merge_folds_a_qlora_adapter_into_the_bf16_base(stage1, tmp_path):
     out = tmp_path / "merged"
     merge(stage1 / "adapter", out)
@@ -236,3 +243,60 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients(chunk):
     assert torch.equal(c1, c0) and c0.tolist() == [14.0, 19.0]
     for a, b in zip(g0, g1):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+# Shapes of the tiny 4-bit model: 176 is LLaMA's 8/3 x hidden rounded to 16, a shape bitsandbytes' packed CPU
+# layout refuses (out_features % 32, in_features % 64); 192 is the shape the tests above use.
+@pytest.mark.parametrize("intermediate", [176, 192])
+def test_nf4_layers_train_the_same_on_cpus_whose_bitsandbytes_packs_4bit_weights(
+    intermediate, recipes, tmp_path, monkeypatch
+):
+    """On a CPU with AVX512-BF16 (AMD EPYC Genoa, Intel Sapphire Rapids), bitsandbytes repacks each NF4 weight
+    for its fused CPU kernel the first time the layer runs in eval mode without gradients (our evaluation):
+    on the tiny shapes that failed its assertion "N must be divisible by block_n", and the packed kernel has
+    no backward for the training steps after the evaluation. Forcing bitsandbytes' CPU feature check on shows,
+    on any CPU, what such a machine does: the weights stay unpacked, and the evaluation and the steps after it
+    compute exactly what the step before it did."""
+    if not hasattr(bnb.nn.modules, "has_avx512bf16"):
+        pytest.skip("this bitsandbytes has no packed CPU path")
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)  # read when a Linear4bit is built
+    assert bnb.nn.Linear4bit(64, 32).support_avx512bf16_for_cpu  # the forcing reaches bitsandbytes' check
+    cfg = resolve(
+        "8gb",
+        recipe=str(recipes["pretrain"]),
+        overrides=[f"model.arch.intermediate_size={intermediate}", "lora.dropout=0.0"],
+    )
+    tokenizer = load_tokenizer(cfg)
+    write_random_base(cfg, tokenizer, tmp_path / "base")
+    cfg.model.init, cfg.model.path = "pretrained", str(tmp_path / "base")
+    model = apply_lora(build_model(cfg, tokenizer, device=torch.device("cpu")), cfg)
+    ids = torch.randint(0, len(tokenizer), (2, 32), generator=torch.Generator().manual_seed(0))
+    # LoRA B starts at zero; give the adapters values so that every gradient path carries signal.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+
+    def train_step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach(), grads
+
+    logits_before, grads_before = train_step()
+    model.eval()
+    with torch.no_grad():  # the evaluation: where bitsandbytes packs
+        logits_eval = model(input_ids=ids).logits
+    logits_after, grads_after = train_step()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+    assert torch.equal(logits_eval, logits_before)
+    assert torch.equal(logits_after, logits_before)
+    assert grads_after.keys() == grads_before.keys()
+    for name, grad in grads_before.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(grads_after[name], grad), name

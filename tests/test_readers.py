@@ -129,6 +129,85 @@ def test_broken_json_array_names_the_file_and_the_fix(tmp_path):
         read(path)
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 7, 64])
+def test_a_json_array_is_decoded_item_by_item_whatever_the_read_boundaries(tmp_path, monkeypatch, chunk):
+    items = [
+        {"text": 'caf\u00e9 "quoted" \\ back', "n": [1, 2.5e3, None, True]},
+        12345678,  # a bare number that a read boundary cuts in two must not become two items
+        {"text": "line\nbreak", "nested": {"a": [{"b": "}]"}]}},
+        {"text": DOCS[0]},
+    ]
+    path = tmp_path / "a.json.gz"
+    path.write_bytes(
+        gzip.compress(
+            (" [\n " + " ,\n\t".join(json.dumps(i, ensure_ascii=False) for i in items) + " ]\n").encode()
+        )
+    )
+    monkeypatch.setattr(readers, "_CHUNK", chunk)  # every item spans several reads
+    got = list(iter_records(str(path)))
+    assert got == [(0, items[0]), (1, Skip("bad_json", f"{path}:item 2")), (2, items[2]), (3, items[3])]
+    assert count_records(str(path)) == 4
+
+
+def test_json_array_items_over_the_size_limit_are_located_skips(tmp_path):
+    from mellama_train.data.readers import ReadOptions
+
+    path = tmp_path / "alpaca_data.json"
+    path.write_text(
+        json.dumps([{"text": "x" * 500}, {"text": DOCS[0]}, {"text": "y" * 500}, {"text": DOCS[1]}])
+    )
+    got = read(path, options=ReadOptions(max_record_bytes=300))  # the file: 1075 bytes, under 4 x 300
+    assert got == [
+        (0, Skip("too_large", f"{path}:item 1")),
+        (1, DOCS[0]),
+        (2, Skip("too_large", f"{path}:item 3")),
+        (3, DOCS[1]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["big.json", "big.json.gz"])
+def test_a_json_array_over_its_limit_is_refused_at_start_up_with_the_command_to_convert_it(tmp_path, name):
+    from mellama_train.data.readers import check_unit
+
+    path = tmp_path / name
+    data = json.dumps([{"text": f"note {i}"} for i in range(100)]).encode()  # 1890 bytes of JSON text
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    assert check_unit(str(path), None, max_record_bytes=1000) is None  # 4 x 1000 bytes: fits
+    problem = check_unit(str(path), None, max_record_bytes=400)  # 1600: does not
+    convert = f"zcat {path} | jq -c '.[]'" if name.endswith(".gz") else f"jq -c '.[]' {path}"
+    assert problem.startswith(
+        f"{path}: a JSON array of more than 1600 bytes (4 x data.max_record_bytes) is not read, as it cannot be"
+        f" streamed; convert it to JSONL, which is read as a stream: {convert} > {tmp_path / 'big.jsonl'} (or"
+        " python -c "
+    )
+    assert "\n" not in problem
+
+
+def test_a_json_array_malformed_or_too_deep_past_its_first_records_is_named_at_start_up(tmp_path):
+    from mellama_train.data.readers import check_unit
+
+    good = ", ".join(json.dumps({"text": f"note {i}"}) for i in range(30))
+    malformed, deep = tmp_path / "malformed.json", tmp_path / "deep.json"
+    malformed.write_text(f'[{good}, {{"text": oops}}]')
+    deep.write_text(f'[{good}, {{"text": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    assert check_unit(str(malformed), None).startswith(
+        f"{malformed}: invalid JSON array (malformed JSON at item 31); fix the file or convert it to JSONL"
+    )
+    assert check_unit(str(deep), None).startswith(
+        f"{deep}: invalid JSON array (JSON nested too deeply at item 31); fix the file or convert it to JSONL"
+    )
+    # Met in a run (the file changed after start-up): the items before it, then a counted skip of the rest.
+    from mellama_train.config import SourceConfig
+    from mellama_train.data.source import Exhausted, SourceStream
+
+    stream = SourceStream(SourceConfig(name="s", paths=[str(malformed)]), len, 0, 1, 0, passes=1)
+    with pytest.raises(Exhausted):
+        while True:
+            stream.next_item()
+    assert stream.state.documents == 30 and stream.state.skipped == {"unreadable_remainder": 1}
+    assert stream.state.first_skip.startswith(f"{malformed}:record 31 (malformed JSON at item 31)")
+
+
 def test_record_mode_yields_whole_records_for_every_tabular_format(tmp_path):
     rows = [{"instruction": "q1", "output": "a1"}, {"instruction": "q2", "output": "a2"}]
     jsonl = write_jsonl(tmp_path / "r.jsonl", [json.dumps(r) for r in rows])
@@ -248,6 +327,38 @@ def test_save_to_disk_dir_is_one_unit_and_is_read(tmp_path):
         read(tmp_path / "hf" / "dd")
 
 
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("state.json", '{"_data_files": ' + "[" * 100_000 + "]" * 100_000 + "}"),  # past the parser's depth
+        ("state.json", '{"_data_files": '),  # not JSON
+        ("state.json", "[]"),  # JSON of the wrong shape
+        ("dataset_info.json", '{"features": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+    ],
+    ids=["state_too_deep", "state_not_json", "state_wrong_shape", "info_too_deep"],
+)
+def test_save_to_disk_metadata_that_cannot_be_read_is_one_line_at_start_up_and_a_skip_mid_run(
+    tmp_path, name, content
+):
+    from mellama_train.config import SourceConfig
+    from mellama_train.data.readers import check_unit
+    from mellama_train.data.source import SourceStream
+
+    datasets = pytest.importorskip("datasets")
+    notes = tmp_path / "notes"
+    datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(notes)
+    stream = SourceStream(SourceConfig(name="s", paths=[str(notes)]), len, 0, 1, 0)
+    (notes / name).write_text(content)  # damaged after start-up: the file list is already known
+    problem = check_unit(str(notes), None)
+    assert problem.startswith(
+        f"{notes}: its save_to_disk metadata (state.json, dataset_info.json) cannot be read ("
+    )
+    assert problem.endswith("); save the dataset again with save_to_disk") and "\n" not in problem
+    with pytest.raises(ValueError, match="found no usable document"):  # every record is unreadable: counted
+        stream.next_item()
+    assert stream.state.skipped == {"unreadable_remainder": 2}  # (once per epoch: two epochs tried)
+
+
 # --- pubmed_xml --------------------------------------------------------------------------------------------
 
 PUBMED_XML = """<?xml version="1.0" encoding="utf-8"?>
@@ -347,3 +458,36 @@ def test_get_cleaner_composes_in_order_and_rejects_unknown_names():
         ValueError, match="'nope'; known cleaners: collapse_whitespace, mimic_deid, strip_control"
     ):
         get_cleaner(["mimic_deid", "nope"])
+
+
+# --- records over the size limit, multi-frame zstd ---------------------------------------------------------
+
+
+def test_records_over_the_size_limit_are_located_skips_in_every_format(tmp_path):
+    from mellama_train.data.readers import ReadOptions
+
+    small = ReadOptions(max_record_bytes=100)
+    big = "x " * 200
+    jsonl = write_jsonl(tmp_path / "a.jsonl", [json.dumps({"text": big}), json.dumps({"text": "ok"})])
+    assert read(jsonl, options=small) == [(0, Skip("too_large", f"{jsonl}:line 1")), (1, "ok")]
+    # A CSV record past the limit is read past up to the line where its quotes balance, and parsing goes on.
+    csv_path = write_csv(tmp_path / "a.csv", ["id", "text"], [["1", 'a "quoted"\n' * 30], ["2", "next, row"]])
+    assert read(csv_path, options=small) == [(0, Skip("too_large", f"{csv_path}:row 1")), (1, "next, row")]
+    (tmp_path / "r.txt").write_text(big)
+    assert read(tmp_path / "r.txt", options=small) == [(0, Skip("too_large", str(tmp_path / "r.txt")))]
+    pq.write_table(pa.table({"text": [big, "ok"]}), tmp_path / "a.parquet")
+    parquet = str(tmp_path / "a.parquet")
+    assert read(parquet, options=small) == [(0, Skip("too_large", f"{parquet}:row 1")), (1, "ok")]
+    xml = tmp_path / "big.xml"
+    xml.write_text(PUBMED_XML.replace("Why we looked.", "Why we looked. " * 20))
+    assert [r for _, r in read(xml, options=small)][:2] == [
+        Skip("too_large", f"{xml}:article 1"),
+        "Title only.",
+    ]
+
+
+def test_a_zstd_file_of_several_frames_is_read_through_all_of_them(tmp_path):
+    frames = [zstandard.ZstdCompressor().compress(f'{{"text": "{doc}"}}\n'.encode()) for doc in DOCS]
+    path = tmp_path / "multi.jsonl.zst"
+    path.write_bytes(b"".join(frames))  # as pzstd writes, or shards concatenated with cat
+    assert read(path) == as_records(DOCS)

@@ -90,6 +90,7 @@ def losses(run_dir: Path) -> dict[int, float]:
     }
 
 
+@pytest.mark.slow
 def test_single_process_run_learns_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
     single(out, "--max-steps", "12", "--save-every", "5")
@@ -148,7 +149,7 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
 
 def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):
     out = tmp_path / "run"
-    (out / "checkpoints" / "step_00000004").mkdir(parents=True)  # a save that never completed
+    (out / "checkpoints" / "step_00000004.partial").mkdir(parents=True)  # a save that never completed
     proc = subprocess.run(
         [sys.executable, LAUNCH, "--output-dir", str(out), *TINY, "--max-steps", "2"],
         cwd=REPO,
@@ -157,7 +158,10 @@ def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):
         timeout=300,
     )
     assert proc.returncode != 0
-    assert "holds only incomplete checkpoints (step_00000004); refusing to restart from step 0" in proc.stderr
+    assert (
+        "holds only incomplete checkpoints (step_00000004.partial); refusing to restart from step 0"
+        in proc.stderr
+    )
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -203,6 +207,7 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     assert report["step"] == 4 and report["problems"] == [] and report["probe"]["argmax_agreement"] > 0.5
 
 
+@pytest.mark.slow
 def test_a_stop_signal_saves_at_the_next_step_and_the_restart_continues_exactly(tmp_path):
     args = [*TINY, "--max-steps", "12", "--save-every", "100"]  # no periodic save: only the stop saves
     reference = tmp_path / "reference"

@@ -46,9 +46,21 @@ def probe_batch(cfg_overrides: list[str], tokenizer) -> dict[str, torch.Tensor]:
     return next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))
 
 
-def test_tiny_tune_writes_an_adapter_and_a_merged_model_that_reproduce_the_training_loss(tmp_path):
-    out = tmp_path / "run"
-    tune(out, "--max-steps", "6", "--save-every", "3")
+# Adapter dropout off: step 1's gradient norm can then be recomputed here exactly (the token-mean test).
+TUNE_OVERRIDES = ["lora.dropout=0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_tune(tmp_path_factory) -> Path:
+    """One 6-step tuning run of the tiny profile (checkpoints at 3 and 6), shared by the tests that read it."""
+    out = tmp_path_factory.mktemp("tune") / "run"
+    tune(out, "--max-steps", "6", "--save-every", "3", *[a for o in TUNE_OVERRIDES for a in ("--set", o)])
+    return out
+
+
+@pytest.mark.slow
+def test_tiny_tune_writes_an_adapter_and_a_merged_model_that_reproduce_the_training_loss(tiny_tune, tmp_path):
+    out = tiny_tune
     assert {p.name for p in out.iterdir()} >= {"adapter", "final", "base", "checkpoints", "metrics.jsonl"}
     adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 8 and adapter["base_model_name_or_path"] == str(out / "base")
@@ -89,12 +101,12 @@ def test_tiny_tune_writes_an_adapter_and_a_merged_model_that_reproduce_the_train
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_loss_is_the_token_mean_of_the_whole_global_batch(tmp_path):
+@pytest.mark.slow
+def test_the_loss_is_the_token_mean_of_the_whole_global_batch(tiny_tune):
     """DeepSpeed's gradient norm of step 1 equals the norm of d(global token-mean loss)/d(adapters) computed
     here from the same base, adapters and batches; a mean of per-micro-batch means gives a different norm."""
-    out = tmp_path / "run"
-    overrides = ["lora.dropout=0"]
-    tune(out, "--max-steps", "1", *[a for o in overrides for a in ("--set", o)])
+    out = tiny_tune
+    overrides = TUNE_OVERRIDES
     logged = read_metrics(out / "metrics.jsonl")[1]["train/grad_norm"]
 
     tok = AutoTokenizer.from_pretrained(out / "base")
@@ -124,6 +136,7 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.slow
 def test_tune_chains_from_a_pretraining_export_with_no_conversion(tmp_path):
     pre = tmp_path / "pre"
     tiny = [

@@ -2,15 +2,22 @@
 
 `launch/pretrain.py` = `mellama-train pretrain`, `launch/tune.py` = `mellama-train tune` (same flags, plus
 `--base`), and `mellama-train merge` folds an adapter into its base. The flag names are a contract.
+`mellama-train launch LAUNCHER ...` runs a launcher (deepspeed, torchrun) so that a stop signal reaches every
+rank and its exit code survives (preemption.supervise).
+
+Every failure a user can fix is one line naming the fix (exit 2); `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -71,6 +78,14 @@ def run_parser(task: str) -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         help="print the traceback of an input error too (default: one line naming the fix)",
+    )
+    p.add_argument(  # a --set under another name, so it needs no alias of its own
+        "--accept-data-change",
+        dest="set",
+        action="append_const",
+        const="data.accept_changes=true",
+        help="resume over data files that changed before the saved position, from the same coordinates"
+        " (= --set data.accept_changes=true; each change is logged and kept in trainer.json)",
     )
     # DeepSpeed's launcher passes --local_rank; LOCAL_RANK in the environment is what we actually read.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -164,6 +179,14 @@ def _is_rank0() -> bool:
 
 
 def run_main(task: str, argv: list[str] | None = None) -> int:
+    from mellama_train.preemption import report_exit
+
+    code = _run(task, argv)
+    report_exit(code)  # under `mellama-train launch`: the code survives a launcher that would lose it
+    return code
+
+
+def _run(task: str, argv: list[str] | None) -> int:
     args = run_parser(task).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if _is_rank0() else logging.WARNING,
@@ -186,7 +209,7 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
             examples = plan_epochs(cfg)
         except ValueError as exc:  # a data file that cannot be read: one line naming it and the fix
             _traceback_if(args.debug)
-            return _fail([str(exc)])
+            return _error(str(exc))
         if examples is not None and _is_rank0():
             logging.getLogger(__name__).info(
                 "%g epochs over %d examples = %d steps", cfg.train.epochs, examples, cfg.train.max_steps
@@ -197,6 +220,8 @@ def run_main(task: str, argv: list[str] | None = None) -> int:
         return EXIT_CONFIG if problems else 0
     if problems or missing:
         return _fail(problems + [f"missing {m}" for m in missing])
+    if problem := _unwritable_output_dir(cfg.train.output_dir):
+        return _error(problem)
 
     from mellama_train.evaluation import Forgetting
     from mellama_train.guard import Diverged
@@ -267,7 +292,7 @@ def plan_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         return _fail(exc.problems)
     except ValueError as exc:
-        return _fail([str(exc)])
+        return _error(str(exc))
     print(render(plan))
     return 0 if plan.fits else EXIT_CONFIG
 
@@ -275,37 +300,71 @@ def plan_main(argv: list[str] | None = None) -> int:
 def merge_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mellama-train merge",
-        description="Merge a LoRA adapter into its base and write a Hugging Face model (runs on CPU).",
+        description="Merge a LoRA adapter into its base and write a Hugging Face model (runs on CPU). Base and"
+        " adapter are read from safetensors only: a pickle-only file (.bin) is refused, never unpickled.",
     )
     p.add_argument("--adapter", required=True, metavar="PATH", help="adapter directory (<run>/adapter)")
     p.add_argument("--base", metavar="PATH", help="base model directory (default: the one the adapter names)")
     p.add_argument("--out", required=True, metavar="PATH", help="output directory for the merged model")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights dtype (default bf16)")
     p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the base")
+    _watchdog_flag(p, "the merge")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import json
     from pathlib import Path
 
-    import torch
-
-    from mellama_train.lora import merge_adapter
-
     base = args.base
     if base is None:
         config = Path(args.adapter) / "adapter_config.json"
         if not config.is_file():
-            return _fail([f"--adapter {args.adapter}: no adapter_config.json; pass a PEFT adapter directory"])
-        base = json.loads(config.read_text()).get("base_model_name_or_path")
+            return _error(f"--adapter {args.adapter}: no adapter_config.json; pass a PEFT adapter directory")
+        try:
+            base = json.loads(config.read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            return _error(f"{config} is not a JSON object; pass the adapter directory PEFT wrote")
         if not base:
-            return _fail([f"{config} names no base model; pass --base"])
+            return _error(f"{config} names no base model; pass --base")
+
+    import torch
+
+    from mellama_train.lora import merge_adapter
+
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     try:
-        out = merge_adapter(base, args.adapter, args.out, dtype, args.trust_remote_code)
+        with _watched(args.watchdog_minutes, "merge"):
+            out = merge_adapter(base, args.adapter, args.out, dtype, args.trust_remote_code)
     except ValueError as exc:
-        return _fail([str(exc)])
+        _traceback_if(args.debug)
+        return _error(str(exc))
+    except OSError as exc:
+        _traceback_if(args.debug)
+        return _error(_os_error(exc))
     print(f"done: {out}")
     return 0
+
+
+def launch_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train launch",
+        description="Run a launcher so that a stop reaches every rank: SIGTERM, SIGINT (Ctrl-C), SIGUSR2 or"
+        " SIGHUP sent to this process goes to each rank directly, which saves a checkpoint at its next step"
+        " and exits 75; a second SIGTERM/SIGINT ends every process at once. Exits with the ranks' own code"
+        " (75, 76, ...), which DeepSpeed's per-node launcher and torchrun would turn into 1. DeepSpeed and"
+        " torchrun still start and place the ranks.",
+        usage="mellama-train launch LAUNCHER [ARGS...]   e.g. mellama-train launch deepspeed --num_gpus 8"
+        " launch/pretrain.py --ds ds_configs/zero3.json ...",
+    )
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the launcher command line, as you would run it")
+    args = p.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    from mellama_train.preemption import supervise
+
+    try:
+        return supervise(command)
+    except ValueError as exc:
+        return _error(str(exc))
 
 
 def status_main(argv: list[str] | None = None) -> int:
@@ -316,15 +375,22 @@ def status_main(argv: list[str] | None = None) -> int:
         " checkpoint) is raised.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also hash every file of every checkpoint against its manifest's SHA-256 (reads them all)",
+    )
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     from pathlib import Path
 
     from mellama_train.status import report
 
     try:
-        lines, alarms = report(Path(args.run_dir))
-    except ValueError as exc:
-        return _fail([str(exc)])
+        lines, alarms = report(Path(args.run_dir), verify=args.verify)
+    except Exception as exc:  # noqa: BLE001 (a run directory is read back untrusted: any failure is one line)
+        _traceback_if(args.debug)
+        return _error(_unreadable_run(args.run_dir, exc))
     print("\n".join(lines))
     return 1 if alarms else 0
 
@@ -337,6 +403,7 @@ def report_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run's output directory")
     p.add_argument("--out", metavar="DIR", help="where to write (default RUN_DIR/report/)")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     from pathlib import Path
 
@@ -344,8 +411,9 @@ def report_main(argv: list[str] | None = None) -> int:
 
     try:
         page, summary = write_report(Path(args.run_dir), Path(args.out) if args.out else None)
-    except ValueError as exc:
-        return _fail([str(exc)])
+    except Exception as exc:  # noqa: BLE001 (a run directory is read back untrusted: any failure is one line)
+        _traceback_if(args.debug)
+        return _error(_unreadable_run(args.run_dir, exc))
     print("\n".join(summary))
     print(f"\nreport: {page}")
     return 0
@@ -384,6 +452,7 @@ def export_main(argv: list[str] | None = None) -> int:
         help="where the probe check runs: cpu (default), cuda, cuda:1, ..., or auto (accelerate spreads the"
         " model over GPUs, host memory and disk)",
     )
+    _watchdog_flag(p, "the export")
     p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -392,21 +461,25 @@ def export_main(argv: list[str] | None = None) -> int:
     from mellama_train.hf_export import VerificationFailed, export_checkpoint
 
     try:
-        result = export_checkpoint(
-            Path(args.checkpoint),
-            Path(args.out_dir),
-            args.dtype,
-            args.max_shard_size,
-            probe=not args.skip_probe,
-            device=args.device,
-        )
+        with _watched(args.watchdog_minutes, "export"):
+            result = export_checkpoint(
+                Path(args.checkpoint),
+                Path(args.out_dir),
+                args.dtype,
+                args.max_shard_size,
+                probe=not args.skip_probe,
+                device=args.device,
+            )
     except VerificationFailed as exc:
         _traceback_if(args.debug)
         print(f"export NOT verified: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:
         _traceback_if(args.debug)
-        return _fail([str(exc)])
+        return _error(str(exc))
+    except OSError as exc:
+        _traceback_if(args.debug)
+        return _error(_os_error(exc))
     gib = 1024**3
     print(
         f"exported {result.checkpoint} (step {result.step}) -> {result.out_dir}: {result.tensors} tensors,"
@@ -472,7 +545,7 @@ def eval_harness_main(argv: list[str] | None = None) -> int:
         )
     except ValueError as exc:
         _traceback_if(args.debug)
-        return _fail([str(exc)])
+        return _error(str(exc))
     out = eval_harness.write(
         report, Path(args.out) if args.out else Path(args.model_dir) / "eval-harness.json"
     )
@@ -520,9 +593,35 @@ def decontaminate_main(argv: list[str] | None = None) -> int:
             for path, (read, hits) in decontam.scan(loaded, args.scan, args.text_field).items():
                 print(f"scan {path}: {hits:,} of {read:,} records overlap the benchmarks")
     except ValueError as exc:
-        return _fail([str(exc)])
+        return _error(str(exc))
+    except OSError as exc:  # e.g. --out names a file: one line, not a traceback
+        return _error(_os_error(exc))
     print(f"use it: --set data.decontamination={out}")
     return 0
+
+
+def _watchdog_flag(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--watchdog-minutes",
+        type=float,
+        default=20.0,
+        metavar="M",
+        help=f"if {what} makes no progress for M minutes (a hung filesystem), print every thread's stack and"
+        " exit 76 (default 20, as train.watchdog_minutes; 0: off)",
+    )
+
+
+@contextlib.contextmanager
+def _watched(minutes: float, phase: str) -> Iterator[None]:
+    """A standalone command under the hang watchdog (dumps to stderr: there is no run directory)."""
+    from mellama_train.watchdog import Watchdog
+
+    dog = Watchdog(minutes * 60, None, 0, limit_name="--watchdog-minutes").start()
+    dog.enter(phase)
+    try:
+        yield
+    finally:
+        dog.stop()
 
 
 def _exit_together(code: int) -> None:
@@ -531,7 +630,9 @@ def _exit_together(code: int) -> None:
     would read 143 instead of `code`. After a last barrier every rank exits at once, skipping the teardown
     (the checkpoint, metrics and logs are already closed and flushed)."""
     from mellama_train import engine
+    from mellama_train.preemption import report_exit
 
+    report_exit(code)  # before the barrier: a launcher may kill this rank as soon as a peer has exited
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
@@ -547,9 +648,56 @@ def _traceback_if(debug: bool) -> None:
 
 
 def _fail(problems: list[str]) -> int:
+    """Configuration problems, all of them, one line each (rank 0 prints; every rank exits 2)."""
     if _is_rank0():
         print(ConfigError(problems), file=sys.stderr)
     return EXIT_CONFIG
+
+
+def _error(message: str) -> int:
+    """Any other input error: one line (rank 0 prints; every rank exits 2)."""
+    if _is_rank0():
+        print(f"error: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _unreadable_run(run_dir: str, exc: Exception) -> str:
+    """`status`/`report` failing on a run directory, as one line naming it: a refusal (ValueError) and a file
+    that cannot be read (OSError, e.g. --out names a file) say what to fix; anything else (a file crafted or
+    damaged past what the readers check) names the directory, the error's type and --debug."""
+    if isinstance(exc, ValueError) and not isinstance(exc, (UnicodeError, json.JSONDecodeError)):
+        message = " ".join(str(exc).splitlines())  # the readers' refusals name the file and the fix
+        return message if run_dir in message else f"{run_dir}: {message}"
+    if isinstance(exc, OSError):
+        return _os_error(exc)
+    return (
+        f"{run_dir}: a file of this run directory could not be read ({type(exc).__name__}); check that it is a"
+        " run directory this trainer wrote and that its files are intact; --debug prints the traceback"
+    )
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError as one line naming the path, what the system said, and where to look."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}; check the path, its permissions and the free space there"
+
+
+def _unwritable_output_dir(output_dir: str | None) -> str | None:
+    """Why a run could not write its output dir, or None. Checked before the process group starts: found later,
+    on rank 0 alone, it would be a traceback there and a wait for the collective timeout everywhere else."""
+    if not output_dir:
+        return None
+    from pathlib import Path
+
+    path = Path(output_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    if not existing.is_dir():
+        return f"--output-dir {output_dir}: {existing} is a file, not a directory; pass a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--output-dir {output_dir}: {existing} is not writable by this user; pass a directory you can write"
+    return None
 
 
 def main(argv: list[str] | None = None) -> Any:
@@ -559,6 +707,7 @@ def main(argv: list[str] | None = None) -> Any:
         "pretrain": pretrain_main,
         "tune": tune_main,
         "merge": merge_main,
+        "launch": launch_main,
         "plan": plan_main,
         "status": status_main,
         "report": report_main,

@@ -94,6 +94,16 @@ class DataConfig:
     """A benchmark n-gram index written by `mellama-train decontaminate`: training documents (tune: examples)
     sharing any n-gram with those benchmarks are dropped, counted as `data/decontaminated/<source>`. Held-out
     files are not screened."""
+    max_record_bytes: int = 32 * 2**20
+    """Records larger than this (bytes of a JSONL line or text file, characters of a CSV record or PubMed
+    title + abstract, bytes of a parquet/dataset text value) are skipped and counted as `too_large`, without
+    ever being held whole: it bounds a rank's memory whatever one record holds (tokenizing a record costs
+    roughly 10-100x its size). A JSON array file (`[...]`, the alpaca_data.json layout) may hold at most 4x this
+    in all: a larger one is refused at start-up with the command to convert it to JSONL."""
+    accept_changes: bool = False
+    """Resume over data files that changed before the saved position (`--accept-data-change`): continue from
+    the same coordinates (epoch, file number, record, token offset) instead of refusing; each change is logged
+    and recorded in trainer.json (`data_changes`). Documents around a change may be repeated or skipped."""
 
 
 @dataclass
@@ -224,9 +234,11 @@ class TrainConfig:
     dist_timeout_minutes: int = 30
     """Collective timeout: a rank stuck longer than this fails the job instead of hanging it."""
     watchdog_minutes: float = 20.0
-    """A rank that completes no step, evaluation or save for this long dumps every thread's Python stack to
-    stderr and logs/hang-rank-R.*.txt and exits 76 (SLURM jobs are requeued); 0 disables. Keep it below
-    dist_timeout_minutes so the dump says where each rank was."""
+    """A rank that completes nothing for this long, anywhere in the run (start-up: rendezvous, model load,
+    resume; the step-0 evaluation; a step, an evaluation or a save; the final export and merge), dumps every
+    thread's Python stack to stderr and logs/hang-rank-R.*.txt and exits 76 (SLURM jobs are requeued); 0
+    disables (rank 0's heartbeat.json is still written). Keep it above the longest single save or model load,
+    and below dist_timeout_minutes so the dump says where each rank was."""
     max_consecutive_skips: int = 5
     """A step with a non-finite loss or gradient norm (or a skipped loss spike) is skipped on every rank, the
     weights unchanged; more consecutive skips than this saves the last good state and stops the run (exit 3)."""
@@ -471,7 +483,15 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError([f"--set {text!r}: expected key.sub=value, e.g. --set optim.lr=1e-5"])
     key, raw = text.split("=", 1)
     # YAML parsing gives numbers, booleans, null and lists (`[a, b]`) their types.
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            [
+                f"--set {text!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or 'unparsable'});"
+                " complete it (a list is [a, b], a mapping {a: 1}) or quote it to pass a string"
+            ]
+        ) from None
 
 
 def resolve(
@@ -557,8 +577,21 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         elif not (Path(m.path) / "config.json").is_file():
             p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
         else:
-            max_pos = json.loads((Path(m.path) / "config.json").read_text()).get("max_position_embeddings")
-            if max_pos and d.seq_len > max_pos:
+            from mellama_train.integrity import pickle_only_problem  # (torch: imported only when validating)
+
+            # (A directory with no weights yet can still be planned and dry-run; only pickles are refused here.)
+            if problem := pickle_only_problem(Path(m.path), "model", "training", require_weights=False):
+                p.append(f"model.path: {problem}")
+            try:
+                max_pos = json.loads((Path(m.path) / "config.json").read_text()).get(
+                    "max_position_embeddings"
+                )
+            except (OSError, ValueError, AttributeError, RecursionError):
+                max_pos = None
+                p.append(
+                    f"model.path: {m.path}/config.json is not a readable JSON object; restore the model's config"
+                )
+            if isinstance(max_pos, int) and d.seq_len > max_pos:
                 p.append(
                     f"data.seq_len ({d.seq_len}) exceeds {m.path}'s max_position_embeddings ({max_pos});"
                     f" use data.seq_len <= {max_pos}"
@@ -653,6 +686,14 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         p.append(
             f"data.mixture_tolerance must be in (0, 1) (got {d.mixture_tolerance}); 0.01 = one percentage point"
         )
+    if d.max_record_bytes <= 0:
+        p.append(
+            f"data.max_record_bytes must be > 0 (got {d.max_record_bytes}); the default is 33554432 (32 MiB)"
+        )
+    else:  # every file of every source opened now, so a bad one is named before step 1 (data/source.py)
+        from mellama_train.data.source import check_sources
+
+        p += check_sources(cfg)
     if t.forgetting_margin < 0:
         p.append(f"train.forgetting_margin must be >= 0 (got {t.forgetting_margin})")
     if t.watchdog_minutes < 0 or t.max_consecutive_skips < 0 or t.loss_spike_factor < 0:
@@ -715,6 +756,13 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
             p.append(
                 f"model.init_adapter: {m.init_adapter} has no adapter_config.json; pass an adapter/ directory"
             )
+        else:
+            from mellama_train.integrity import pickle_only_problem
+
+            if problem := pickle_only_problem(
+                Path(m.init_adapter), "adapter", "training", require_weights=False
+            ):
+                p.append(f"model.init_adapter: {problem}")
         if not cfg.lora.enabled:
             p.append("model.init_adapter needs lora.enabled true (the adapter is trained further)")
     if t.precision not in ("bf16", "fp32"):

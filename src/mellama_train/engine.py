@@ -1,8 +1,9 @@
 """The DeepSpeed boundary: the only module that imports deepspeed.
 
 Everything distributed goes through here: process-group start-up, ZeRO-3 partitioned model construction,
-the wrapped model's forward/backward/step, checkpoint save/load, gathering full weights for export, and the
-offline, weights-only read of a ZeRO checkpoint for `mellama-train export`.
+the wrapped model's forward/backward/step, checkpoint save/load (every file hashed while DeepSpeed writes it, and
+read back with weights-only unpickling), gathering full weights for export, and the offline, weights-only read of
+a ZeRO checkpoint for `mellama-train export`.
 The training loop sees a small `Engine` object and never a DeepSpeed type.
 """
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from mellama_train import integrity
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +136,14 @@ class Engine:
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
         )
+        # Every file DeepSpeed saves or loads goes through its checkpoint engine: ours hashes what is written and
+        # refuses to unpickle anything but tensors and plain data (DeepSpeed's own passes weights_only=False).
+        self._files = _CheckpointFiles(self._ds.checkpoint_engine)
+        self._ds.checkpoint_engine = self._files
+        # Rank 0 also copies DeepSpeed's zero_to_fp32.py beside the checkpoints at every save, outside the
+        # checkpoint engine: on a full disk that copy must not raise out of save_checkpoint either (the other
+        # ranks would be left in DeepSpeed's final barrier).
+        self._ds._copy_recovery_script = self._files.guarded(self._ds._copy_recovery_script)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -191,6 +202,11 @@ class Engine:
     def optimizer_steps(self) -> int:
         return self._ds.global_steps
 
+    def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
+        """What this rank's DeepSpeed files of a checkpoint say about its step (checkpoint.py's consistency
+        check), read before anything is loaded."""
+        return step_counters(step_dir, rank)
+
     @property
     def step_applied(self) -> bool:
         """Whether the last accumulation-boundary step changed the weights. ZeRO-2/3 (DeepSpeed >= 0.19.8)
@@ -198,14 +214,20 @@ class Engine:
         return self._ds.was_step_applied()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
-    def save(self, checkpoints_dir: str, tag: str) -> None:
-        """Collective: every rank writes its shard of the model, optimizer and scheduler states."""
+    def save(self, checkpoints_dir: str, tag: str) -> dict[str, integrity.FileDigest]:
+        """Collective: every rank writes its shard of the model, optimizer and scheduler states. Returns the
+        digest of each file this rank wrote (path -> digest). A write that fails (a full disk) does not raise
+        inside DeepSpeed, where the other ranks would wait for this one in its barriers: it is raised here, after
+        DeepSpeed's save has ended on every rank (checkpoint.save then stops every rank together)."""
+        self._files.begin_save()
         self._ds.save_checkpoint(checkpoints_dir, tag=tag, save_latest=False)
+        return self._files.end_save()
 
     def load(self, checkpoints_dir: str, tag: str) -> None:
-        path, _ = self._ds.load_checkpoint(
-            checkpoints_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        with safe_loading():
+            path, _ = self._ds.load_checkpoint(
+                checkpoints_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
         if path is None:
             # DeepSpeed only warns and returns None: training would silently restart from step 0.
             raise RuntimeError(
@@ -262,18 +284,26 @@ def estimate_zero3_model_states(
 # ---- collectives the loop needs, kept here so the loop never touches the process group itself ----------
 
 
-@contextlib.contextmanager
-def _weights_only_loads() -> Iterator[None]:
-    """Every torch.load inside (DeepSpeed's checkpoint reader passes weights_only=False) is forced to
-    weights_only=True, with the plain data classes DeepSpeed's checkpoints pickle allowed (an enum and the loss
-    scalers: attributes only, no code runs to build them)."""
+def _deepspeed_safe_globals() -> list[Any]:
+    """The plain data classes DeepSpeed pickles into its checkpoints: an enum, the loss scalers and ZeRO-1/2's
+    `fragment_address` (numel, start) in its parameter slice mappings. Attributes only: no code of theirs runs to
+    build them. Everything else must be tensors and builtin containers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_loading() -> Iterator[None]:
+    """Every torch.load inside is forced to weights_only=True (DeepSpeed's readers pass weights_only=False),
+    with DeepSpeed's plain data classes allowed: a pickle that would build any other object (os.system, a
+    class with a __reduce__) is refused with an UnpicklingError instead of running."""
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:
-        with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler]):
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             yield
     finally:
         if previous is None:
@@ -282,14 +312,97 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+def safe_load(path: str, mmap: bool = False) -> Any:
+    """torch.load of a checkpoint file with weights-only unpickling (DeepSpeed's classes allowed). mmap: map the
+    tensors instead of reading them, to check a large shard's pickle and read its counters cheaply."""
+    with safe_loading():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+class _CheckpointFiles:
+    """Stands in for DeepSpeed's checkpoint engine (TorchCheckpointEngine): saves hash while writing, loads
+    are weights-only, everything else is delegated. Write errors are kept, not raised, until end_save()."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+        self._written: dict[str, integrity.PendingDigest] = {}
+        self._error: OSError | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def begin_save(self) -> None:
+        self._written, self._error = {}, None
+
+    def end_save(self) -> dict[str, integrity.FileDigest]:
+        digests = {}
+        for path, pending in self._written.items():  # every hash thread is joined, whatever failed
+            try:
+                digests[path] = pending.result()
+            except OSError as exc:
+                self._error = self._error or exc
+        if self._error is not None:
+            raise self._error
+        return digests
+
+    def guarded(self, write: Callable[..., None]) -> Callable[..., None]:
+        """`write`, with an OSError kept for end_save() instead of raised inside DeepSpeed's save."""
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            if self._error is not None:
+                return
+            try:
+                write(*args, **kwargs)
+            except OSError as exc:
+                self._error = exc
+
+        return call
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self.guarded(self._inner.makedirs)(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: Any, path: str) -> None:
+        if self._error is not None:
+            return  # this save has failed already: write nothing more, let DeepSpeed reach its barriers
+        try:
+            self._written[os.path.abspath(path)] = integrity.save_torch_pending(state_dict, path)
+        except OSError as exc:
+            self._error = exc
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        with safe_loading():
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def step_counters(step_dir: str, rank: int) -> dict[str, int] | None:
+    """What DeepSpeed's own files of a checkpoint say about its step, for the consistency check at resume:
+    {"global_steps", "skipped_steps", "scheduler_steps"} from the model-states file this rank loads, or None
+    when there is none (a single-device checkpoint). Read weights-only, tensors mapped, not loaded."""
+    names = [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"]
+    found = [os.path.join(step_dir, name) for name in names if os.path.isfile(os.path.join(step_dir, name))]
+    if not found:
+        return None
+    state = safe_load(found[0], mmap=True)
+    scheduler = state.get("lr_scheduler") or {}
+    return {
+        "global_steps": int(state["global_steps"]),
+        "skipped_steps": int(state.get("skipped_steps", 0)),
+        "scheduler_steps": int(scheduler.get("last_epoch", -1)),
+    }
+
+
 def lazy_zero_state_dict(checkpoints_dir: str, tag: str) -> dict[str, Any]:
     """A ZeRO-2/3 checkpoint's full fp32 state dict, offline and lazily (DeepSpeed's zero_to_fp32 reader: each
     value joins a parameter's slices from the mapped rank partitions when `.contiguous()` is called), read with
     weights-only loads so that a checkpoint from elsewhere cannot run code. No process group needed."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with _weights_only_loads():
+    with safe_loading():
         return get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag=tag, lazy_mode=True)
+
+
+def current_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -319,6 +432,15 @@ def all_reduce_max(value: int) -> int:
     box = torch.tensor([value], dtype=torch.long, device=device)
     torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
     return int(box.item())
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank (small things: file digests, problems found)."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [obj]
+    out: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from mellama_train import checkpoint
+from mellama_train import checkpoint, watchdog
 from mellama_train.export import HF_META, PROBE_FILE
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,8 @@ def resolve_checkpoint(path: Path) -> Path:
             f"{path}: not a checkpoint (no {checkpoint.COMPLETE} marker) nor a run directory with complete"
             " checkpoints; pass <run>/checkpoints/step_N or <run>"
         )
-    if problem := checkpoint.verify(found):
+    # Every file's content against its digest: an export is what people share, it must not carry a flipped bit.
+    if problem := checkpoint.verify(found, deep=True):
         raise ExportError(f"{found} is damaged: {problem}; export an earlier checkpoint of the run")
     meta = found / HF_META
     if not (meta / "config.json").is_file() or not (meta / PROBE_FILE).is_file():
@@ -267,6 +268,7 @@ def _write_shards(
     for filename, tensor_names in split.filename_to_tensors.items():
         shard = {n: _materialise(lazy[n], dtype, n, result.problems) for n in tensor_names}
         save_file(shard, str(out / filename), metadata={"format": "pt"})
+        watchdog.progress(f"export: {filename} written")  # a 70B export is many shards, each a beat
         result.bytes_written += sum(t.numel() * t.element_size() for t in shard.values())
         result.shards += 1
         del shard

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mellama_train import engine as ds_engine
+from mellama_train import integrity, watchdog
 from mellama_train.config import Config
 from mellama_train.model_card import carry_model_card, write_model_card
 
@@ -78,7 +79,9 @@ def merge_adapter(
 ) -> Path:
     """Load the base on CPU, apply the adapter, fold it into the weights and write a plain HF model.
 
-    Memory: the whole base in `dtype` on one host (26 GB for 13B, 140 GB for 70B in bf16)."""
+    Memory: the whole base in `dtype` on one host (26 GB for 13B, 140 GB for 70B in bf16).
+    Weights are read from safetensors only: a pickled .bin can run code when loaded, so a base or adapter that
+    has only that is refused (ValueError naming the file and the fix) before anything is loaded."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -86,17 +89,29 @@ def merge_adapter(
         marker = "config.json" if what == "base model" else "adapter_config.json"
         if not (Path(path) / marker).is_file():
             raise ValueError(f"{path}: no {marker}; pass the {what} directory")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+        _require_safetensors(Path(path), what)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+    watchdog.progress("merge: base loaded")
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    watchdog.progress("merge: adapter folded in")
     merged.config.use_cache = True
     out_dir = Path(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
+    watchdog.progress("merge: weights written")
     # The adapter directory's tokenizer carries the chat template used in tuning; the base's may have none.
     tokenizer_dir = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     carry_model_card(Path(adapter), out_dir)
     log.info("merged %s into %s -> %s", adapter, base, out_dir)
     return out_dir
+
+
+def _require_safetensors(path: Path, what: str) -> None:
+    """Refuse a model or adapter directory without safetensors weights, naming its pickle file and the fix."""
+    if problem := integrity.pickle_only_problem(path, what, "merge"):
+        raise ValueError(problem)
 
 
 def write_random_base(cfg: Config, tokenizer: Any, out_dir: Path) -> None:

@@ -55,17 +55,35 @@ def _ends_with_newline(path: Path) -> bool:
         return fh.read(1) == b"\n"
 
 
-def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
-    """metrics.jsonl -> {step: merged values}; later lines of a step win (steps recomputed after a resume are
-    logged again, and an eval line may share a step with a train line). A fragment left by a run killed
-    mid-write is not a record and is passed over."""
-    merged: dict[int, dict[str, Any]] = {}
-    with open(path, encoding="utf-8") as fh:
+def read_metric_lines(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records in file order: JSON objects with an integer `step`. The file is read back
+    untrusted (a shared run directory): a fragment left by a run killed mid-write, a line nested too deeply for
+    the parser, invalid UTF-8 or a `step` that is no integer is not a record and is passed over."""
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 record = json.loads(line) if line.strip() else None
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(record, dict) and "step" in record:
-                merged.setdefault(record["step"], {}).update(record)
+            if isinstance(record, dict) and type(record.get("step")) is int:
+                records.append(record)
+    return records
+
+
+def read_metrics(path: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl -> {step: merged values}; later lines of a step win (steps recomputed after a resume are
+    logged again, and an eval line may share a step with a train line). Values are as logged: a reader that
+    computes with one checks that it is a finite number (finite_number)."""
+    merged: dict[int, dict[str, Any]] = {}
+    for record in read_metric_lines(path):
+        merged.setdefault(record["step"], {}).update(record)
     return merged
+
+
+def finite_number(value: Any) -> float | None:
+    """`value` as a float when it is a finite JSON number (not a boolean), else None: a file read back may hold
+    1e999 (inf), "nan" (how log() keeps non-finite values), strings or nulls where a number was written."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None

@@ -51,6 +51,21 @@ def _nf4_config() -> Any:
     )
 
 
+def _keep_nf4_weights_unpacked(model: torch.nn.Module) -> None:
+    """On a CPU with AVX512-BF16 (AMD EPYC Genoa, Intel Sapphire Rapids), bitsandbytes' fused CPU kernel (its
+    PR #1804; 0.50.2 here) repacks a Linear4bit's weight the first time the layer runs in eval mode without
+    gradients, which our evaluation does, and keeps it packed. That layout refuses shapes (it fails unless
+    out_features % 32 == 0 and in_features % 64 == 0, e.g. the tiny models' 176) and its kernel registers no
+    backward, so the training steps after an evaluation would not pass gradients through the frozen base.
+    The dequantise-then-matmul path that bitsandbytes takes on every other CPU serves any shape and trains.
+    Linear4bit.forward reads this flag before packing; older releases lack it and never pack; GPUs never do."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def build_model(
     cfg: Config, tokenizer: Any, for_training: bool = True, device: torch.device | None = None
 ) -> torch.nn.Module:
@@ -67,9 +82,12 @@ def build_model(
     if cfg.model.init == "pretrained":
         if cfg.model.quantization == "nf4":
             common.update(quantization_config=_nf4_config(), device_map={"": str(device or "cpu")})
+        # safetensors only: a pickled .bin can run code when loaded (validation refuses such a directory first).
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, **common
+            cfg.model.path, trust_remote_code=cfg.model.trust_remote_code, use_safetensors=True, **common
         )
+        if cfg.model.quantization == "nf4":
+            _keep_nf4_weights_unpacked(model)
     else:
         torch.manual_seed(cfg.train.seed)  # every rank draws the same initial weights
         model = AutoModelForCausalLM.from_config(model_config(cfg, len(tokenizer)), **common)

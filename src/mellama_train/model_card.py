@@ -2,19 +2,26 @@
 data-use notes, tokens per source and steps, so whoever receives the weights also receives their terms.
 
 Everything comes from the run directory: the newest run record (the config the run last started with) and the
-newest complete checkpoint's trainer.json (the step and tokens per source at the end; the loop always saves the
-last step before exporting). Paths and numbers only: no training text.
+trainer.json of the newest checkpoint that verifies (the step and tokens per source at the end; the loop always
+saves the last step before exporting). Paths and numbers only: no training text.
+
+The card is written after training, on rank 0 alone: whatever it reads back (a step directory left damaged or
+stale in a shared scratch directory, an edited record) must never fail the run there. A checkpoint that does
+not verify is passed over and named in the card; with none, the card says that its numbers are missing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from mellama_train.metrics import read_metrics
+from mellama_train.metrics import finite_number, read_metrics
 from mellama_train.outputs import latest_run_record
+
+log = logging.getLogger(__name__)
 
 CARD = "README.md"
 KINDS = {
@@ -25,11 +32,67 @@ KINDS = {
 }
 
 
-def _newest_trainer_state(run_dir: Path) -> dict[str, Any]:
-    from mellama_train.checkpoint import TRAINER_STATE, complete_checkpoints
+def _trainer_state(step_dir: Path) -> dict[str, Any] | None:
+    """The fields of a checkpoint's trainer.json that the card prints, of the types written; None when it
+    cannot be read."""
+    from mellama_train.checkpoint import TRAINER_STATE
 
-    complete = complete_checkpoints(run_dir / "checkpoints")
-    return json.loads((complete[-1] / TRAINER_STATE).read_text()) if complete else {}
+    try:
+        raw = json.loads((step_dir / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        return None
+    if not isinstance(raw, dict):
+        return None
+    tokens, licenses = raw.get("tokens_by_source"), raw.get("data_licenses")
+    state: dict[str, Any] = {
+        "tokens_by_source": {
+            name: int(count)
+            for name, value in (tokens.items() if isinstance(tokens, dict) else [])
+            if (count := finite_number(value)) is not None and count >= 0
+        },
+        "data_licenses": {
+            name: note
+            for name, note in (licenses.items() if isinstance(licenses, dict) else [])
+            if isinstance(note, str)
+        },
+    }
+    if type(raw.get("step")) is int:
+        state["step"] = raw["step"]
+    return state
+
+
+def _newest_trainer_state(run_dir: Path) -> tuple[dict[str, Any], str]:
+    """(trainer state, a note for the card: which checkpoint it is from when newer ones were passed over, or
+    why there are no numbers; "" when it is the newest's) of the newest checkpoint that verifies."""
+    from mellama_train.checkpoint import complete_checkpoints, verify
+
+    try:
+        complete = complete_checkpoints(run_dir / "checkpoints")
+    except ValueError as exc:  # the checkpoints directory cannot be listed
+        log.warning("model card: %s", exc)
+        return {}, f"Step and token counts are not given: {exc}."
+    passed_over = []
+    for step_dir in reversed(complete):
+        problem = verify(step_dir)
+        state = _trainer_state(step_dir) if problem is None else None
+        if state is not None:
+            if not passed_over:
+                return state, ""
+            log.warning("model card: counts from %s; passed over %s", step_dir.name, "; ".join(passed_over))
+            return state, (
+                f"Step and token counts are from checkpoint `{step_dir.name}`; newer ones did not verify:"
+                f" {'; '.join(passed_over)}."
+            )
+        passed_over.append(problem or f"{step_dir / 'trainer.json'} cannot be read")
+    if passed_over:
+        log.warning(
+            "model card: no checkpoint verifies (%s): written without step and token counts", passed_over[0]
+        )
+        return {}, (
+            "Step and token counts are not given: no checkpoint of this run verifies"
+            f" ({'; '.join(passed_over)})."
+        )
+    return {}, ""
 
 
 def _base_model(config: dict[str, Any]) -> str:
@@ -52,7 +115,9 @@ def _last_held_out(run_dir: Path, up_to: int | None = None) -> tuple[int | None,
         return None, {}
     values = metrics[max(evals)]
     return max(evals), {
-        k.removeprefix("eval/loss/"): v for k, v in values.items() if k.startswith("eval/loss/")
+        k.removeprefix("eval/loss/"): loss
+        for k, v in values.items()
+        if k.startswith("eval/loss/") and (loss := finite_number(v)) is not None
     }
 
 
@@ -120,13 +185,21 @@ def write_model_card(out_dir: Path, run_dir: Path, kind: str, checkpoint: Path |
         return None
     path = Path(out_dir) / CARD
     if checkpoint is None:
-        trainer, held_out = _newest_trainer_state(run_dir), _last_held_out(run_dir)
-    else:
-        from mellama_train.checkpoint import TRAINER_STATE
-
-        trainer = json.loads((Path(checkpoint) / TRAINER_STATE).read_text())
+        (trainer, note), held_out = _newest_trainer_state(run_dir), _last_held_out(run_dir)
+    else:  # `mellama-train export` verified this checkpoint before exporting it
+        trainer, note = _trainer_state(Path(checkpoint)) or {}, ""
         held_out = _last_held_out(run_dir, trainer.get("step"))
-    card = render(record, trainer, kind, held_out)
+    try:
+        card = render(record, trainer, kind, held_out)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a record edited since the run began
+        log.warning("model card: the run record cannot be rendered (%s): a short card is written", exc)
+        card = (
+            f"# {Path(run_dir).name}\n\nThis directory holds {KINDS[kind]}, trained with mellama-train. Its base"
+            " model, data sources and their licenses could not be read from the run's newest run record:"
+            " see the run directory's run_record*.json before using or sharing these weights.\n"
+        )
+    if note:
+        card += note + "\n"
     if checkpoint is not None:
         card += f"Exported from checkpoint `{Path(checkpoint).name}`; its verification is in `export.json`.\n"
     path.write_text(card, encoding="utf-8")

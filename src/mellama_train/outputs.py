@@ -94,6 +94,8 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "lora.merge",  # the export step only
         "data.max_skip_fraction",  # raising these is the fix the skipped-record limit prints
         "data.skip_allowance",
+        "data.max_record_bytes",  # raising it is the fix for too many too_large skips
+        "data.accept_changes",  # --accept-data-change: the way on that a data-change refusal names
     }
 )
 # Per-source keys (data.sources.<name>.<key>) that may differ: notes and held-out evaluation.
@@ -107,11 +109,15 @@ def source_licenses(cfg: Config) -> dict[str, str | None]:
 
 def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
     """The record of the run directory's newest start (a resumed start adds run_record.<time>.json); records
-    that cannot be read (not written by this trainer, or damaged) are passed over."""
+    that cannot be read (not written by this trainer, or damaged) are passed over. A record returned is a JSON
+    object whose `config` is one that config_changes can compare."""
     for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(record, dict) and isinstance(record.get("config"), dict):
+                _flatten(record["config"])  # what same_run does with it: a record it cannot walk is damaged
+                return record
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             continue
     return None
 
@@ -122,8 +128,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if dotted == "data.sources" and isinstance(value, list):
-            flat[dotted] = [s.get("name") for s in value]  # added, removed or reordered sources
-            for src in value:
+            # A record read back: an entry that is not a mapping is no source.
+            sources = [s for s in value if isinstance(s, dict)]
+            flat[dotted] = [s.get("name") for s in sources]  # added, removed or reordered sources
+            for src in sources:
                 flat.update(_flatten(src, f"{dotted}.{src.get('name')}."))
         elif isinstance(value, dict) and value and dotted != "data.sources":
             flat.update(_flatten(value, f"{dotted}."))
@@ -197,7 +205,19 @@ def write_run_record(
     if path.exists():
         path = run_dir / f"run_record.{time.strftime('%Y%m%d-%H%M%S')}.json"
     # Atomic: a run killed while writing it must not leave a half record for the next start to compare with.
+    _write_record(path, record)
+    return path
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(tmp, path)
-    return path
+
+
+def amend_run_record(path: Path, **fields: Any) -> None:
+    """Update fields of this start's record once they are known (the checkpoint actually resumed from, after
+    damaged ones were passed over)."""
+    record = json.loads(path.read_text())
+    record.update(fields)
+    _write_record(path, record)

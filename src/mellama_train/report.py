@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import base64
 import html
-import math
+import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mellama_train.metrics import read_metrics
+from mellama_train.metrics import finite_number, read_metrics
 from mellama_train.outputs import latest_run_record
+from mellama_train.status import read_run_record
 from mellama_train.status import report as status_report
+
+log = logging.getLogger(__name__)
 
 Series = dict[str, tuple[list[int], list[float]]]
 
@@ -28,22 +32,22 @@ def _series(metrics: dict[int, dict[str, Any]], prefix: str) -> Series:
     out: Series = {}
     for step in sorted(metrics):
         for key, value in metrics[step].items():
-            if key.startswith(prefix) and isinstance(value, (int, float)) and math.isfinite(value):
+            if key.startswith(prefix) and (number := finite_number(value)) is not None:
                 steps, values = out.setdefault(key[len(prefix) :] or key, ([], []))
                 steps.append(step)
-                values.append(float(value))
+                values.append(number)
     return out
 
 
 def _key(metrics: dict[int, dict[str, Any]], key: str, label: str) -> Series:
-    """One metric as {label: (steps, values)}, or {} when it was never logged."""
-    steps = [s for s in sorted(metrics) if isinstance(metrics[s].get(key), (int, float))]
+    """One metric as {label: (steps, values)} where it is a finite number, or {} when it never was."""
+    steps = [s for s in sorted(metrics) if finite_number(metrics[s].get(key)) is not None]
     values = [float(metrics[s][key]) for s in steps]
     return {label: (steps, values)} if steps else {}
 
 
 def _plot(path: Path, title: str, ylabel: str, draw: Callable[[Any], bool]) -> bool:
-    """One PNG; False (and no file) when there was nothing to draw."""
+    """One PNG; False (and no file) when there was nothing to draw, or it cannot be drawn."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node
@@ -51,17 +55,25 @@ def _plot(path: Path, title: str, ylabel: str, draw: Callable[[Any], bool]) -> b
 
     fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=110)
     try:
-        if not draw(ax):
-            return False
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path)
+        # Finite values far apart (1e308 and -1e308 in an edited metrics.jsonl) overflow the axis arithmetic:
+        # that plot is left out, with one line, rather than the report lost or numpy's warnings printed.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if not draw(ax):
+                return False
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(path)
         return True
+    except (ValueError, OverflowError) as exc:
+        log.warning("report: %s left out: its values cannot be drawn (%s)", path.name, exc)
+        path.unlink(missing_ok=True)
+        return False
     finally:
         plt.close(fig)
 
@@ -131,18 +143,15 @@ def make_plots(metrics: dict[int, dict[str, Any]], targets: dict[str, float], ou
 def write_report(run_dir: Path, out: Path | None = None) -> tuple[Path, list[str]]:
     """Write report.html and the PNGs into `out` (default run_dir/report); returns (the page, the summary
     lines printed on the terminal). ValueError when run_dir is not a run directory."""
-    record = latest_run_record(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
-    if record is None or "config" not in record or not metrics_path.is_file():
+    if latest_run_record(run_dir) is None or not metrics_path.is_file():
         raise ValueError(
             f"{run_dir}: no run_record.json and metrics.jsonl; pass a run directory (its --output-dir)"
         )
+    record = read_run_record(run_dir)
     out = out or run_dir / "report"
     metrics = read_metrics(metrics_path)
-    sources = record["config"]["data"]["sources"]
-    total = sum(s["weight"] for s in sources) or 1.0
-    targets = {s["name"]: s["weight"] / total for s in sources}
-    pngs = make_plots(metrics, targets, out)
+    pngs = make_plots(metrics, record.targets, out)
     summary, alarms = status_report(run_dir)
 
     images = "\n".join(
@@ -150,7 +159,7 @@ def write_report(run_dir: Path, out: Path | None = None) -> tuple[Path, list[str
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.name)}</figcaption></figure>'
         for p in pngs
     )
-    title = f"{run_dir.name}: {record['config']['task']}, profile {record['config']['profile']}"
+    title = f"{run_dir.name}: {record.task}, profile {record.profile}"
     alarm_html = (
         "<ul class=alarm>" + "".join(f"<li>{html.escape(a)}</li>" for a in alarms) + "</ul>" if alarms else ""
     )

@@ -11,14 +11,14 @@ Semantics kept equal to DeepSpeed's so the loop needs no branch: `backward` divi
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mellama_train.engine import DistEnv
+from mellama_train import integrity
+from mellama_train.engine import DistEnv, safe_load
 
 STATE_FILE = "engine_state.pt"
 
@@ -61,6 +61,7 @@ class SingleDeviceEngine:
         self._params = [p for group in param_groups for p in group["params"]]
         self._micro_steps = 0
         self.optimizer_steps = 0
+        self.skipped_steps = 0
         self._grad_norm: float | None = None
         self.step_applied = True
         """Whether the last accumulation-boundary step changed the weights (see guard.py)."""
@@ -87,6 +88,8 @@ class SingleDeviceEngine:
         if self.step_applied:
             self.optimizer.step()
             self.scheduler.step()
+        else:
+            self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
 
@@ -105,7 +108,8 @@ class SingleDeviceEngine:
         return self._grad_norm
 
     # ---- checkpoints: trainable weights + optimizer + schedule in one file of the step directory ----------
-    def save(self, checkpoints_dir: str, tag: str) -> None:
+    def save(self, checkpoints_dir: str, tag: str) -> dict[str, integrity.FileDigest]:
+        """The state file, hashed while written (checkpoint.py): {path: digest}."""
         path = Path(checkpoints_dir) / tag
         path.mkdir(parents=True, exist_ok=True)
         state = {
@@ -113,9 +117,22 @@ class SingleDeviceEngine:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "optimizer_steps": self.optimizer_steps,
+            "skipped_steps": self.skipped_steps,
         }
-        torch.save(state, path / f"{STATE_FILE}.tmp")
-        os.replace(path / f"{STATE_FILE}.tmp", path / STATE_FILE)
+        return {str(path / STATE_FILE): integrity.save_torch(state, path / STATE_FILE)}
+
+    def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
+        """The optimizer, skipped and scheduler steps the state file holds (checkpoint.py's consistency check)."""
+        path = Path(step_dir) / STATE_FILE
+        if not path.is_file():
+            return None
+        state = safe_load(str(path), mmap=True)
+        steps = int(state["optimizer_steps"])
+        return {
+            "global_steps": steps,
+            "skipped_steps": int(state.get("skipped_steps", 0)),
+            "scheduler_steps": int(state["scheduler"].get("last_epoch", -1)),
+        }
 
     def load(self, checkpoints_dir: str, tag: str) -> None:
         path = Path(checkpoints_dir) / tag / STATE_FILE
@@ -124,7 +141,7 @@ class SingleDeviceEngine:
                 f"{path.parent}: no {STATE_FILE}; it was not written by train.backend single (resume it with the"
                 " backend that wrote it)"
             )
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = safe_load(str(path))
         missing, unexpected = self._module.load_state_dict(state["trainable"], strict=False)
         trainable = {n for n, p in self._module.named_parameters() if p.requires_grad}
         if unexpected or trainable - set(state["trainable"]):
@@ -135,6 +152,7 @@ class SingleDeviceEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.optimizer_steps = state["optimizer_steps"]
+        self.skipped_steps = state.get("skipped_steps", 0)
         self._micro_steps = self.optimizer_steps * self.accum_steps
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from mellama_train import checkpoint, disk_space, engine, export, lora, single_device
 from mellama_train.config import Config
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
-from mellama_train.data.source import skip_totals
+from mellama_train.data.source import CheckShare, skip_totals
 from mellama_train.ds_config import resolve_ds_config
 from mellama_train.evaluation import Forgetting, ForgettingMonitor, evaluate
 from mellama_train.guard import Diverged, StepGuard
@@ -33,6 +34,7 @@ from mellama_train.model import (
     param_groups,
 )
 from mellama_train.outputs import (
+    amend_run_record,
     check_same_run,
     default_output_dir,
     same_run,
@@ -41,7 +43,7 @@ from mellama_train.outputs import (
 )
 from mellama_train.preemption import Preempted, StopFlag
 from mellama_train.schedule import lr_lambda
-from mellama_train.watchdog import Watchdog
+from mellama_train.watchdog import Watchdog, outcome
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +74,28 @@ class Window:
 
 
 def train(cfg: Config) -> Path:
+    """The whole run, under the hang watchdog and the stop flag from its first line to its last: start-up
+    (rendezvous, model load, resume), the step-0 evaluation, the loop, the final export and merge."""
+    rank = int(os.environ.get("RANK", "0"))  # the launcher's; the process group does not exist yet
+    # A default output dir is decided on rank 0 after the rendezvous: until then a dump goes to stderr only.
+    given = Path(cfg.train.output_dir) if cfg.train.output_dir else None
+    watchdog = Watchdog(cfg.train.watchdog_minutes * 60, given, rank, heartbeat=rank == 0).start()
+    stop = StopFlag().install()
+    try:
+        run_dir = _train(cfg, watchdog, stop)
+    except BaseException as exc:
+        watchdog.stop(outcome(exc))
+        raise
+    finally:
+        stop.uninstall()
+    watchdog.stop(outcome(None))
+    return run_dir
+
+
+def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
     single = cfg.train.backend == "single"
     env = single_device.local_env() if single else engine.init_distributed(cfg.train.dist_timeout_minutes)
+    watchdog.beat("process group start-up")
     if cfg.train.world_size and cfg.train.world_size != env.world_size:
         raise ValueError(
             f"train.world_size is {cfg.train.world_size} but the launcher started {env.world_size} ranks;"
@@ -82,11 +104,13 @@ def train(cfg: Config) -> Path:
     run_dir = Path(engine.broadcast_object(cfg.train.output_dir or str(default_output_dir(cfg))))
     cfg.train.output_dir = str(run_dir)
     resume_from = _start_point(cfg, run_dir, env.is_main)
+    watchdog.set_run_dir(run_dir)  # dumps go there; rank 0's heartbeat starts (the start point was accepted)
     ds_config = {} if single else resolve_ds_config(cfg.train.ds_config, cfg)
+    record = None
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        write_run_record(
-            run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from) if resume_from else None
+        record = write_run_record(
+            run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from[0]) if resume_from else None
         )
     engine.barrier()
 
@@ -104,11 +128,13 @@ def train(cfg: Config) -> Path:
     else:
         with engine.model_construction(ds_config):
             model = build_model(cfg, tokenizer)
+    watchdog.beat("model loaded")
     n_params = count_params(model)
     flops_tok = flops_per_token(model.config, n_params, cfg.data.seq_len, frozen_base=cfg.lora.enabled)
     if cfg.lora.enabled:
         model = lora.apply_lora(model, cfg)
     eng = _make_engine(cfg, model, ds_config)
+    watchdog.beat("engine built")
     log.info(
         "model ready: %.1fM parameters (%.2fM trained), %d steps of %d sequences",
         n_params / 1e6,
@@ -120,10 +146,8 @@ def train(cfg: Config) -> Path:
     eval_passes = engine.all_reduce_max(len(eval_batches))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     state = checkpoint.TrainerState(world_size=env.world_size)
-    if resume_from is not None:
-        state, data_state = checkpoint.load(eng, resume_from, env.rank, env.world_size)
-        data.load_state_dict(data_state)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+    if resume_from:
+        state = _resume(eng, data, resume_from, env, record)
     state.data_licenses = source_licenses(cfg)  # the recipe's notes, into each checkpoint's trainer.json
 
     names = data.source_names
@@ -160,10 +184,12 @@ def train(cfg: Config) -> Path:
             path, eng.module.config, tokenizer, probe_ids, logits, cfg.train.precision
         )
 
+    watchdog.beat("start-up")
     if eval_passes and state.step == 0:  # the baseline: the model before any training step
+        watchdog.enter("step-0 evaluation")
         metrics.log(0, held_out())
-    stop = StopFlag().install()
-    watchdog = Watchdog(t.watchdog_minutes * 60, run_dir, env.rank).start()
+        watchdog.beat("step-0 evaluation")
+    watchdog.enter("training")
     eng.train()
     try:
         while state.step < cfg.total_steps:
@@ -225,10 +251,9 @@ def train(cfg: Config) -> Path:
                 metrics.close()
                 raise Preempted(state.step, stop.reason or "a peer rank's stop signal")
     finally:
-        watchdog.stop()
-        stop.uninstall()
         progress.close()
 
+    watchdog.enter("final export")
     probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # the same batch on every rank
     metrics.log(
         state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device, chunk)}
@@ -238,24 +263,61 @@ def train(cfg: Config) -> Path:
     return run_dir
 
 
-def _start_point(cfg: Config, run_dir: Path, is_main: bool) -> Path | None:
-    """Collective: the checkpoint to resume from (None: a fresh start), or the refusal, on every rank.
+def _resume(
+    eng: Any, data: Any, candidates: list[Path], env: engine.DistEnv, record: Path | None
+) -> checkpoint.TrainerState:
+    """Collective: the newest intact checkpoint of `candidates` (checkpoint.load: each rank checks its own files'
+    digests, their safe unpickling and the counters; together they fall back past a damaged one), then each
+    rank's data position, checked against the data before it (data/source.py)."""
+    loaded, state, data_state = checkpoint.load(eng, candidates, env.rank, env.world_size)
+    # Every rank read every file: the files finished earlier in the epoch are checked once, shared out over the
+    # ranks by what each one finished (data/source.py CheckShare), not re-hashed by every rank.
+    try:
+        claims = data.finished_claims(data_state)
+    except Exception:  # noqa: BLE001 (a position of the wrong shape: refused just below, on this rank)
+        claims = {}
+    share = CheckShare(env.rank, engine.gather_objects(claims))
+    # The ranks agree on the data verdict: a change any rank finds stops every rank with that rank's line
+    # (unless data.accept_changes), and every rank's accepted changes go into trainer.json (rank 0 writes it).
+    try:
+        verdict: tuple[str | None, list[dict[str, str]]] = (None, data.load_state_dict(data_state, share))
+    except ValueError as exc:
+        verdict = (str(exc), [])
+    except Exception as exc:  # noqa: BLE001 (a position of the wrong shape; the rank's files were verified)
+        verdict = (f"{loaded}: this rank's data position cannot be used ({type(exc).__name__})", [])
+    verdicts = engine.gather_objects(verdict)
+    if refusal := next((problem for problem, _ in verdicts if problem), None):
+        raise ValueError(refusal)
+    for change in (change for _, changes in verdicts for change in changes):
+        if (entry := {"step": state.step, **change}) not in state.data_changes:
+            state.data_changes.append(entry)
+    if record is not None and loaded != candidates[0]:
+        amend_run_record(record, resumed_from=str(loaded))  # damaged ones were passed over
+    log.info("resumed from %s at step %d", loaded, state.step)
+    return state
+
+
+def _start_point(cfg: Config, run_dir: Path, is_main: bool) -> list[Path]:
+    """Collective: the checkpoints to try, newest first (empty: a fresh start), or the refusal, on every rank.
 
     Rank 0 decides and tells the others, so ranks on different nodes cannot disagree about the start point.
     A refusal is broadcast too: raised on rank 0 alone it would leave the others waiting for the timeout."""
-    decision: tuple[str | None, str | None] = (None, None)
+    decision: tuple[list[str], str | None] = ([], None)
     if is_main:
         try:
-            found = checkpoint.find_resume_point(run_dir, cfg.train.resume, same_run(run_dir, cfg))
-            check_same_run(run_dir, cfg, found)  # another run's checkpoints: refused, naming what differs
+            found = checkpoint.resume_candidates(run_dir, cfg.train.resume, same_run(run_dir, cfg))
+            # Another run's checkpoints are refused, naming what differs.
+            check_same_run(run_dir, cfg, found[0] if found else None)
             disk_space.check_room(run_dir / "checkpoints", cfg)
-            decision = (str(found) if found else None, None)
+            decision = ([str(p) for p in found], None)
         except ValueError as exc:
-            decision = (None, str(exc))
-    found_path, refusal = engine.broadcast_object(decision)
+            decision = ([], str(exc))
+        except Exception as exc:  # noqa: BLE001 (a hostile run directory: the others must not wait for rank 0)
+            decision = ([], f"{run_dir}: cannot decide where to resume ({type(exc).__name__}: {exc})")
+    found_paths, refusal = engine.broadcast_object(decision)
     if refusal:
         raise ValueError(refusal)
-    return Path(found_path) if found_path else None
+    return [Path(p) for p in found_paths]
 
 
 def _write_outputs(cfg: Config, eng: Any, tokenizer: Any, run_dir: Path, is_main: bool) -> None:

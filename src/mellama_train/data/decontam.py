@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 DEFAULT_N = 13
 INDEX_FILE = "ngrams.npy"
@@ -41,7 +45,10 @@ _BASE = np.uint64(0x100000001B3)  # an odd multiplier (FNV-64's prime): the poly
 
 @lru_cache(maxsize=1 << 20)
 def _word_hash(word: str) -> int:
-    return int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+    # surrogatepass: a lone surrogate (valid JSON) hashes like any other word instead of raising.
+    return int.from_bytes(
+        hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
 
 
 def words(text: str) -> list[str]:
@@ -64,42 +71,55 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
 
 def record_text(record: Any) -> str:
     """Every string inside a JSON value, in order, joined by newlines (keys are not text)."""
+    # An explicit stack, not recursion: a record nested as deep as the JSON parser allows must not overflow.
     parts: list[str] = []
-
-    def walk(value: Any) -> None:
+    stack = [record]
+    while stack:
+        value = stack.pop()
         if isinstance(value, str):
             parts.append(value)
         elif isinstance(value, dict):
-            for v in value.values():
-                walk(v)
+            stack.extend(reversed(list(value.values())))
         elif isinstance(value, list | tuple):
-            for v in value:
-                walk(v)
-
-    walk(record)
+            stack.extend(reversed(value))
     return "\n".join(parts)
 
 
 def _benchmark_records(path: Path) -> Iterator[Any]:
     """Records of a benchmark file: JSON lines, or one JSON array / object of records (PubMedQA's
     ori_pqal.json maps ids to records)."""
-    with open(path, encoding="utf-8") as fh:
-        head = fh.read(1 << 16).lstrip()
-    if path.suffix == ".json" or head.startswith("["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); give JSON lines or one JSON array") from exc
-        yield from (data.values() if isinstance(data, dict) else data)
-        return
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    try:
+        with open(path, encoding="utf-8") as fh:
+            head = fh.read(1 << 16).lstrip()
+        if path.suffix == ".json" or head.startswith("["):
             try:
-                yield json.loads(line)
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg}); fix or remove it") from exc
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except UnicodeDecodeError:
+                raise
+            except (ValueError, RecursionError) as exc:
+                problem = "nested too deeply" if isinstance(exc, RecursionError) else exc
+                raise ValueError(
+                    f"{path}: not valid JSON ({problem}); give JSON lines or one JSON array"
+                ) from None
+            if not isinstance(data, dict | list):
+                raise ValueError(
+                    f"{path}: holds one JSON {type(data).__name__}; give JSON lines or one JSON array"
+                )
+            yield from (data.values() if isinstance(data, dict) else data)
+            return
+        with open(path, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{number}: not a JSON line ({exc}); fix or remove it") from None
+                except RecursionError:
+                    raise ValueError(f"{path}:{number}: JSON nested too deeply; fix or remove it") from None
+                yield record
+    except UnicodeDecodeError:  # (the file is decoded in blocks: there is no line number to give)
+        raise ValueError(f"{path}: not UTF-8 text; convert it to UTF-8") from None
 
 
 @dataclass
@@ -162,10 +182,13 @@ class Index:
     def __init__(self, directory: str | Path):
         directory = Path(directory)
         try:
-            manifest = json.loads((directory / MANIFEST).read_text())
+            manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
             self.n = int(manifest["n"])
             self.hashes = np.load(directory / INDEX_FILE, allow_pickle=False)  # numbers only: a safe load
-        except (OSError, ValueError, KeyError) as exc:
+            if self.n < 1 or self.hashes.dtype != np.uint64 or self.hashes.ndim != 1:
+                raise ValueError(f"n {self.n}, {self.hashes.dtype} array of {self.hashes.ndim} dimensions")
+        # Read back from a shared directory: any JSON (nested past the parser's depth too), any array.
+        except (OSError, ValueError, RecursionError, KeyError, TypeError) as exc:
             raise ValueError(
                 f"data.decontamination: {directory} is not an index written by `mellama-train decontaminate`"
                 f" ({exc}); build one with `mellama-train decontaminate --benchmarks ... --out {directory}`"
@@ -205,16 +228,24 @@ def screened(encode: Any, index: Index | None, text_of: Any = None) -> Any:
 
 
 def scan(index: Index, paths: list[str], text_field: str = "text") -> dict[str, tuple[int, int]]:
-    """{file: (records read, records overlapping)} for training files, read as a run reads them."""
+    """{file: (records read, records overlapping)} for training files, read as a run reads them. Records a
+    run would skip are skipped here too, counted and located in the log (never quoted)."""
     from mellama_train.data.readers import Skip, expand_paths, iter_texts
 
     counts = {}
     for path in expand_paths(paths, "--scan"):
         read = hits = 0
+        skipped: Counter[str] = Counter()
+        first = ""
         for _, text in iter_texts(path, text_field):
             if isinstance(text, Skip):
+                skipped[text.reason] += 1
+                first = first or text.where
                 continue
             read += 1
             hits += index.overlaps(text)
+        if skipped:
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items()))
+            log.warning("decontaminate --scan %s: skipped %s (first at %s)", path, reasons, first)
         counts[path] = (read, hits)
     return counts

@@ -20,15 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+# jinja2 renders every chat template (transformers' apply_chat_template; torch depends on it too): its errors
+# are how a template says no.
+from jinja2 import TemplateError, TemplateSyntaxError
 
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import IGNORE_INDEX
-from mellama_train.data.readers import Skip
-from mellama_train.data.source import Exhausted, SkipLimit, SourceStream
+from mellama_train.data.readers import Skip, is_valid_text, short_digest
+from mellama_train.data.source import CheckShare, Exhausted, SkipLimit, SourceStream
 
 ROLES = ("system", "user", "assistant")
 FIELDS = ("instruction", "input", "output", "system", "messages")
@@ -59,6 +64,14 @@ class Example:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+
+def example_digest(example: Example) -> str:
+    """Short digest of an example's ids and labels: checks a re-encoded example without storing its tokens."""
+    return short_digest(
+        np.asarray(example.input_ids, dtype=np.int64).tobytes(),
+        np.asarray(example.labels, dtype=np.int64).tobytes(),
+    )
 
 
 # ---- records -> messages --------------------------------------------------------------------------------
@@ -167,7 +180,9 @@ def fit(example: Example, cutoff: int, bos_id: int | None) -> Example:
 
 
 class ExampleEncoder:
-    """record -> Example | Skip, for one source."""
+    """record -> Example | Skip, for one source. A record the chat template or the tokenizer rejects is a Skip
+    ("template_rejected", "tokenizer_rejected"): the stream counts it and logs where it is. A template that
+    does not compile, or that rewrites past turns, is a ValueError: no record could be encoded."""
 
     def __init__(self, tokenizer: Any, source: SourceConfig, cutoff: int, overflow: str):
         self.tokenizer, self.columns, self.cutoff, self.overflow = tokenizer, source.columns, cutoff, overflow
@@ -177,9 +192,26 @@ class ExampleEncoder:
         messages = to_messages(record, self.columns)
         if isinstance(messages, Skip):
             return messages
+        if not all(
+            is_valid_text(m["content"]) for m in messages
+        ):  # a lone surrogate: valid JSON, no tokenizer takes it
+            return Skip("bad_text", "a message is not valid Unicode text")
         messages = [{"role": m["role"], "content": self.clean(m["content"])} for m in messages]
-        text, spans = response_spans(self.tokenizer, messages)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        try:
+            text, spans = response_spans(self.tokenizer, messages)
+        except TemplateSyntaxError as err:  # the template itself, not this record: every record would fail
+            raise ValueError(
+                f"data.chat_template does not compile (line {err.lineno}: {err.message}); fix it, or use"
+                " data.chat_template=default"
+            ) from None
+        except (TemplateError, TypeError) as err:
+            # The template's own verdict on this record, e.g. LLaMA-2-chat's raise_exception("Conversation
+            # roles must alternate ..."). Only the error's type is kept: a template may quote the record.
+            return Skip("template_rejected", type(err).__name__)
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        except (TypeError, ValueError, UnicodeError) as err:  # the tokenizer's own verdict on this record
+            return Skip("tokenizer_rejected", type(err).__name__)
         ids, labels, span = enc["input_ids"], [], 0
         for token, (start, _) in zip(ids, enc["offset_mapping"]):
             while span < len(spans) and start >= spans[span][1]:
@@ -243,28 +275,36 @@ class InstructBatches:
         return self.mixture.names
 
     def state_dict(self) -> dict[str, Any]:
+        # The carried example is the last record its source handed out: its coordinates are that source's
+        # position, so only its size and digest are kept (resume reads and encodes it again), never tokens.
         carry = None
         if self.carry is not None:
             source, ex = self.carry
-            carry = {
-                "source": source,
-                "input_ids": ex.input_ids,
-                "labels": ex.labels,
-                "truncated": ex.truncated,
-            }
+            carry = {"source": source, "tokens": len(ex), "digest": example_digest(ex)}
         return {
             **self.mixture.state_dict(),
             "carry": carry,
             "truncated": dict(zip(self.mixture.names, self.truncated)),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mixture.load_state_dict(state)
+    def finished_claims(self, state: dict[str, Any]) -> dict[str, tuple[int, bytes]]:
+        return self.mixture.finished_claims(state)
+
+    def load_state_dict(self, state: dict[str, Any], share: CheckShare | None = None) -> list[dict[str, str]]:
+        """Continue at the saved position; returns the data changes continued over (Mixture.load_state_dict)."""
+        changes = self.mixture.load_state_dict(state, share)
         c = state["carry"]
-        self.carry = (
-            None if c is None else (c["source"], Example(c["input_ids"], c["labels"], c["truncated"]))
-        )
+        self.carry = None
+        if c is not None:
+            stream = self.mixture.streams[c["source"]]
+            if "input_ids" in c:  # older checkpoints kept the example's tokens
+                example = Example(c["input_ids"], c["labels"], c["truncated"])
+            else:
+                example = stream.restore_last(c["tokens"], c["digest"], example_digest)
+                changes += [change for change in stream.changes if change not in changes]
+            self.carry = None if example is None else (c["source"], example)
         self.truncated = [state["truncated"][n] for n in self.mixture.names]
+        return changes
 
 
 def collate(rows: list[list[tuple[int, Example]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -306,6 +346,8 @@ def build_instruct_batches(cfg: Config, tokenizer: Any, rank: int, world_size: i
             cfg.data.seed,
             records=True,
             skip_limit=SkipLimit.of(cfg.data),
+            max_record_bytes=cfg.data.max_record_bytes,
+            accept_changes=cfg.data.accept_changes,
         )
         for src in cfg.data.sources
     ]
@@ -332,6 +374,7 @@ def build_instruct_eval_batches(
         paths=src.eval_paths,
         passes=1,
         skip_limit=SkipLimit.of(cfg.data),
+        max_record_bytes=cfg.data.max_record_bytes,
     )
     batches, rows = [], []
     while len(batches) < max_batches:

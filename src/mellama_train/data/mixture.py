@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from mellama_train.data.source import SourceStream
+from mellama_train.data.source import CheckShare, SourceStream, finished_claim
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,15 @@ class Mixture:
             "sources": {s.name: s.state_dict() for s in self.streams},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def finished_claims(self, state: dict[str, Any]) -> dict[str, tuple[int, bytes]]:
+        """Which files each source's saved position finished this epoch (source.finished_claim): every rank's,
+        gathered by the caller, make the CheckShare that load_state_dict takes."""
+        return {name: finished_claim(source) for name, source in state["sources"].items()}
+
+    def load_state_dict(self, state: dict[str, Any], share: CheckShare | None = None) -> list[dict[str, str]]:
+        """Restore every source's position (each checks its data first: `share`, this rank's share of the
+        files finished earlier in the epoch; None, all of them); returns the data changes continued over
+        (data.accept_changes), for the run's record."""
         saved = set(state["sources"])
         if saved != set(self.names):
             raise ValueError(
@@ -106,8 +114,11 @@ class Mixture:
             )
         self.taken = [state["taken"][n] for n in self.names]
         self.tokens_by_source = [state["tokens_by_source"][n] for n in self.names]
-        for stream in self.streams:
-            stream.load_state_dict(state["sources"][stream.name])
+        return [
+            change
+            for stream in self.streams
+            for change in stream.load_state_dict(state["sources"][stream.name], share)
+        ]
 
 
 def drift(

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from mellama_train.data.mixture import Mixture
+from mellama_train.data.source import CheckShare
 
 IGNORE_INDEX = -100
 
@@ -63,5 +64,9 @@ class PackedBatches:
     def state_dict(self) -> dict[str, Any]:
         return self.mixture.state_dict()
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.mixture.load_state_dict(state)
+    def finished_claims(self, state: dict[str, Any]) -> dict[str, tuple[int, bytes]]:
+        return self.mixture.finished_claims(state)
+
+    def load_state_dict(self, state: dict[str, Any], share: CheckShare | None = None) -> list[dict[str, str]]:
+        """Continue at the saved position; returns the data changes continued over (Mixture.load_state_dict)."""
+        return self.mixture.load_state_dict(state, share)

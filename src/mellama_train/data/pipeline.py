@@ -1,4 +1,7 @@
-"""Build the training data stream of one rank from the config: sources -> mixture -> packed micro-batches."""
+"""Build the training data stream of one rank from the config: sources -> mixture -> packed micro-batches.
+
+`check_sources(cfg)` (start-up validation and `--dry-run`) opens every file of every source first.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,18 @@ from mellama_train.data.instruct import build_instruct_batches, build_instruct_e
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
 from mellama_train.data.readers import Skip, count_records, expand_paths
-from mellama_train.data.source import Exhausted, SkipLimit, SourceStream
+from mellama_train.data.source import Exhausted, SkipLimit, SourceStream, check_sources
+
+__all__ = [  # check_sources lives with the streams it checks for; it is part of this module's interface
+    "build_eval_batches",
+    "build_train_batches",
+    "check_sources",
+    "count_examples",
+    "data_manifest",
+    "document_encoder",
+    "make_encoder",
+    "plan_epochs",
+]
 
 
 def make_encoder(tokenizer: Any):
@@ -48,7 +62,10 @@ def document_encoder(tokenizer: Any, cleaners: list[str]):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode_document(text: str) -> list[int] | Skip:
-        ids = encode(clean(text))
+        try:
+            ids = encode(clean(text))
+        except (TypeError, ValueError, UnicodeError) as err:  # the tokenizer's own verdict on this record
+            return Skip("tokenizer_rejected", type(err).__name__)
         return bos + ids + eos if ids else Skip("empty", "empty after cleaning")
 
     return encode_document
@@ -67,6 +84,8 @@ def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int)
             world_size,
             cfg.data.seed,
             skip_limit=SkipLimit.of(cfg.data),
+            max_record_bytes=cfg.data.max_record_bytes,
+            accept_changes=cfg.data.accept_changes,
         )
         for src in cfg.data.sources
     ]
@@ -99,6 +118,7 @@ def build_eval_batches(
             paths=src.eval_paths,
             passes=1,
             skip_limit=SkipLimit.of(cfg.data),
+            max_record_bytes=cfg.data.max_record_bytes,
         )
         packed = PackedBatches(Mixture([stream], [1.0]), cfg.data.seq_len, cfg.train.micro_batch_size)
         for _ in range(cfg.train.eval_batches):

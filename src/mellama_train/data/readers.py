@@ -2,8 +2,34 @@
 
 A *unit* is one file, or one directory written by `datasets`' `save_to_disk`. Every unit is a sequence of
 records with stable 0-based indices: malformed records keep their index and come back as a `Skip`, so a
-shard assignment or a resume position computed from indices means the same thing on every run. Readers
-never hold a whole file in memory; they stream lines, row batches or XML elements.
+shard assignment or a resume position computed from indices means the same thing on every run.
+
+Memory stays bounded whatever a file or a record holds. Readers stream lines, CSV records, row batches or
+XML events, and a record larger than `max_record_bytes` (data.max_record_bytes) is skipped as "too_large"
+without ever being held whole: a JSONL line or a text file is read through in bounded chunks, a CSV record
+is cut off at the limit and read past up to the line where its quotes balance, a PubMed article stops
+collecting text at the limit. A JSON array file (.json holding `[...]`) is decoded one item at a time, and
+may hold at most JSON_ARRAY_LIMIT_RECORDS x max_record_bytes (larger: refused at start-up, with the command
+that converts it to JSONL). Parquet and save_to_disk rows above the limit are skipped before they become
+Python strings (Arrow itself reads their pages).
+
+Bad records are counted, located skips, never crashes: malformed JSON, JSON nested deeper than the parser
+allows ("too_deep"), invalid UTF-8, a text field that is missing, not a string or blank, and text that is not
+valid Unicode (a lone surrogate such as "\\ud800" is valid JSON but no tokenizer takes it: "bad_text").
+Control characters are kept: they are valid text that tokenizers encode (byte fallback); the
+`strip_control` cleaner removes them where a source wants that.
+
+Every reader can also fingerprint what it reads, for resume checks (data/source.py):
+- `RecordDigest`: an order-dependent digest of the unit's records (JSONL: the line's bytes; JSON array: the
+  item's JSON text; CSV: the record's text; text file: its bytes; PubMed: the article's title and abstract
+  text; parquet/save_to_disk: the text column's values, or whole rows in record mode), fed with EVERY
+  record, wanted or not, in order, so that when a reader hands out record i the digest covers records 0..i
+  exactly (and only completed records: see RecordDigest);
+- `ByteTap`: a digest of the raw bytes pulled from the file (before decompression), with their count, so a
+  file read to its end can later be checked by re-hashing its first `count` bytes (a file that grew since
+  still matches). xxh3-128 (via `xxhash`, already a dependency of `datasets`): ~18 GB/s on one core, so
+  hashing is never what limits reading; it guards against accidents (edits, reorders, truncation), not
+  against an adversary forging collisions.
 
 Nothing a reader raises or yields as a `Skip` contains record content: clinical notes are patient data and
 must not reach logs. Error messages name the file, the location and the fix.
@@ -11,22 +37,28 @@ must not reach logs. Error messages name the file, the location and the fix.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import gzip
 import io
 import json
 import os
+import re
 import sys
 import xml.etree.ElementTree as ET
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import xxhash
 import zstandard
 
 FORMATS = ("jsonl", "csv", "parquet", "text", "hf_dataset", "pubmed_xml")
@@ -48,9 +80,16 @@ _ACCEPTED = (
     "or a datasets save_to_disk directory"
 )
 _ARROW_BATCH = 1024
+_CHUNK = 1 << 20  # bytes per read when streaming through something too large to hold, or when hashing
+# Formats read as one byte stream front to back (a ByteTap sees all of it); parquet and save_to_disk seek.
+BYTE_STREAM_FORMATS = frozenset({"jsonl", "csv", "text", "pubmed_xml"})
+
+DEFAULT_MAX_RECORD_BYTES = 32 * 2**20
+"""data.max_record_bytes's default: far above any clinical note, abstract or web document (a MIMIC note is
+tens of KB), small enough that tokenizing one record cannot exhaust a rank's memory."""
 
 # MIMIC notes run to hundreds of KB per field, past csv's 128 KiB default. The limit is a C long, which is
-# 32-bit on Windows, so sys.maxsize itself can overflow there.
+# 32-bit on Windows, so sys.maxsize itself can overflow there. (Record size is bounded by _CsvLines instead.)
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
@@ -58,17 +97,285 @@ class DataFileError(ValueError):
     """A one-line error naming the file and the fix."""
 
 
+class UnreadableFile(DataFileError):
+    """Reading a file failed part-way (truncated or corrupt compression, malformed CSV quoting or XML, an I/O
+    error, a file that vanished): a training stream skips the file's remainder as a counted skip."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+        """What failed, without content: e.g. "EOFError: Compressed file ended before the end-of-stream
+        marker was reached", "malformed XML at line 7, column 3"."""
+
+
 @dataclass(frozen=True)
 class Skip:
-    """A record that was counted and skipped (malformed JSON, missing/empty/non-string text field)."""
+    """A record that was counted and skipped."""
 
     reason: str
-    """Short machine-friendly reason: "bad_json", "bad_utf8", "missing_field", "empty" or "not_text"."""
+    """Short machine-friendly reason: "bad_json", "bad_utf8", "too_deep", "missing_field", "empty",
+    "not_text", "bad_text" or "too_large" (readers); encoders and streams add their own (source.py)."""
     where: str
     """Location only ("path:line N", "path:row N", "path:article N"), never record content."""
 
 
 Record = tuple[int, str | Skip]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fingerprints of what is read
+# ---------------------------------------------------------------------------------------------------------
+
+
+def short_digest(*parts: bytes) -> str:
+    """16 hex digits identifying the parts (xxh3-64): small enough to keep per file in every checkpoint."""
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return h.hexdigest()
+
+
+class RecordDigest:
+    """Order-dependent digest of a sequence of records.
+
+    Two streaming hashes: one over the records' bytes concatenated, one over their lengths (int64, -1 for a
+    null value). Together they pin the exact sequence (content, order and boundaries), and both can be fed a
+    record in pieces or a whole Arrow column slice at once, giving the same digest either way. Lengths are
+    hashed in blocks: per record this costs one hash update and one list append (~0.2 us).
+
+    The digest (and `count`) only ever covers completed records: a record fed in pieces whose end never
+    comes (its file broke part-way, in a multi-line CSV record or a JSONL line over the size limit) is left
+    out, so that a file read until it broke is fingerprinted exactly as `prefix_digest` later reads the
+    same records of the file restored."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self._data = xxhash.xxh3_128()
+        self._lengths = xxhash.xxh3_128()
+        self._unhashed: list[int] = []  # lengths not yet fed to self._lengths
+        self._hashed = 0  # records whose lengths were
+        self._pending = 0
+        # self._data as it was after the last completed record, kept while a record arrives in pieces (one
+        # hash-state copy, ~0.13 us, per record fed in pieces: CSV records and over-limit lines only).
+        self._completed: Any = None
+
+    @property
+    def count(self) -> int:
+        """Records digested so far."""
+        return self._hashed + len(self._unhashed)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Part of the current record (call end_record() after its last part)."""
+        if self._completed is None:
+            self._completed = self._data.copy()
+        self._data.update(data)
+        self._pending += len(data)
+
+    def end_record(self) -> None:
+        self._push(self._pending)
+        self._pending = 0
+        self._completed = None
+
+    def add(self, record: bytes) -> None:
+        self._data.update(record)
+        unhashed = self._unhashed  # (inlined _push: this runs for every record every rank reads)
+        unhashed.append(len(record))
+        if len(unhashed) >= 4096:
+            self._flush()
+
+    def _push(self, length: int) -> None:
+        self._unhashed.append(length)
+        if len(self._unhashed) >= 4096:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._unhashed:
+            self._lengths.update(np.asarray(self._unhashed, dtype="<i8").tobytes())
+            self._hashed += len(self._unhashed)
+            self._unhashed = []
+
+    def add_arrow(
+        self, values: pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table, lo: int, hi: int
+    ) -> None:
+        """Rows lo..hi-1 of an Arrow column (string/binary: straight from its buffers) or table (record mode)."""
+        if hi <= lo:
+            return
+        part = values.slice(lo, hi - lo)
+        if isinstance(part, pa.RecordBatch | pa.Table):
+            for row in part.to_pylist():
+                self.add(_record_bytes(row))
+            return
+        for chunk in part.chunks if isinstance(part, pa.ChunkedArray) else [part]:
+            self._add_array(chunk)
+
+    def _add_array(self, array: pa.Array) -> None:
+        kind = array.type
+        if not (
+            pa.types.is_string(kind)
+            or pa.types.is_binary(kind)
+            or pa.types.is_large_string(kind)
+            or pa.types.is_large_binary(kind)
+        ):
+            for value in array.to_pylist():
+                if value is None:
+                    self._push(-1)
+                else:
+                    self.add(_record_bytes(value))
+            return
+        n = len(array)
+        if n == 0:
+            return
+        _, offsets_buffer, data_buffer = array.buffers()
+        wide = pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+        offsets = np.frombuffer(offsets_buffer, dtype=np.int64 if wide else np.int32)
+        offsets = offsets[array.offset : array.offset + n + 1].astype(np.int64)
+        if data_buffer is not None and offsets[-1] > offsets[0]:
+            self._data.update(memoryview(data_buffer)[offsets[0] : offsets[-1]])
+        lengths = np.diff(offsets)
+        if array.null_count:
+            lengths[array.is_null().to_numpy(zero_copy_only=False)] = -1
+        self._flush()
+        self._lengths.update(lengths.astype("<i8").tobytes())
+        self._hashed += n
+
+    def hexdigest(self) -> str:
+        """The digest of the completed records (a record still in pieces is not one)."""
+        self._flush()
+        data = self._data if self._completed is None else self._completed
+        return short_digest(data.digest(), self._lengths.digest(), self.count.to_bytes(8, "little"))
+
+
+class _NoDigest(RecordDigest):
+    """Digests nothing: readers called without a digest skip the work."""
+
+    active = False
+
+    def feed(self, data: bytes | memoryview) -> None:
+        pass
+
+    def end_record(self) -> None:
+        pass
+
+    def add(self, record: bytes) -> None:
+        pass
+
+    def add_arrow(self, values: Any, lo: int, hi: int) -> None:
+        pass
+
+
+def _record_bytes(value: object) -> bytes:
+    """Canonical bytes of a decoded record (a dict, a JSON array item, a non-string cell) for the digest."""
+    try:
+        return json.dumps(
+            value, sort_keys=True, default=str
+        ).encode()  # ensure_ascii: lone surrogates escaped
+    except (RecursionError, ValueError, TypeError):
+        return repr(type(value)).encode()
+
+
+class ByteTap:
+    """Hashes and counts the raw bytes a reader pulls from a file (below any decompressor)."""
+
+    def __init__(self) -> None:
+        self._hash = xxhash.xxh3_128()
+        self.count = 0
+        self.attached = False
+        """True once a reader opened the file through this tap (arrow formats and unowned text files never do)."""
+
+    def wrap(self, raw: IO[bytes]) -> io.RawIOBase:
+        self.attached = True
+        return _TappedFile(raw, self)
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._hash.update(data)
+        self.count += len(data)
+
+    def finish(self, path: str) -> None:
+        """Hash whatever the reader left unread (e.g. bytes after an XML root or a last zstd frame), so the
+        digest covers the whole file as it was when the reader reached its end."""
+        with open(path, "rb") as raw:
+            raw.seek(self.count)
+            while chunk := raw.read(_CHUNK):
+                self.update(chunk)
+
+    def hexdigest(self) -> str:
+        return short_digest(self._hash.digest(), self.count.to_bytes(8, "little"))
+
+
+class _TappedFile(io.RawIOBase):
+    def __init__(self, raw: IO[bytes], tap: ByteTap):
+        self._raw, self._tap = raw, tap
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self._raw.readinto(buffer)
+        if n:
+            self._tap.update(memoryview(buffer)[:n])
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def byte_digest(path: str, count: int) -> tuple[int, str]:
+    """(bytes read, digest) of the first `count` bytes of a file, as a ByteTap that read them would give."""
+    tap = ByteTap()
+    with _reading(path), open(path, "rb") as raw:
+        while tap.count < count and (chunk := raw.read(min(_CHUNK, count - tap.count))):
+            tap.update(chunk)
+    return tap.count, tap.hexdigest()
+
+
+def prefix_digest(
+    path: str,
+    text_field: str | None,
+    records: int,
+    *,
+    record_mode: bool = False,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> RecordDigest:
+    """The RecordDigest of a unit's first `records` records, read as a stream reads them (its count is
+    smaller when the unit now holds fewer). Raises UnreadableFile when it cannot be read that far."""
+    digest = RecordDigest()
+    if records <= 0:
+        return digest
+    options = ReadOptions(max_record_bytes, digest=digest)
+    start = records - 1  # the reader hands out record `start` once it has digested records 0..start
+    if record_mode:
+        stream = iter_records(path, start=start, options=options)
+    else:
+        stream = iter_texts(path, text_field, start=start, options=options)
+    next(stream, None)
+    stream.close()
+    return digest
+
+
+@dataclass
+class ReadOptions:
+    """How a unit is read, beyond which records are wanted."""
+
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+    """Records above this size are skipped ("too_large") without being held whole."""
+    digest: RecordDigest | None = None
+    """Fed every record of the unit in order, wanted or not (None: no digest work)."""
+    tap: ByteTap | None = None
+    """Fed the raw bytes of byte-stream formats as they are read (None: none)."""
+
+
+@dataclass
+class _Reading:
+    max_record_bytes: int
+    digest: RecordDigest
+    tap: ByteTap | None
+
+
+def _options(options: ReadOptions | None) -> _Reading:
+    options = options or ReadOptions()
+    return _Reading(options.max_record_bytes, options.digest or _NoDigest(), options.tap)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,57 +492,90 @@ def detect_format(path: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    """Open a file for buffered binary reading, decompressing .gz / .zst on the fly."""
+@contextmanager
+def _open_binary(path: str, tap: ByteTap | None = None) -> Iterator[IO[bytes]]:
+    """Open a file for buffered binary reading, decompressing .gz / .zst on the fly; `tap` sees the raw bytes."""
     lower = path.lower()
-    if lower.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if lower.endswith((".zst", ".zstd")):
-        # RedPajama shards are written with long-distance matching, which needs a window past the 128 MiB
-        # default; BufferedReader adds the line iteration the raw zstd reader lacks.
-        reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(open(path, "rb"))
-        return io.BufferedReader(reader)
-    return open(path, "rb")
+    with open(path, "rb", buffering=0 if tap else _CHUNK) as raw:
+        source: Any = tap.wrap(raw) if tap else raw
+        if lower.endswith(".gz"):
+            stream: IO[bytes] = gzip.GzipFile(fileobj=source, mode="rb")
+        elif lower.endswith((".zst", ".zstd")):
+            # RedPajama shards are written with long-distance matching, which needs a window past the 128 MiB
+            # default; BufferedReader adds the line iteration the raw zstd reader lacks. A file of several
+            # frames (pzstd, concatenated shards) is read through all of them.
+            reader = zstandard.ZstdDecompressor(max_window_size=2**31).stream_reader(
+                source, read_across_frames=True, closefd=False
+            )
+            stream = io.BufferedReader(reader, buffer_size=_CHUNK)
+        elif tap:
+            stream = io.BufferedReader(source, buffer_size=_CHUNK)
+        else:
+            stream = raw
+        with stream:
+            yield stream
 
 
-def _open_text(path: str) -> IO[str]:
+@contextmanager
+def _open_text(path: str, tap: ByteTap | None = None) -> Iterator[IO[str]]:
     """Open for text reading (CSV). utf-8-sig drops an Excel-style BOM that would otherwise rename the first CSV
     column. errors="replace": the stream is decoded in blocks ahead of the CSV parser, so a bad byte cannot be
     tied to its row; it becomes U+FFFD instead (JSONL lines and text files with bad bytes are skipped)."""
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors="replace", newline="")
+    with _open_binary(path, tap) as binary:
+        with io.TextIOWrapper(binary, encoding="utf-8-sig", errors="replace", newline="") as text:
+            yield text
 
 
 _READ_ERRORS = (OSError, EOFError, zlib.error, zstandard.ZstdError, csv.Error, pa.ArrowException)
 
 
+def _cause(err: BaseException) -> str:
+    """`Type: first line` of an error from a decompressor or parser: they never quote the data."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
 @contextmanager
 def _reading(path: str) -> Iterator[None]:
-    """Turn I/O and decoding failures into a DataFileError that names the file and the fix."""
+    """Turn I/O and decoding failures into an UnreadableFile that names the file and the fix."""
     try:
         yield
     except FileNotFoundError as err:
-        raise DataFileError(
-            f"{path}: not found; check the path (was it moved after the run started?)"
+        raise UnreadableFile(
+            f"{path}: not found; check the path (was it moved after the run started?)", _cause(err)
         ) from err
     except PermissionError as err:
-        raise DataFileError(
-            f"{path}: permission denied; make it readable by the user running training"
+        raise UnreadableFile(
+            f"{path}: permission denied; make it readable by the user running training", _cause(err)
         ) from err
     except _READ_ERRORS as err:
-        raise DataFileError(
-            f"{path}: could not read ({type(err).__name__}: {err}); the file may be truncated or corrupt, "
-            "re-download or re-create it"
+        raise UnreadableFile(
+            f"{path}: could not read ({_cause(err)}); the file may be truncated or corrupt, "
+            "re-download or re-create it",
+            _cause(err),
         ) from err
+
+
+def is_valid_text(text: str) -> bool:
+    """False for a string no tokenizer can take: one holding a lone UTF-16 surrogate (valid in JSON)."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _as_text(value: object, where: str) -> str | Skip:
-    """The record's text, or the Skip that says why there is none (missing/null, non-string, blank)."""
+    """The record's text, or the Skip that says why there is none (missing/null, non-string, blank, invalid)."""
     if value is None:
         return Skip("missing_field", where)
     if not isinstance(value, str):
         return Skip("not_text", where)
     if not value.strip():
         return Skip("empty", where)
+    if not is_valid_text(value):
+        return Skip("bad_text", where)
     return value
 
 
@@ -256,69 +596,241 @@ def _require_column(path: str, field: str | None, columns: list[str]) -> None:
         )
 
 
-def _pick(base: int, count: int, keep: Callable[[int], bool]) -> list[int]:
-    return [index for index in range(base, base + count) if keep(index)]
-
-
 def _emit_arrow(
-    path: str, base: int, picked: list[int], column: pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table
+    path: str,
+    base: int,
+    values: pa.Array | pa.ChunkedArray | pa.RecordBatch | pa.Table,
+    keep: Callable[[int], bool],
+    start: int,
+    opts: _Reading,
 ) -> Iterator[Record]:
-    """Convert only the picked rows of an Arrow column (to strings) or table (to dicts: record mode)."""
-    values = column.take([index - base for index in picked]).to_pylist()
-    for index, value in zip(picked, values, strict=True):
-        where = f"{path}:row {index + 1}"
-        yield index, value if isinstance(value, dict) else _as_text(value, where)
+    """The kept rows of one Arrow batch (rows base.. of the unit): strings (text mode; only the kept rows
+    become Python strings, and those over the size limit never do) or dicts (record mode). The digest is fed
+    up to each row before it is handed out, so it covers exactly the rows handed out so far."""
+    n = len(values)
+    picked = [index for index in range(max(base, start), base + n) if keep(index)]
+    digested = 0
+    if picked:
+        rows = values.take([index - base for index in picked])
+        sizes: list[int | None] = [None] * len(picked)
+        if isinstance(rows, pa.Array | pa.ChunkedArray) and (
+            pa.types.is_string(rows.type) or pa.types.is_large_string(rows.type)
+        ):
+            sizes = pc.binary_length(rows).to_pylist()
+            small = [i for i, size in enumerate(sizes) if size is None or size <= opts.max_record_bytes]
+            converted = dict(zip(small, rows.take(small).to_pylist())) if small else {}
+        else:
+            converted = dict(enumerate(rows.to_pylist()))
+        for i, index in enumerate(picked):
+            opts.digest.add_arrow(values, digested, index - base + 1)
+            digested = index - base + 1
+            where = f"{path}:row {index + 1}"
+            if i not in converted:
+                yield index, Skip("too_large", where)
+                continue
+            value = converted[i]
+            yield index, value if isinstance(value, dict) else _as_text(value, where)
+    opts.digest.add_arrow(values, digested, n)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Per-format readers: (path, text_field, keep, start) -> (index, text | Skip) for kept indices
+# Per-format readers: (path, text_field, keep, start, options) -> (index, text | Skip) for kept indices
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Non-blank lines with their 1-based line numbers; blank lines are not records."""
-    first = True
-    with _open_binary(path) as stream:
-        for line_no, raw in enumerate(stream, 1):
+def _jsonl_lines(path: str, opts: _Reading) -> Iterator[tuple[int, bytes | None]]:
+    """Non-blank lines with their 1-based line numbers, each digested before it is handed out; None for a line
+    longer than the limit, which is read through in chunks (into the digest) and never held whole."""
+    limit, digest = opts.max_record_bytes, opts.digest
+    with _open_binary(path, opts.tap) as stream:
+        line_no = 0
+        while raw := stream.readline(limit + 1):
+            line_no += 1
+            if line_no == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                digest.feed(raw)
+                while chunk := stream.readline(_CHUNK):
+                    digest.feed(chunk.rstrip(b"\r\n"))
+                    if chunk.endswith(b"\n"):
+                        break
+                digest.end_record()
+                yield line_no, None
+                continue
             if raw.isspace():
                 continue
-            if first:
-                raw = raw.removeprefix(b"\xef\xbb\xbf")
-                first = False
+            # The line terminator is not part of the record: a last line that gains its newline when more
+            # lines are appended is the same record.
+            digest.add(raw.rstrip(b"\r\n"))
             yield line_no, raw
 
 
+def _is_json_array_unit(path: str) -> bool:
+    with _reading(path):
+        return _is_json_array(path)
+
+
 def _is_json_array(path: str) -> bool:
+    head = b""
     with _open_binary(path) as stream:
-        head = stream.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
-    return head.startswith(b"[")
+        # read1: only what is at hand, so that a file truncated after its first records still shows them
+        while len(head) < 4096 and (chunk := stream.read1(4096)):
+            head += chunk
+            if head.removeprefix(b"\xef\xbb\xbf").strip():
+                break
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
 
 
-def _json_array(path: str) -> list[object]:
-    # A JSON array (the alpaca_data.json layout) cannot be streamed without a streaming JSON parser. Such
-    # files are instruction sets of at most a few hundred MB, so it is loaded whole; use JSONL for corpora.
-    with _open_binary(path) as stream:
-        try:
-            return json.load(stream)
-        except ValueError as err:
-            raise DataFileError(
-                f"{path}: invalid JSON array ({err}); fix the file or convert it to JSONL (one object per line)"
-            ) from None
+JSON_ARRAY_LIMIT_RECORDS = 4
+"""A JSON array file (the alpaca_data.json layout) may hold at most this many times data.max_record_bytes of
+JSON text (decompressed): 128 MiB at the default, far above the instruction sets published that way (alpaca's
+is 22 MB). Its items are decoded one at a time as the file is read, but an item cannot be skipped without
+decoding it (that needs a streaming JSON parser, which no dependency provides), so the file size is what
+bounds the memory: a larger array is refused at start-up with the command that converts it to JSONL, which
+streams whatever its size."""
 
 
-def _read_jsonl(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def json_array_limit(max_record_bytes: int) -> int:
+    """Bytes of JSON text a JSON array file may hold (JSON_ARRAY_LIMIT_RECORDS x data.max_record_bytes)."""
+    return JSON_ARRAY_LIMIT_RECORDS * max_record_bytes
+
+
+def _to_jsonl_fix(path: str) -> str:
+    """The one-line command that converts a JSON array file to JSONL, and what to do then."""
+    lower = path.lower()
+    stem = path
+    for suffix in _COMPRESSIONS:
+        if lower.endswith(suffix):
+            stem = path[: -len(suffix)]
+    out = stem[: -len(".json")] + ".jsonl" if stem.lower().endswith(".json") else stem + ".jsonl"
+    if lower.endswith(".gz"):
+        source = f"zcat {path} | jq -c '.[]'"
+    elif lower.endswith((".zst", ".zstd")):
+        source = f"zstdcat {path} | jq -c '.[]'"
+    else:
+        source = f"jq -c '.[]' {path}"
+    return (
+        f'convert it to JSONL, which is read as a stream: {source} > {out} (or python -c "import json, sys;'
+        ' [print(json.dumps(r)) for r in json.load(sys.stdin)]" with the array on stdin), then point the'
+        " source at the .jsonl"
+    )
+
+
+def _array_too_large(path: str, limit: int) -> UnreadableFile:
+    """Found at start-up (check_unit); mid-run only when the file grew since: its remainder is then skipped."""
+    return UnreadableFile(
+        f"{path}: a JSON array of more than {limit} bytes ({JSON_ARRAY_LIMIT_RECORDS} x data.max_record_bytes)"
+        f" is not read, as it cannot be streamed; {_to_jsonl_fix(path)}",
+        f"a JSON array of more than {limit} bytes",
+    )
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_items(path: str, opts: _Reading) -> Iterator[tuple[bytes, object]]:
+    """Each item of a JSON array file, decoded one at a time as the file is read: (its JSON text, its value).
+
+    Only the item being decoded is held (json's raw_decode on a buffer that grows, doubling, until the item is
+    complete), and the file holds at most json_array_limit bytes. Raises UnreadableFile when the file turns
+    out not to be a valid JSON array part-way, or to hold more than the limit (it grew since start-up)."""
+    limit = json_array_limit(opts.max_record_bytes)
+    if not path.lower().endswith(_COMPRESSIONS) and os.path.getsize(path) > limit:
+        raise _array_too_large(path, limit)
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+    with _open_binary(path, opts.tap) as stream:
+        text, at, read, done = "", 0, 0, False
+        index = 0  # the item being read (0-based)
+
+        def broken(problem: str) -> UnreadableFile:
+            return UnreadableFile(
+                f"{path}: invalid JSON array ({problem} at item {index + 1}); fix the file or"
+                f" {_to_jsonl_fix(path)}",
+                f"{problem} at item {index + 1}",
+            )
+
+        def more() -> bool:
+            """Read on (at least as much again as is pending: decoding a long item restarts O(log) times)."""
+            nonlocal text, at, read, done
+            if done:
+                return False
+            chunk = stream.read(max(_CHUNK, len(text) - at))
+            read += len(chunk)
+            if read > limit:
+                raise _array_too_large(path, limit)
+            done = not chunk
+            try:
+                text = text[at:] + utf8.decode(chunk, final=done)
+            except UnicodeDecodeError:
+                raise broken("not UTF-8") from None
+            at = 0
+            return True
+
+        def peek() -> str:
+            """The next character that is not whitespace ("" at the end of the file)."""
+            nonlocal at
+            while True:
+                at = _JSON_SPACE.match(text, at).end()  # type: ignore[union-attr]
+                if at < len(text):
+                    return text[at]
+                if not more():
+                    return ""
+
+        if peek() != "[":
+            raise broken("not an array")
+        at += 1
+        if peek() == "]":
+            at += 1
+        else:
+            while True:
+                peek()  # (raw_decode does not skip the whitespace before an item)
+                while True:
+                    try:
+                        value, end = decoder.raw_decode(text, at)
+                    except json.JSONDecodeError:  # incomplete so far, or invalid: read on to tell which
+                        if not more():
+                            raise broken("malformed JSON") from None
+                        continue
+                    except RecursionError:  # the item's end cannot be found without decoding it
+                        raise broken("JSON nested too deeply") from None
+                    if end == len(text) and more():  # a bare number may go on in the next chunk
+                        continue
+                    break
+                item, at = text[at:end].encode("utf-8", "surrogatepass"), end
+                yield item, value
+                index += 1
+                following = peek()
+                at += 1
+                if following == "]":
+                    break
+                if following != ",":
+                    raise broken("expected , or ]")
+        if peek() != "":
+            raise broken("data after the array")
+
+
+def _read_jsonl(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
     if _is_json_array(path):
-        for index, obj in enumerate(_json_array(path)):
+        for index, (item, obj) in enumerate(_json_array_items(path, opts)):
+            opts.digest.add(item)  # the item's JSON text, as a JSONL line's bytes
             if keep(index):
-                yield index, _value(obj, field, f"{path}:item {index + 1}")
+                where = f"{path}:item {index + 1}"
+                too_large = len(item) > opts.max_record_bytes
+                yield index, Skip("too_large", where) if too_large else _value(obj, field, where)
         return
     # Hand-read rather than datasets' JSON builder: one malformed line makes that builder fail the whole
     # file, and it materialises the file into Arrow before yielding anything. Reading lines ourselves
     # gives a counted, located skip and true streaming, and unwanted lines are never JSON-decoded.
-    for index, (line_no, raw) in enumerate(_jsonl_lines(path)):
+    for index, (line_no, raw) in enumerate(_jsonl_lines(path, opts)):
         if not keep(index):
             continue
         where = f"{path}:line {line_no}"
+        if raw is None:
+            yield index, Skip("too_large", where)
+            continue
         try:
             obj = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:  # (a ValueError too): a line that is not UTF-8 is not trusted as text
@@ -327,68 +839,171 @@ def _read_jsonl(path: str, field: str | None, keep: Callable[[int], bool], start
         except ValueError:
             yield index, Skip("bad_json", where)
             continue
+        except RecursionError:  # valid JSON nested deeper than the parser's stack: no text to train on
+            yield index, Skip("too_deep", where)
+            continue
         yield index, _value(obj, field, where)
 
 
-def _read_csv(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+class _RecordTooLarge(Exception):
+    """Raised through csv.reader when the record it is assembling passes the size limit."""
+
+
+class _CsvLines:
+    """The physical lines csv.reader assembles records from, held to `limit` characters per record.
+
+    The csv module keeps a whole record in memory and cannot resume after an error, so the size limit is
+    enforced here: once a record passes it, csv.reader is abandoned (_RecordTooLarge), the rest of the record
+    is read past without being kept (it ends at the first line end where its quote characters balance: the
+    rule of the default dialect, where a quote inside a field is doubled), and a fresh reader continues."""
+
+    def __init__(self, stream: IO[str], limit: int, digest: RecordDigest):
+        self.stream, self.limit, self.digest = stream, limit, digest
+        self.used = 0  # characters of the current record so far
+        self.quotes = 0  # quote characters of the current record so far
+        self.line_no = 0
+        self.at_line_end = True
+
+    def __iter__(self) -> _CsvLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.stream.readline(self.limit - self.used + 1)
+        if not line:
+            raise StopIteration
+        self._took(line)
+        if self.used > self.limit:
+            raise _RecordTooLarge
+        return line
+
+    def _took(self, line: str) -> None:
+        self.at_line_end = line.endswith("\n")
+        self.line_no += self.at_line_end
+        self.used += len(line)
+        self.quotes += line.count('"')
+        self.digest.feed(line.encode("utf-8", "surrogatepass"))
+
+    def new_record(self, ends_record: bool) -> None:
+        """csv.reader returned a row: the next characters belong to the next record (a blank line is no
+        record: its characters join the next record's digest)."""
+        self.used = self.quotes = 0
+        if ends_record:
+            self.digest.end_record()
+
+    def skip_rest(self) -> None:
+        while not (self.at_line_end and self.quotes % 2 == 0):
+            line = self.stream.readline(_CHUNK)
+            if not line:
+                break
+            self._took(line)
+        self.new_record(True)
+
+
+def _read_csv(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
     # csv.reader rather than DictReader: rows we do not want never become dicts.
-    with _open_text(path) as stream:
-        rows = csv.reader(stream)
+    with _open_text(path, opts.tap) as stream:
+        lines = _CsvLines(stream, opts.max_record_bytes, opts.digest)
+        rows = csv.reader(lines)
         try:
             header = next(rows, None)
-            if header is None:
-                raise DataFileError(f"{path}: empty CSV (no header row); export it again with a header")
-            _require_column(path, field, header)
-            column = header.index(field) if field is not None else -1
-            index = -1
-            for row in rows:
-                if not row:  # a blank line is not a record (as with DictReader)
-                    continue
+        except _RecordTooLarge:
+            raise DataFileError(
+                f"{path}: its header row is larger than data.max_record_bytes ({opts.max_record_bytes});"
+                " is it a CSV file?"
+            ) from None
+        if header is None:
+            raise DataFileError(f"{path}: empty CSV (no header row); export it again with a header")
+        _require_column(path, field, header)
+        lines.new_record(False)  # the header's characters are digested with the first record's
+        column = header.index(field) if field is not None else -1
+        index = -1
+        while True:
+            try:
+                row = next(rows, None)
+            except _RecordTooLarge:
+                lines.skip_rest()
+                rows = csv.reader(lines)
                 index += 1
                 if keep(index):
-                    where = f"{path}:row {index + 1}"
-                    if field is None:
-                        yield index, dict(zip(header, row))
-                        continue
-                    value = row[column] if column < len(row) else None
-                    yield index, _as_text(value, where)
-        except csv.Error as err:
-            raise DataFileError(
-                f"{path}: malformed CSV at line {rows.line_num} ({err}); fix its quoting or export it again"
-            ) from err
+                    yield index, Skip("too_large", f"{path}:row {index + 1}")
+                continue
+            except csv.Error as err:
+                raise UnreadableFile(
+                    f"{path}: malformed CSV at line {lines.line_no + 1} ({err}); fix its quoting or export it"
+                    " again",
+                    f"malformed CSV at line {lines.line_no + 1}",
+                ) from err
+            if row is None:
+                break
+            lines.new_record(bool(row))
+            if not row:  # a blank line is not a record (as with DictReader)
+                continue
+            index += 1
+            if keep(index):
+                where = f"{path}:row {index + 1}"
+                if field is None:
+                    yield index, dict(zip(header, row))
+                    continue
+                value = row[column] if column < len(row) else None
+                yield index, _as_text(value, where)
 
 
-def _read_parquet(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_parquet(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
     with pq.ParquetFile(path) as parquet:
         _require_column(path, field, parquet.schema_arrow.names)
         base = 0
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
-            if base + rows <= start:  # resuming: whole row groups before `start` are never read
-                base += rows
+            if base + rows <= start and not opts.digest.active:
+                base += rows  # resuming: whole row groups before `start` are never read (unless digested)
                 continue
             columns = [field] if field is not None else None
             for batch in parquet.iter_batches(batch_size=_ARROW_BATCH, row_groups=[group], columns=columns):
-                if picked := _pick(base, batch.num_rows, keep):
-                    yield from _emit_arrow(path, base, picked, batch.column(0) if field else batch)
+                yield from _emit_arrow(path, base, batch.column(0) if field else batch, keep, start, opts)
                 base += batch.num_rows
 
 
-def _read_text(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
-    if keep(0):  # one file is one document (e.g. one MIMIC-CXR report per study)
-        with _open_binary(path) as stream:
-            raw = stream.read()
-        try:
-            yield 0, _as_text(raw.decode("utf-8-sig"), path)
-        except UnicodeDecodeError:
-            yield 0, Skip("bad_utf8", path)
+def _read_text(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
+    if not keep(0):  # one file is one document (e.g. one MIMIC-CXR report per study): not ours, not opened
+        return
+    limit = opts.max_record_bytes
+    with _open_binary(path, opts.tap) as stream:
+        raw = stream.read(limit + 1)
+        if len(raw) > limit:
+            opts.digest.feed(raw)
+            del raw
+            while chunk := stream.read(_CHUNK):
+                opts.digest.feed(chunk)
+            opts.digest.end_record()
+            yield 0, Skip("too_large", path)
+            return
+    opts.digest.add(raw)
+    try:
+        yield 0, _as_text(raw.decode("utf-8-sig"), path)
+    except UnicodeDecodeError:
+        yield 0, Skip("bad_utf8", path)
 
 
 def _load_hf(path: str):  # -> datasets.Dataset; untyped to keep the slow `datasets` import lazy
     import datasets
 
     # keep_in_memory=False: memory-map the Arrow files instead of copying them into RAM.
-    dataset = datasets.load_from_disk(path, keep_in_memory=False)
+    try:
+        dataset = datasets.load_from_disk(path, keep_in_memory=False)
+    except (ValueError, RecursionError, KeyError, TypeError, AttributeError, IndexError) as err:
+        # What `datasets` raises on metadata (state.json, dataset_info.json) that is not JSON, is nested past
+        # the parser's depth, or lacks or mistypes a field: the directory cannot be read, whatever the rows.
+        raise UnreadableFile(
+            f"{path}: its save_to_disk metadata (state.json, dataset_info.json) cannot be read"
+            f" ({_cause(err)}); save the dataset again with save_to_disk",
+            _cause(err),
+        ) from err
     if isinstance(dataset, datasets.DatasetDict):
         if "train" not in dataset:
             raise DataFileError(
@@ -399,57 +1014,148 @@ def _load_hf(path: str):  # -> datasets.Dataset; untyped to keep the slow `datas
     return dataset
 
 
-def _read_hf(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
+def _read_hf(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
     dataset = _load_hf(path)
     _require_column(path, field, dataset.column_names)
     # Arrow format: a slice is a zero-copy view of the memory-mapped table, not a dict of Python lists.
     table = (dataset.select_columns([field]) if field else dataset).with_format("arrow")
-    for base in range(start - start % _ARROW_BATCH, len(table), _ARROW_BATCH):
-        if picked := _pick(base, min(_ARROW_BATCH, len(table) - base), keep):
-            rows = table[base : base + _ARROW_BATCH]
-            yield from _emit_arrow(path, base, picked, rows.column(0) if field else rows)
+    first = 0 if opts.digest.active else start - start % _ARROW_BATCH
+    for base in range(first, len(table), _ARROW_BATCH):
+        rows = table[base : base + _ARROW_BATCH]
+        yield from _emit_arrow(path, base, rows.column(0) if field else rows, keep, start, opts)
 
 
-def _pubmed_articles(path: str) -> Iterator[ET.Element]:
-    """Stream the PubmedArticle elements of a baseline/update file, freeing each one after use."""
-    with _open_binary(path) as stream:
-        # ElementTree (expat) does not fetch external DTDs or entities, so the DOCTYPE pointing at
-        # dtd.nlm.nih.gov is never resolved: no network access and no XXE.
-        events = ET.iterparse(stream, events=("start", "end"))
-        try:
-            _, root = next(events)
-            for event, elem in events:
-                if event == "end" and elem.tag == "PubmedArticle":
-                    yield elem
-                    root.clear()  # drop finished articles from the tree so memory stays flat
-        except ET.ParseError as err:
-            line, column = err.position
-            raise DataFileError(
-                f"{path}: malformed XML at line {line}, column {column}; the file may be truncated, "
-                "re-download it"
-            ) from err
+_ARTICLE_TITLE = ("PubmedArticle", "MedlineCitation", "Article", "ArticleTitle")
+_ABSTRACT_TEXT = ("PubmedArticle", "MedlineCitation", "Article", "Abstract", "AbstractText")
 
 
-def _inner_text(elem: ET.Element | None) -> str:
-    # itertext keeps the text inside inline markup such as <i>, <sup> and MathML.
-    return "" if elem is None else "".join(elem.itertext()).strip()
+MAX_XML_DEPTH = 1000
+"""Elements a PubMed XML file may nest (a PubMed article nests about 10, a few dozen with MathML): expat and
+the reader keep one entry per open element, so a file of nested tags would otherwise grow memory without
+bound (200 MB of them took 3.9 GB). Deeper nesting makes the rest of the file an unreadable remainder: a
+counted skip, located by article and byte offset."""
 
 
-def _article_text(article: ET.Element) -> str:
-    """Title, a blank line, then the abstract sections one per line ("METHODS: ..." when labelled)."""
-    title = _inner_text(article.find("MedlineCitation/Article/ArticleTitle"))
-    sections = []
-    for part in article.iterfind("MedlineCitation/Article/Abstract/AbstractText"):
-        body, label = _inner_text(part), part.get("Label")
-        if body:
-            sections.append(f"{label}: {body}" if label else body)
-    return "\n\n".join(text for text in (title, "\n".join(sections)) if text)
+class _TooDeep(Exception):
+    """Raised through expat when an element opens past MAX_XML_DEPTH."""
 
 
-def _read_pubmed(path: str, field: str | None, keep: Callable[[int], bool], start: int) -> Iterator[Record]:
-    for index, article in enumerate(_pubmed_articles(path)):
+class _PubmedArticles:
+    """An expat target that keeps, of each PubmedArticle, only its title and abstract text: title, a blank
+    line, then the abstract sections one per line ("METHODS: ..." when labelled); inline markup such as <i>,
+    <sup> and MathML contributes its text. Unlike ElementTree's tree builder it never holds an article's
+    other elements, and it stops keeping text once an article's text passes the size limit (None: too large).
+
+    Each finished article is (text or None, a hash of its title and abstract text): one feed of the parser
+    can finish several articles, so the reader digests each one only as it hands it out."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.done: list[tuple[str | None, bytes]] = []
+        self._tags: list[str] = []
+        self._in: str | None = None  # "title" or "part" while inside the ArticleTitle or an AbstractText
+        self._new_article()
+
+    def _new_article(self) -> None:
+        self._title: list[str] = []
+        self._part: list[str] = []
+        self._sections: list[str] = []
+        self._label: str | None = None
+        self._size, self._too_large, self._title_seen = 0, False, False
+        self._hash = xxhash.xxh3_128()
+
+    def start(self, tag: str, attrib: dict[str, str]) -> None:
+        if len(self._tags) >= MAX_XML_DEPTH:
+            raise _TooDeep
+        self._tags.append(tag)
+        if tag == "PubmedArticle":
+            self._new_article()
+        elif tuple(self._tags[-4:]) == _ARTICLE_TITLE and not self._title_seen:
+            self._in = "title"
+        elif tuple(self._tags[-5:]) == _ABSTRACT_TEXT:
+            self._in, self._part, self._label = "part", [], attrib.get("Label")
+
+    def data(self, text: str) -> None:
+        if self._in is None:
+            return
+        self._hash.update(text.encode("utf-8", "surrogatepass"))
+        self._size += len(text)
+        if self._size > self.limit:  # too large: hash what passes, hold none of it
+            self._too_large, self._title, self._part, self._sections = True, [], [], []
+        elif not self._too_large:
+            (self._title if self._in == "title" else self._part).append(text)
+
+    def end(self, tag: str) -> None:
+        if self._in == "title" and tuple(self._tags[-4:]) == _ARTICLE_TITLE:
+            self._in, self._title_seen = None, True
+        elif self._in == "part" and tuple(self._tags[-5:]) == _ABSTRACT_TEXT:
+            body = "".join(self._part).strip()
+            if body and not self._too_large:
+                self._sections.append(f"{self._label}: {body}" if self._label else body)
+            self._in, self._part = None, []
+        elif tag == "PubmedArticle":
+            title = "".join(self._title).strip()
+            text = "\n\n".join(part for part in (title, "\n".join(self._sections)) if part)
+            self.done.append((None if self._too_large else text, self._hash.digest()))
+        self._tags.pop()
+
+    def close(self) -> None:
+        pass
+
+
+def _pubmed_articles(path: str, opts: _Reading) -> Iterator[str | None]:
+    """The text of each PubmedArticle of a baseline/update file (None: larger than the limit), streaming;
+    each article is digested just before it is handed out."""
+    target = _PubmedArticles(opts.max_record_bytes)
+    # expat does not fetch external DTDs or entities, so the DOCTYPE pointing at dtd.nlm.nih.gov is never
+    # resolved: no network access and no XXE.
+    parser = ET.XMLParser(target=target)
+    with _open_binary(path, opts.tap) as stream:
+        fed, handed_out = 0, 0  # XML bytes given to the parser; articles handed out
+        while True:
+            chunk = stream.read(64 * 1024)
+            failure: Exception | None = None
+            try:
+                if chunk:
+                    parser.feed(chunk)
+                else:
+                    parser.close()
+            except (ET.ParseError, _TooDeep) as err:
+                failure = err
+            # Articles that ended before a failure in this chunk are whole: hand them out first.
+            for text, article_hash in target.done:
+                opts.digest.add(article_hash)
+                handed_out += 1
+                yield text
+            target.done.clear()
+            if isinstance(failure, ET.ParseError):
+                line, column = failure.position
+                raise UnreadableFile(
+                    f"{path}: malformed XML at line {line}, column {column}; the file may be truncated, "
+                    "re-download it",
+                    f"malformed XML at line {line}, column {column}",
+                ) from failure
+            if failure is not None:  # (the C parser does not say the line: the bytes and article locate it)
+                where = f"in article {handed_out + 1}, XML bytes {fed}-{fed + len(chunk)}"
+                raise UnreadableFile(
+                    f"{path}: XML nested deeper than {MAX_XML_DEPTH} elements ({where}); is it a PubMed"
+                    " baseline/update file? fix or re-download it",
+                    f"XML nested deeper than {MAX_XML_DEPTH} elements, {where}",
+                ) from None
+            fed += len(chunk)
+            if not chunk:
+                return
+
+
+def _read_pubmed(
+    path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
+) -> Iterator[Record]:
+    for index, text in enumerate(_pubmed_articles(path, opts)):
         if keep(index):
-            yield index, _as_text(_article_text(article), f"{path}:article {index + 1}")
+            where = f"{path}:article {index + 1}"
+            yield index, Skip("too_large", where) if text is None else _as_text(text, where)
 
 
 _READERS = {
@@ -468,7 +1174,11 @@ _READERS = {
 
 
 def iter_texts(
-    path: str, text_field: str | None, want: Callable[[int], bool] | None = None, start: int = 0
+    path: str,
+    text_field: str | None,
+    want: Callable[[int], bool] | None = None,
+    start: int = 0,
+    options: ReadOptions | None = None,
 ) -> Iterator[tuple[int, str | Skip]]:
     """Stream the records of one unit in file order.
 
@@ -478,6 +1188,8 @@ def iter_texts(
     `want` is called exactly once for every index >= start, in order (the source stream relies on this to
     count a file's records while reading it).
     `text_field` (default "text") names the JSON key / column; text and pubmed_xml units ignore it.
+    `options`: the record size limit, and the digests to feed (see ReadOptions).
+    Raises UnreadableFile when the unit cannot be read (from the start, or part-way).
     """
     reader = _READERS[detect_format(path)]
 
@@ -485,11 +1197,14 @@ def iter_texts(
         return index >= start and (want is None or want(index))
 
     with _reading(path):
-        yield from reader(path, text_field or "text", keep, start)
+        yield from reader(path, text_field or "text", keep, start, _options(options))
 
 
 def iter_records(
-    path: str, want: Callable[[int], bool] | None = None, start: int = 0
+    path: str,
+    want: Callable[[int], bool] | None = None,
+    start: int = 0,
+    options: ReadOptions | None = None,
 ) -> Iterator[tuple[int, dict | Skip]]:
     """Like `iter_texts`, but yields whole records as dicts (instruction data: several fields per record).
 
@@ -504,7 +1219,7 @@ def iter_records(
         return index >= start and (want is None or want(index))
 
     with _reading(path):
-        yield from _READERS[fmt](path, None, keep, start)
+        yield from _READERS[fmt](path, None, keep, start, _options(options))
 
 
 def count_records(path: str) -> int:
@@ -513,11 +1228,10 @@ def count_records(path: str) -> int:
     with _reading(path):
         if fmt == "jsonl":
             if _is_json_array(path):
-                return len(_json_array(path))
-            return sum(1 for _ in _jsonl_lines(path))
+                return sum(1 for _ in _json_array_items(path, _options(None)))
+            return sum(1 for _ in _jsonl_lines(path, _options(None)))
         if fmt == "csv":
-            with _open_text(path) as stream:
-                return max(0, sum(1 for row in csv.reader(stream) if row) - 1)  # minus the header
+            return _count_by_want(iter_records, path)
         if fmt == "parquet":
             with pq.ParquetFile(path) as parquet:
                 return parquet.metadata.num_rows
@@ -526,4 +1240,77 @@ def count_records(path: str) -> int:
             return 1
         if fmt == "hf_dataset":
             return len(_load_hf(path))
-        return sum(1 for _ in _pubmed_articles(path))
+        return sum(1 for _ in _pubmed_articles(path, _options(None)))
+
+
+def _count_by_want(read: Callable[..., Iterator[Any]], path: str) -> int:
+    """Records of a unit counted through `want` (called for every index; none is decoded or kept)."""
+    seen = 0
+
+    def want(index: int) -> bool:
+        nonlocal seen
+        seen = index + 1
+        return False
+
+    for _ in read(path, want=want):
+        pass
+    return seen
+
+
+PROBE_RECORDS = 8
+"""Records read from the start of every file by `check_unit`."""
+# Skips that say the file does not hold what the source says (not merely that one record is bad).
+_STRUCTURAL_SKIPS = frozenset({"bad_json", "bad_utf8", "missing_field", "not_text", "bad_text", "too_deep"})
+
+
+def check_unit(
+    path: str,
+    text_field: str | None,
+    *,
+    record_mode: bool = False,
+    is_record: Callable[[dict], str | None] | None = None,
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+) -> str | None:
+    """What is wrong with a unit, in one line naming it and the fix, or None: it opens and decompresses, its
+    CSV header / parquet schema / dataset has the text column, and at least one of its first PROBE_RECORDS
+    records has the text field (record mode: is a record `is_record` accepts; it returns why not, or None).
+    A file whose first records are merely empty is fine here: only a run can say whether too many are."""
+    options = ReadOptions(max_record_bytes)
+    try:
+        if detect_format(path) == "jsonl" and _is_json_array_unit(path):
+            # A JSON array is decoded through once, one item at a time: its size is checked, and a malformed
+            # item anywhere in it is named now rather than becoming an unreadable remainder mid-run.
+            with _reading(path):
+                for _ in _json_array_items(path, _options(options)):
+                    pass
+        read = (
+            iter_records(path, options=options)
+            if record_mode
+            else iter_texts(path, text_field, options=options)
+        )
+        first = []
+        for _, value in read:
+            first.append(value)
+            if len(first) == PROBE_RECORDS:
+                break
+        read.close()
+    except DataFileError as err:
+        return str(err)
+    skips = [value for value in first if isinstance(value, Skip)]
+    usable = [value for value in first if not isinstance(value, Skip)]
+    if record_mode and is_record is not None:
+        verdicts = [is_record(value) for value in usable]
+        if usable and all(verdicts):
+            return f"{path}: none of its first {len(usable)} records is an instruction record: {verdicts[0]}"
+    if usable or not any(skip.reason in _STRUCTURAL_SKIPS for skip in skips):
+        return None
+    reasons = ", ".join(
+        f"{n} {reason}" for reason, n in sorted(Counter(skip.reason for skip in skips).items())
+    )
+    fix = {
+        "missing_field": f"set the source's text_field to the key that holds the text (now {text_field or 'text'!r})",
+        "not_text": f"its {text_field or 'text'!r} values are not strings: set text_field to the key that holds the text",
+        "bad_json": "is it JSON lines (one object per line)? fix or convert it",
+        "bad_utf8": "convert it to UTF-8",
+    }.get(skips[0].reason, "fix the file or drop it from the source's paths")
+    return f"{path}: its first {len(first)} records were all skipped ({reasons}; first at {skips[0].where}); {fix}"

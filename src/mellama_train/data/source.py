@@ -12,23 +12,68 @@ the source has at least one record per rank, and one-document-per-file sources (
 evenly. Each rank scans every file anyway (to find its records), so counting the records of earlier files
 costs nothing extra.
 
-State (a few integers plus the unconsumed tail of the current document) is enough to continue at the exact next
-token: a resumed reader reopens the same file and skips to the saved record index.
+The position is coordinates, never text: epoch, file (its place in the epoch's order), record index, and the
+number of tokens of the current document already handed out. A checkpoint therefore holds no token of any
+document. At resume the current document is read again and encoded again, and the stream continues at the
+exact same token; its saved length and short digest of its token ids catch a different tokenizer or cleaner.
+
+Data changes are detected by content, and cost one read of what the position has passed in this epoch:
+- the file list: the files' names (relative to their common directory, so a corpus moved as a whole is the
+  same corpus) define each epoch's order, so a list with a file added, removed or renamed is a change;
+- the current file: an order-dependent digest of its records before the position (readers.RecordDigest,
+  fed every record while streaming: every rank reads every record anyway) is recomputed while the resumed
+  reader reads up to the position, and compared at load time, before step 1;
+- files finished earlier in this epoch: a digest of the raw bytes the reader pulled from the file (below any
+  decompressor) with their count, checked by re-hashing that many bytes (I/O-bound: xxh3 hashes at ~18
+  GB/s); a file whose reading failed part-way keeps the digest of the records read before the failure, and
+  parquet / save_to_disk files (read by seeking) the digest of all their records. Every rank reads every
+  file, so these digests are the same on every rank and each file is checked once, by one rank (CheckShare):
+  the resume re-reads what the epoch has read so far once in total, split over the ranks, not once per rank.
+So a file unchanged up to what was read of it (a truncated file restored, a file that grew, a re-compressed
+JSONL file, for record digests) resumes exactly, and a change before the position (an edit, a reorder, a
+replacement, same size or not) is refused in one line naming the source and the file. The refusal names the
+way on: `--accept-data-change` (data.accept_changes) continues from the same coordinates (epoch, file
+number, record number, token offset) over the changed files, and each change continued over is logged and
+returned to the caller, which records it in trainer.json (`data_changes`). What "the same coordinates" gives
+is only as good as the change: documents around an edit may be repeated or skipped.
+
+Faults while streaming are counted skips, never the end of a run: a file that turns out truncated or corrupt
+part-way (or vanishes) is an `unreadable_remainder` skip of what is left of it, logged with its file and
+record position, and the stream goes on with the next file.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
 import os
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from mellama_train.config import DataConfig, SourceConfig
-from mellama_train.data.readers import Skip, expand_paths, iter_records, iter_texts
+import numpy as np
+
+from mellama_train import watchdog
+from mellama_train.config import Config, DataConfig, SourceConfig
+from mellama_train.data.readers import (
+    DEFAULT_MAX_RECORD_BYTES,
+    ByteTap,
+    DataFileError,
+    ReadOptions,
+    RecordDigest,
+    Skip,
+    UnreadableFile,
+    byte_digest,
+    check_unit,
+    expand_paths,
+    iter_records,
+    iter_texts,
+    prefix_digest,
+    short_digest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +82,8 @@ MAX_SKIP_WARNINGS = 20
 # Skips the user asked for (`data.overflow: drop`, `data.decontamination`): counted in the metrics, but not bad
 # data, so never limited.
 CHOSEN_SKIPS = frozenset({"too_long", "contaminated"})
+# Parallel reads when verifying finished files at resume: they are I/O-bound on a shared filesystem.
+_VERIFY_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -64,17 +111,88 @@ class SourceState:
     file_pos: int = 0
     """Index into this epoch's file permutation."""
     record: int = 0
-    """Next record index to read in the current file."""
+    """Next record index to read in the current file (record - 1 is the current document)."""
     records_before: int = 0
     """Records (of all ranks) in the files of this epoch before the current one: the round-robin offset."""
-    pending: list[int] = field(default_factory=list)
-    """Tokens of the current document not yet handed out (it may span sequences)."""
+    offset: int = 0
+    """Tokens of the current document already handed out (text sources; it may span sequences)."""
     documents: int = 0
     """Documents this rank has read from this source (all epochs)."""
     skipped: dict[str, int] = field(default_factory=dict)
-    """Records skipped by reason (bad_json, missing_field, empty, not_text)."""
+    """Records skipped by reason (bad_json, missing_field, empty, not_text, too_large, ...)."""
     first_skip: str = ""
     """Location (file:line) of the first record this rank skipped: the one to look at first. Never content."""
+    finished: list[list[Any]] = field(default_factory=list)
+    """Files this rank read to their end in this epoch: [file_pos, "bytes" | "records", count, digest]. Ranks'
+    lists differ at file boundaries (and a file of one document is only in its owner's): see CheckShare."""
+
+
+def finished_claim(state: dict[str, Any]) -> tuple[int, bytes]:
+    """(epoch, bitmap of the file positions) of the files a saved source position finished in its epoch: what
+    one rank tells the others so that they can share out the checks of those files (CheckShare). One bit per
+    file: gathering every rank's costs world_size x files / 8 bytes per source."""
+    positions = [int(entry[0]) for entry in state.get("finished", [])]
+    held = np.zeros(max(positions, default=-1) + 1, dtype=bool)
+    held[positions] = True
+    return int(state.get("epoch", 0)), np.packbits(held).tobytes()
+
+
+@dataclass(frozen=True)
+class CheckShare:
+    """Which files finished earlier in the epoch this rank re-hashes at resume: about 1/world_size of them.
+
+    Every rank reads every file, so a file's byte digest is the same on every rank that read it to its end,
+    and one check of it is enough. The ranks' `finished` lists are not identical, though: at a file boundary
+    one rank has finished a file that another is still reading or has not reached (ranks consume documents at
+    different rates), ranks may even be in different epochs, and a file of one document is opened only by the
+    rank that owns it. So the checks are assigned over the union of the lists: file p of epoch e is checked by
+    the first rank, counting cyclically from p % world_size, whose own list holds it. Every file that any rank
+    read to its end is checked exactly once, by a rank that read it. (If ranks read one file at different
+    times of the run and saw different bytes, only the checking rank's reading is compared.)
+
+    Built by the caller from every rank's claims (Mixture.finished_claims, gathered across ranks): the data
+    layer does no collectives. train.py gathers every rank's verdict, so a change one rank finds stops all."""
+
+    rank: int
+    claims: list[dict[str, tuple[int, bytes]]]
+    """Every rank's claims ({source: finished_claim(its saved position)}), in rank order."""
+
+    def checks(self, source: str, epoch: int, positions: list[int]) -> list[bool]:
+        """For each file position of this rank's list (epoch `epoch`): whether this rank checks it."""
+        world = len(self.claims)
+        if not positions:
+            return []
+        width = max(positions) + 1
+        held = np.zeros((world, width), dtype=bool)  # held[q, p]: rank q finished file p of this epoch
+        for q, claims in enumerate(self.claims):
+            claim_epoch, bitmap = claims.get(source, (-1, b""))
+            if claim_epoch == epoch:
+                bits = np.unpackbits(np.frombuffer(bitmap, dtype=np.uint8))[:width].astype(bool)
+                held[q, : len(bits)] = bits
+        mine = []
+        for p in positions:
+            start = p % world
+            ring = np.roll(held[:, p], -start)  # ranks in the order start, start + 1, ..., start - 1
+            # Our own claim is in the ring, so a holder is always found; were it not, check it ourselves.
+            mine.append(not ring.any() or (start + int(ring.argmax())) % world == self.rank)
+        return mine
+
+
+def ids_digest(ids: list[int]) -> str:
+    """Short digest of a token id sequence: checks a re-encoded document without storing its tokens."""
+    return short_digest(np.asarray(ids, dtype=np.int64).tobytes())
+
+
+def names_digest(names: list[str]) -> str:
+    return short_digest("\0".join(names).encode("utf-8", "surrogatepass"))
+
+
+def relative_names(files: list[str]) -> list[str]:
+    """The files' paths relative to their common directory: what identifies a corpus wherever it is mounted."""
+    if not files:
+        return []
+    root = os.path.commonpath([os.path.dirname(path) for path in files])
+    return [os.path.relpath(path, root) for path in files]
 
 
 class Exhausted(Exception):
@@ -97,10 +215,14 @@ class SourceStream:
         paths: list[str] | None = None,
         passes: int | None = None,
         skip_limit: SkipLimit | None = None,
+        max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+        accept_changes: bool = False,
     ):
         """`encode(text or record) -> item | Skip`; `records`: read whole records (dicts) instead of the text
         field; `paths`: read these instead of cfg.paths (held-out files); `passes`: stop (Exhausted) after
-        this many epochs instead of wrapping forever; `skip_limit`: raise ValueError past it (None: no limit)."""
+        this many epochs instead of wrapping forever; `skip_limit`: raise ValueError past it (None: no limit);
+        `max_record_bytes`: larger records are skipped ("too_large"); `accept_changes`: continue over data
+        changes found at resume instead of refusing (data.accept_changes)."""
         self.name = cfg.name
         self.text_field = cfg.text_field
         self.records = records
@@ -110,15 +232,25 @@ class SourceStream:
                 f"data.sources[{cfg.name}]: its {len(self.files)} file(s) are all empty ({self.files[0]}, ...);"
                 " point its paths at the data, or drop the source"
             )
+        self.names = relative_names(self.files)
         self.encode = encode
         self.passes = passes
         self.skip_limit = skip_limit
+        self.max_record_bytes = max_record_bytes
+        self.accept_changes = accept_changes
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.state = SourceState()
-        self._records: Iterator[tuple[int, str | Skip]] | None = None
+        self._records: Iterator[tuple[int, Any]] | None = None
         self._path = ""
         self._last_index = -1  # highest record index of the current file the reader has passed, wanted or not
+        self._digest = RecordDigest()  # records of the current file read so far
+        self._tap = ByteTap()  # raw bytes of the current file read so far
+        self._broken = False  # the current file failed part-way: its remainder was skipped
+        self._doc: list[int] | None = None  # text sources: the current document's token ids
+        self._reread: tuple[int, Any] | None = None  # the record before the position, read again at load
         self._warned = 0
+        self.changes: list[dict[str, str]] = []
+        """Data changes continued over at the last load (data.accept_changes): {source, file, what}."""
 
     # ---- ordering and sharding ------------------------------------------------------------------------
     def _epoch_files(self, epoch: int) -> list[str]:
@@ -127,10 +259,12 @@ class SourceStream:
         random.Random(f"{self.seed}:{self.name}:{epoch}").shuffle(order)
         return order
 
-    def _open_current(self) -> None:
+    def _open_current(self, start: int | None = None) -> None:
         s = self.state
         self._path = self._epoch_files(s.epoch)[s.file_pos]
-        self._last_index = s.record - 1
+        start = s.record if start is None else start
+        self._last_index = start - 1
+        self._digest, self._tap, self._broken = RecordDigest(), ByteTap(), False
         before, world, rank = s.records_before, self.world_size, self.rank
 
         def want(index: int) -> bool:
@@ -138,10 +272,52 @@ class SourceStream:
             self._last_index = index
             return (before + index) % world == rank
 
+        # Every record before `start` is still read and digested: that is what checks the file at resume.
+        options = ReadOptions(self.max_record_bytes, digest=self._digest, tap=self._tap)
         if self.records:
-            self._records = iter_records(self._path, want=want, start=s.record)
+            self._records = iter_records(self._path, want=want, start=start, options=options)
         else:
-            self._records = iter_texts(self._path, self.text_field, want=want, start=s.record)
+            self._records = iter_texts(self._path, self.text_field, want=want, start=start, options=options)
+
+    def _pull(self) -> tuple[int, Any] | None:
+        """The next record of this rank in the current file, or None at its end. A file that cannot be read
+        further (truncated, corrupt, vanished) ends here: the rest of it is one counted skip."""
+        assert self._records is not None
+        try:
+            return next(self._records, None)
+        except UnreadableFile as err:
+            self._broken = True
+            self._records = iter(())
+            where = f"{self._path}:record {self._digest.count + 1}"
+            log.warning(
+                "source %s: %s cannot be read past record %d (%s); skipping the rest of the file",
+                self.name,
+                self._path,
+                self._digest.count,
+                err.cause,
+            )
+            self._count_skip(Skip("unreadable_remainder", f"{where} ({err.cause})"), logged=True)
+            return None
+
+    def _finish_file(self) -> None:
+        """The current file is done: remember what was read of it (for the resume check), move to the next."""
+        s = self.state
+        if entry := self._file_fingerprint():
+            s.finished.append([s.file_pos, *entry])
+        self._records = None
+        s.records_before += self._last_index + 1
+        s.file_pos, s.record = s.file_pos + 1, 0
+
+    def _file_fingerprint(self) -> list[Any] | None:
+        if self._tap.attached and not self._broken:
+            try:
+                self._tap.finish(self._path)
+                return ["bytes", self._tap.count, self._tap.hexdigest()]
+            except OSError:  # gone right after it was read: its records' digest still identifies it
+                pass
+        if self._digest.count:
+            return ["records", self._digest.count, self._digest.hexdigest()]
+        return None  # not read by this rank (a one-document file another rank owns)
 
     def next_item(self) -> Any:
         """The next encoded record of this rank (advancing over skips, files and epochs)."""
@@ -150,13 +326,12 @@ class SourceStream:
         while True:
             if self._records is None:
                 self._open_current()
-            item = next(self._records, None)
+            item = self._pull()
             if item is None:  # file exhausted: next file, or next epoch
-                self._records = None
-                s.records_before += self._last_index + 1
-                s.file_pos, s.record = s.file_pos + 1, 0
+                self._finish_file()
                 if s.file_pos == len(self.files):
                     s.epoch, s.file_pos, s.records_before, wraps = s.epoch + 1, 0, 0, wraps + 1
+                    s.finished = []
                     if self.passes is not None and s.epoch >= self.passes:
                         raise Exhausted(self.name)
                     if wraps >= 2:
@@ -177,10 +352,10 @@ class SourceStream:
             s.documents += 1
             return item
 
-    def _count_skip(self, skip: Skip) -> None:
+    def _count_skip(self, skip: Skip, logged: bool = False) -> None:
         s = self.state
         s.skipped[skip.reason] = s.skipped.get(skip.reason, 0) + 1
-        if self._warned < MAX_SKIP_WARNINGS:
+        if self._warned < MAX_SKIP_WARNINGS and not logged:
             self._warned += 1
             log.warning("source %s: skipped a record (%s) at %s", self.name, skip.reason, skip.where)
         if skip.reason in CHOSEN_SKIPS:
@@ -208,9 +383,10 @@ class SourceStream:
     def take(self, max_tokens: int) -> list[int]:
         """Up to `max_tokens` tokens of the current document (a new document once the last one is used up)."""
         s = self.state
-        if not s.pending:
-            s.pending = self.next_item()
-        chunk, s.pending = s.pending[:max_tokens], s.pending[max_tokens:]
+        if self._doc is None or s.offset >= len(self._doc):
+            self._doc, s.offset = self.next_item(), 0
+        chunk = self._doc[s.offset : s.offset + max_tokens]
+        s.offset += len(chunk)
         return chunk
 
     @property
@@ -218,32 +394,191 @@ class SourceStream:
         return self.state.epoch
 
     # ---- resume ----------------------------------------------------------------------------------------
-    def fingerprint(self) -> str:
-        """Identifies the file list: resuming over different files cannot continue at the same position."""
-        h = hashlib.sha256()
-        for path in self.files:
-            h.update(f"{path}\0{_unit_size(path)}\0".encode())
-        return h.hexdigest()[:16]
-
     def state_dict(self) -> dict[str, Any]:
+        """Coordinates and digests only: no token or text of any document."""
         s = self.state
+        in_progress = self._doc is not None and s.offset < len(self._doc)
         return {
             **s.__dict__,
-            "pending": list(s.pending),
+            "offset": s.offset if in_progress else 0,
             "skipped": dict(s.skipped),
-            "files": self.fingerprint(),
+            "finished": [list(entry) for entry in s.finished],
+            "doc_tokens": len(self._doc) if in_progress else 0,
+            "doc_digest": ids_digest(self._doc) if in_progress else "",
+            "prefix_digest": self._digest.hexdigest() if s.record else "",
+            "files": len(self.names),
+            "names_digest": names_digest(self.names),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], share: CheckShare | None = None) -> list[dict[str, str]]:
+        """Continue at the saved position, after checking that the data before it is what was read (module
+        docstring). Reads eagerly, before step 1. Returns the changes continued over (data.accept_changes);
+        without that setting a change is a ValueError naming the source, the file and the way on.
+        `share`: check only this rank's share of the files finished earlier in the epoch (None: all of them;
+        with data.accept_changes every rank checks all of its own, so that each updates what it holds)."""
         state = dict(state)
-        saved = state.pop("files", None)
-        if saved is not None and saved != self.fingerprint():
-            raise ValueError(
-                f"data.sources[{self.name}]: its files changed since the checkpoint (names or sizes), so the "
-                "saved position no longer points at the same documents; restore the files or start a new run"
+        files, names = state.pop("files", None), state.pop("names_digest", None)
+        doc_tokens, doc_digest = state.pop("doc_tokens", 0), state.pop("doc_digest", "")
+        prefix = state.pop("prefix_digest", None)
+        legacy_pending = state.pop("pending", None)  # older checkpoints: the document's unread tokens
+        self.state = s = SourceState(**state)
+        self._records, self._doc, self._reread, self.changes = None, None, None, []
+        if legacy_pending is not None:
+            log.warning(
+                "data.sources[%s]: this checkpoint's data position was written by an older version (it holds"
+                " tokens, and no digests): its files cannot be checked, and the next checkpoint will not hold"
+                " tokens",
+                self.name,
             )
-        self.state = SourceState(**state)
-        self._records = None
+            s.finished = []
+        elif names != names_digest(self.names):
+            self._list_changed(files)
+        else:
+            self._check_finished(None if self.accept_changes else share)
+        if s.file_pos >= len(self.files):  # (a shorter file list, continued over): the epoch is over
+            s.epoch, s.file_pos, s.record, s.records_before, s.finished = s.epoch + 1, 0, 0, 0, []
+        if s.record:
+            self._check_current(prefix if legacy_pending is None else None)
+            if legacy_pending:
+                self._resume_legacy_document(legacy_pending)
+            elif doc_tokens:
+                self._doc = self.restore_last(doc_tokens, doc_digest, ids_digest)
+                s.offset = min(s.offset, len(self._doc)) if self._doc is not None else 0
+        return self.changes
+
+    def _changed(self, path: str, what: str) -> None:
+        s = self.state
+        where = f"epoch {s.epoch}, file {s.file_pos + 1} of {len(self.files)}, record {s.record}"
+        if not self.accept_changes:
+            raise ValueError(
+                f"data.sources[{self.name}]: {path} {what} since the checkpoint (saved at {where}), so resuming"
+                " there would repeat or skip documents; restore the file(s) as they were, or continue from the"
+                " same position anyway with --accept-data-change (data.accept_changes=true; recorded in"
+                " trainer.json as data_changes)"
+            )
+        log.warning(
+            "data.sources[%s]: %s %s since the checkpoint; continuing from the same position (%s) as"
+            " data.accept_changes asks",
+            self.name,
+            path,
+            what,
+            where,
+        )
+        earlier = next((c for c in self.changes if c["file"] == path), None)
+        if earlier is not None:  # one entry per file: a changed record also fails its re-encoding check
+            earlier["what"] += f"; {what}"
+        else:
+            self.changes.append({"source": self.name, "file": path, "what": what})
+
+    def _list_changed(self, saved_count: int | None) -> None:
+        what = (
+            f"changed ({len(self.names)} files now, {saved_count} at the checkpoint; the run records'"
+            " data_manifest lists each start's files): the list sets each epoch's file order"
+        )
+        self._changed("its file list", what)
+        self.state.finished = []  # they described files of the old order
+
+    def _check_finished(self, share: CheckShare | None) -> None:
+        """Files read to their end earlier in this epoch (this rank's share of them) must still start with
+        what was read of them."""
+        order = self._epoch_files(self.state.epoch)
+        finished = self.state.finished
+        if share is not None:
+            mine = share.checks(self.name, self.state.epoch, [int(entry[0]) for entry in finished])
+            finished = [entry for entry, checked in zip(finished, mine) if checked]
+        done = itertools.count(1)  # (next() on it is atomic: the checks run on several threads)
+
+        def check(entry: list[Any]) -> tuple[list[Any], str | None, tuple[int, str]]:
+            pos, kind, count, digest = entry
+            path = order[pos]
+            try:
+                if kind == "bytes":
+                    got = byte_digest(path, count)
+                else:
+                    d = prefix_digest(
+                        path,
+                        self.text_field,
+                        count,
+                        record_mode=self.records,
+                        max_record_bytes=self.max_record_bytes,
+                    )
+                    got = (d.count, d.hexdigest())
+            except DataFileError as err:
+                return entry, f"cannot be read ({getattr(err, 'cause', err)})", (0, "")
+            finally:
+                # A resume over many TB hashes for a long time: each file done is progress to the watchdog.
+                watchdog.progress(
+                    f"resume check of source {self.name}: {next(done)} of {len(finished)} files"
+                )
+            unit = "bytes" if kind == "bytes" else "records"
+            if got[0] < count:
+                return entry, f"holds {got[0]} {unit}, fewer than the {count} read before", got
+            if got[1] != digest:
+                return (
+                    entry,
+                    f"changed in its first {count} {unit} (read to its end earlier in this epoch)",
+                    got,
+                )
+            return entry, None, got
+
+        if not finished:
+            return
+        with ThreadPoolExecutor(min(_VERIFY_THREADS, len(finished))) as pool:
+            results = list(pool.map(check, finished))
+        for entry, problem, got in results:
+            if problem is not None:
+                self._changed(order[entry[0]], problem)
+                entry[2:] = list(got)  # continued over: the file as it is now is what was read
+
+    def _check_current(self, prefix: str | None) -> None:
+        """Read the current file up to the position again (digesting it) and keep the record before the
+        position for `restore_last`. `prefix` None: an older checkpoint without a digest (not checked)."""
+        s = self.state
+        self._open_current(start=s.record - 1)
+        try:
+            assert self._records is not None
+            item = next(self._records, None)
+        except UnreadableFile as err:
+            self._changed(self._path, f"cannot be read up to the saved record ({err.cause})")
+            self._records, self._broken = (
+                iter(()),
+                True,
+            )  # continued over: the rest is an unreadable remainder
+            self._count_skip(Skip("unreadable_remainder", f"{self._path}:record {self._digest.count + 1}"))
+            return
+        if prefix is not None and (item is None or self._digest.hexdigest() != prefix):
+            have = f"holds only {self._digest.count} records" if item is None else "changed"
+            self._changed(self._path, f"{have} before the saved record {s.record}")
+        self._reread = item
+
+    def restore_last(self, tokens: int, digest: str, digest_of: Callable[[Any], str]) -> Any:
+        """The record before the position (the document in progress, or a tuning example carried to the next
+        row), encoded again and checked against its saved length and digest; None when it is no longer a
+        usable record (a change, continued over: the next record takes its place)."""
+        item = self._reread
+        encoded = None if item is None or isinstance(item[1], Skip) else self.encode(item[1])
+        if encoded is None or isinstance(encoded, Skip):
+            self._changed(self._path, f"no longer holds a usable record {self.state.record}")
+            return None  # continued over: the next record takes its place
+        if len(encoded) != tokens or digest_of(encoded) != digest:
+            self._changed(
+                self._path,
+                f"record {self.state.record} now encodes to {len(encoded)} tokens (digest"
+                f" {digest_of(encoded)}), not {tokens} ({digest}): the record, the tokenizer or the"
+                " cleaners changed",
+            )
+        return encoded
+
+    def _resume_legacy_document(self, pending: list[int]) -> None:
+        """An older checkpoint saved the document's unread tokens: continue inside the re-encoded document
+        where they begin (checked), so that the next checkpoint holds coordinates only."""
+        item = self._reread
+        doc = None if item is None or isinstance(item[1], Skip) else self.encode(item[1])
+        tail = len(pending)
+        if not isinstance(doc, list) or len(doc) < tail or doc[len(doc) - tail :] != list(pending):
+            self._changed(self._path, f"record {self.state.record} no longer ends with the saved tokens")
+            doc = list(pending)  # continued over: the saved tokens, as that version would have
+        self._doc, self.state.offset = doc, len(doc) - tail
 
 
 def _unit_size(path: str) -> int:
@@ -258,3 +593,61 @@ def skip_totals(streams: list[SourceStream], reason: str | None = None) -> dict[
     if reason is not None:
         return {s.name: s.state.skipped.get(reason, 0) for s in streams}
     return {s.name: sum(Counter(s.state.skipped).values()) for s in streams}
+
+
+def check_sources(cfg: Config) -> list[str]:
+    """Every problem with the files of every source (training and held-out), one line each naming the file
+    and the fix, found by opening each file as a run will read it (readers.check_unit): a path or glob that
+    matches nothing, a file that does not open or decompress, a CSV header / parquet schema / dataset without
+    the text column, first records without the text field (tuning: that are not instruction records).
+
+    Start-up validation and `--dry-run` call it, so a bad file is named before a model is built. It reads a
+    few records of each file, on several threads (opening files is latency-bound on shared filesystems)."""
+    problems: list[str] = []
+    jobs: list[tuple[str, str, SourceConfig]] = []
+    for src in cfg.data.sources:
+        for key in ("paths", "eval_paths"):
+            patterns = getattr(src, key)
+            if not patterns:
+                continue
+            try:
+                units = expand_paths(patterns, src.name)
+            except DataFileError as err:
+                problems.append(
+                    str(err).replace(f"data.sources[{src.name}].paths:", f"data.sources[{src.name}].{key}:")
+                )
+                continue
+            jobs += [(f"data.sources[{src.name}].{key}", unit, src) for unit in units]
+    record_mode = cfg.task == "tune"
+
+    def check(job: tuple[str, str, SourceConfig]) -> str | None:
+        label, unit, src = job
+        problem = check_unit(
+            unit,
+            src.text_field,
+            record_mode=record_mode,
+            is_record=lambda record: _not_an_instruction(record, src.columns, label),
+            max_record_bytes=cfg.data.max_record_bytes,
+        )
+        return None if problem is None else f"{label}: {problem}"
+
+    if jobs:
+        with ThreadPoolExecutor(min(_VERIFY_THREADS, len(jobs))) as pool:
+            problems += [problem for problem in pool.map(check, jobs) if problem is not None]
+    return problems
+
+
+def _not_an_instruction(record: dict[str, Any], columns: dict[str, str], label: str) -> str | None:
+    """Why a record cannot be an instruction example (no messages, or no instruction and output), or None.
+    Field names only: they are the file's schema, not its content."""
+
+    def has(name: str) -> bool:
+        return record.get(columns.get(name, name)) is not None
+
+    if has("messages") or (has("instruction") and has("output")):
+        return None
+    fields = ", ".join(sorted(map(str, record))[:12])
+    return (
+        f"it has neither messages nor instruction and output fields (fields: {fields}); map them with"
+        f" {label.rsplit('.', 1)[0]}.columns, e.g. {{instruction: question, output: answer}}"
+    )

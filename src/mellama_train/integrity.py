@@ -1,0 +1,272 @@
+"""Content digests of checkpoint files: computed while a file is written, checked before anything is loaded.
+
+A checkpoint sits on shared scratch for weeks, where other people's jobs, a bad disk or a hand edit can touch it.
+Sizes catch a truncated copy but not a flipped bit in an optimizer moment or an edited integer in a JSON file, so
+every file of a checkpoint gets a SHA-256 digest in its COMPLETE manifest (checkpoint.py).
+
+Why SHA-256: it is the digest a person can check by hand (`sha256sum FILE` prints the value the manifest holds),
+and x86 hosts of GPU nodes hash it in hardware (SHA-NI: about 1.5 GB/s a core, measured here). A fast
+non-cryptographic checksum (CRC32, xxHash) would be quicker on a local page cache but could be matched on purpose.
+
+Why while writing: reading a 15 GB shard back after the save, to hash it, adds the hash's time to the save's.
+Here the hash runs beside the save: `HashingWriter` is the file object torch.save writes to, and a thread of its
+own reads the bytes just written back from the page cache (a memory copy) and hashes them while the writer goes
+on writing and then waits for fsync. The save costs about max(write + fsync, hash) rather than their sum
+(bench/checkpoint_digest.py measures it; docs/PERFORMANCE.md has the figures). The thread reads the file rather
+than the writer's buffers because torch.save hands over memory that is only valid during the call (a temporary
+CPU copy of a GPU tensor), and copying it would double a 10 GB partition's memory.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mellama_train.watchdog import progress
+
+_READ_CHUNK = 16 << 20
+_COALESCE = 1 << 20
+"""Small writes (torch's zip headers) are gathered up to this size before they reach the file."""
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    size: int
+    """Bytes of the file."""
+    sha256: str
+    """Hex SHA-256 of its content."""
+
+
+class HashingWriter(io.RawIOBase):
+    """A binary file that hashes what is written to it, in a thread that follows the writer through the page
+    cache. `close()` writes the rest, fsyncs (the hash thread keeps going meanwhile), then waits for the hash;
+    `digest` is valid after it. Write errors (ENOSPC) are raised from write() or close() and kept in `error`."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._pending = bytearray()
+        self._written = 0  # bytes handed to the OS: what the hash thread may read
+        self._hasher = _HashBehind(path)
+        self.error: OSError | None = None
+        """The first write error: torch's zip writer masks it with its own RuntimeError."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, chunk: Any) -> int:
+        view = memoryview(chunk).cast("B")
+        try:
+            if len(self._pending) + len(view) < _COALESCE:
+                self._pending += view
+            else:
+                self._drain()
+                self._write_all(view)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        return len(view)
+
+    def _drain(self) -> None:
+        if self._pending:
+            self._write_all(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def _write_all(self, view: memoryview) -> None:
+        while view:
+            done = os.write(self._fd, view)
+            view = view[done:]
+            self._written += done
+        self._hasher.advance(self._written)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._drain()
+            os.fsync(self._fd)  # durable before any marker vouches for it; the hash catches up meanwhile
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+        finally:
+            os.close(self._fd)
+            super().close()
+            # The hash thread goes on after close: it overlaps the next file's writing (`pending` waits for it).
+
+    @property
+    def pending(self) -> PendingDigest:
+        """The digest, once the hash thread has caught up with the file (`result()` waits for it)."""
+        return PendingDigest(self._written, self._hasher)
+
+
+class _HashBehind:
+    """A thread hashing a file's bytes [0, advance()) as they appear, by reading them back (os.pread and
+    hashlib both release the GIL, so it runs beside the writer)."""
+
+    def __init__(self, path: Path):
+        self._fd = os.open(path, os.O_RDONLY)
+        self._hash = hashlib.sha256()
+        self._target = self._done = 0
+        self._closing = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="digest", daemon=True)
+        self._thread.start()
+
+    def advance(self, size: int) -> None:
+        with self._cond:
+            self._target = size
+            self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._done >= self._target and not self._closing:
+                        self._cond.wait()
+                    target, closing = self._target, self._closing
+                while self._done < target:
+                    data = os.pread(self._fd, min(_READ_CHUNK, target - self._done), self._done)
+                    if not data:
+                        raise OSError(f"{self._fd}: the file shrank while it was being written")
+                    self._hash.update(data)
+                    self._done += len(data)
+                if closing and self._done >= self._target:
+                    return
+        except BaseException as exc:  # noqa: BLE001 (handed to finish(), in the writer's thread)
+            self._error = exc
+
+    def finish(self) -> None:
+        if self._fd < 0:
+            return
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        os.close(self._fd)
+        self._fd = -1
+        if self._error is not None:
+            raise self._error
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+class PendingDigest:
+    """A file's digest while its hash thread may still be reading it back; `result()` waits and returns it."""
+
+    def __init__(self, size: int, hasher: _HashBehind):
+        self._size, self._hasher = size, hasher
+
+    def result(self) -> FileDigest:
+        self._hasher.finish()  # raises what the thread met (a read error), in the caller's thread
+        return FileDigest(self._size, self._hasher.hexdigest())
+
+
+def save_torch(obj: Any, path: Path) -> FileDigest:
+    """torch.save `obj` to `path`, hashing while writing. Raises OSError (ENOSPC: disk full) like any write."""
+    return save_torch_pending(obj, path).result()
+
+
+def save_torch_pending(obj: Any, path: Path) -> PendingDigest:
+    """save_torch, returning as soon as the file is written and fsynced: its hash may still be catching up, so
+    the hashing of one file overlaps the writing of the next (DeepSpeed writes two or more per rank)."""
+    writer = HashingWriter(path)
+    try:
+        try:
+            torch.save(obj, writer)
+        finally:
+            writer.close()
+    except Exception:
+        with contextlib.suppress(Exception):
+            writer.pending.result()  # no hash thread or descriptor outlives a failed save
+        if writer.error is not None:  # the disk's error, not torch's complaint about the file it left
+            raise writer.error from None
+        raise
+    return writer.pending
+
+
+def file_digest(path: Path) -> FileDigest:
+    """Digest of a file already on disk (small files rank 0 writes, and every check at resume)."""
+    hasher = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_READ_CHUNK):
+            hasher.update(chunk)
+            size += len(chunk)
+    return FileDigest(size, hasher.hexdigest())
+
+
+def bytes_digest(data: bytes) -> FileDigest:
+    return FileDigest(len(data), hashlib.sha256(data).hexdigest())
+
+
+def digests_of(paths: list[Path], threads: int | None = None) -> dict[Path, FileDigest | OSError]:
+    """Digests of many files in parallel (reading and hashing both release the GIL); an unreadable file maps to
+    its OSError instead of stopping the others."""
+
+    def one(path: Path) -> FileDigest | OSError:
+        try:
+            return file_digest(path)
+        except OSError as exc:
+            return exc
+        finally:
+            progress(f"hashed {path.name}")  # a resume reading a terabyte is not a hang
+
+    workers = threads or min(8, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return dict(zip(paths, pool.map(one, paths), strict=True))
+
+
+def json_digest(obj: Any, key: bytes | None = None) -> str:
+    """Digest of a JSON value in a canonical form (sorted keys, no spaces): what a manifest seals itself with.
+    With `key`, an HMAC-SHA256: only a holder of the key can produce it."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    if key is not None:
+        return hmac.new(key, canonical, hashlib.sha256).hexdigest()
+    return hashlib.sha256(canonical).hexdigest()
+
+
+SIGNING_KEY_ENV = "MELLAMA_CHECKPOINT_KEY"
+"""An optional secret (from the environment only, never a config file): manifests are then sealed with an HMAC,
+so that someone who can write the checkpoint directory but does not hold the key cannot edit a file and reseal
+the manifest to match. Without it the digests catch damage and edits, but not a forger who rewrites both."""
+
+
+def signing_key() -> bytes | None:
+    value = os.environ.get(SIGNING_KEY_ENV)
+    return value.encode("utf-8") if value else None
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+"""Weight files that are pickles: loading one can run arbitrary code."""
+
+
+def pickle_only_problem(path: Path, what: str, reader: str, require_weights: bool = True) -> str | None:
+    """None if a model or adapter directory has safetensors weights; else one line naming its pickle file (or,
+    with `require_weights`, the absence of weights) and the fix. `reader` names who refuses it ("merge",
+    "training")."""
+    if any(path.glob("*.safetensors")):
+        return None
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return (
+            f"{path}: the {what} has only pickle weights ({', '.join(pickles[:3])}), which {reader} does not load"
+            " (unpickling can run code); convert it to safetensors where you trust the file (load it with"
+            " transformers/PEFT and save_pretrained(..., safe_serialization=True)), then pass that directory"
+        )
+    if not require_weights:
+        return None
+    return f"{path}: the {what} directory has no weights (*.safetensors); pass a complete directory"
