@@ -218,7 +218,7 @@ def save(
         written[str(rank_file)] = integrity.save_torch(rank_state, rank_file)
     except OSError as exc:
         problem = _write_failure(f"writing {tag} on rank {rank}", exc, partial, needed)
-    reports = ds_engine.gather_objects((_relative(written, partial), problem))
+    reports = ds_engine.gather_objects((_relative(written, partial, rank), problem))
     if failures := [p for _, p in reports if p]:
         raise CheckpointWriteError(failures[0])
 
@@ -229,6 +229,10 @@ def save(
             _finish(partial, final, trainer, files, write_meta)
         except OSError as exc:
             outcome = _write_failure(f"completing {tag}", exc, partial, needed)
+        except Exception as exc:  # noqa: BLE001 (raised on rank 0 alone, it would leave the others waiting)
+            outcome = (
+                f"completing {tag} failed ({type(exc).__name__}: {exc}); {partial.name} is ignored on resume"
+            )
         if outcome is None:
             try:  # retention is best effort: a checkpoint someone made read-only to keep it is kept
                 _prune(checkpoints_dir, keep_last, just_written=final)
@@ -239,8 +243,8 @@ def save(
     return final
 
 
-def _relative(written: dict[str, integrity.FileDigest], root: Path) -> dict[str, dict[str, Any]]:
-    rank = ds_engine.current_rank()
+def _relative(written: dict[str, integrity.FileDigest], root: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """This rank's manifest entries: name relative to the step directory -> size, digest, writer."""
     root_abs = os.path.abspath(root)
     return {
         os.path.relpath(path, root_abs).replace(os.sep, "/"): {

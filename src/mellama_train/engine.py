@@ -401,10 +401,6 @@ def lazy_zero_state_dict(checkpoints_dir: str, tag: str) -> dict[str, Any]:
         return get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag=tag, lazy_mode=True)
 
 
-def current_rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
