@@ -258,18 +258,10 @@ def test_launch_without_a_command_or_with_an_unknown_one_is_one_line(capsys):
 STEPS = ["--max-steps", "20", "--save-every", "100"]  # no periodic save: only the stops save
 
 
-def _launcher(kind: str, port: int) -> list[str]:
-    if kind == "deepspeed":  # what `deepspeed --num_gpus 2` runs: the runner, then the per-node launcher
-        return [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(port),
-        ]
-    return [
+def _run_command(kind: str, port: int, out: Path, supervised: bool) -> list[str]:
+    from test_train_e2e import LAUNCH, TINY, deepspeed_launcher
+
+    torchrun = [
         sys.executable,
         "-m",
         "torch.distributed.run",
@@ -278,21 +270,8 @@ def _launcher(kind: str, port: int) -> list[str]:
         "--master-port",
         str(port),
     ]
-
-
-def _run_command(kind: str, port: int, out: Path, supervised: bool) -> list[str]:
-    from test_train_e2e import LAUNCH, TINY
-
-    cmd = [
-        *_launcher(kind, port),
-        LAUNCH,
-        "--ds",
-        "ds_configs/zero3.json",
-        "--output-dir",
-        str(out),
-        *TINY,
-        *STEPS,
-    ]
+    launcher = deepspeed_launcher(port) if kind == "deepspeed" else torchrun
+    cmd = [*launcher, LAUNCH, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *TINY, *STEPS]
     return [sys.executable, "-m", "mellama_train", "launch", *cmd] if supervised else cmd
 
 
@@ -333,18 +312,10 @@ def test_stops_through_deepspeed_and_torchrun_save_exit_75_and_the_run_resumes_e
     """One run, stopped twice: SIGTERM through `mellama-train launch deepspeed` (the runner and DeepSpeed's
     per-node launcher), then, resumed, SIGINT through `mellama-train launch torchrun`; then resumed to the end
     with the plain launcher. Every logged loss equals an uninterrupted run's, bitwise."""
-    from test_train_e2e import clean_env, losses
+    from test_train_e2e import losses, run
 
     reference = tmp_path / "reference"
-    ref = subprocess.run(
-        _run_command("deepspeed", 29651, reference, supervised=False),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    run(_run_command("deepspeed", 29651, reference, supervised=False))
 
     out = tmp_path / "stopped"
     log = tmp_path / "deepspeed.log"
@@ -364,15 +335,7 @@ def test_stops_through_deepspeed_and_torchrun_save_exit_75_and_the_run_resumes_e
     assert first < second < 20
     assert "on SIGINT" in text and "the launcher exited 1: exit 75" in text  # torchrun itself said 1
 
-    finish = subprocess.run(
-        _run_command("deepspeed", 29654, out, supervised=False),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert finish.returncode == 0, finish.stderr[-3000:]
+    run(_run_command("deepspeed", 29654, out, supervised=False))
     assert losses(out) == losses(reference)  # exactly
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [x["step"] for x in lines if "train/loss" in x]

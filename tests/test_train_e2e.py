@@ -50,16 +50,21 @@ def two_rank_command(
     out: Path, *args: str, shape: list[str] = TINY, port: int = 29533, launch: str = LAUNCH
 ) -> list[str]:
     """2 ranks through DeepSpeed's launcher; `shape` (default TINY) goes before the other arguments."""
-    launcher = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
+    return [
+        *deepspeed_launcher(port),
+        launch,
+        "--ds",
+        "ds_configs/zero3.json",
+        "--output-dir",
+        str(out),
+        *shape,
+        *args,
     ]
-    return [*launcher, launch, "--ds", "ds_configs/zero3.json", "--output-dir", str(out), *shape, *args]
+
+
+def deepspeed_launcher(port: int) -> list[str]:
+    """What `deepspeed --num_gpus 2` runs: DeepSpeed's runner, which starts its per-node launcher."""
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port)]
 
 
 def two_ranks(out: Path, *args: str, shape: list[str] = TINY, gather_log: Path | None = None) -> None:
