@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mellama_train import integrity
+from mellama_train import buildlock, integrity
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ def init_distributed(timeout_minutes: int) -> DistEnv:
         torch.cuda.set_device(local_rank)
     # gloo on CPU: DeepSpeed's CPU accelerator would otherwise ask for oneCCL, which a laptop does not have.
     backend = "nccl" if cuda else "gloo"
+    if local_rank == 0 and not torch.distributed.is_initialized():
+        # DeepSpeed JIT-loads ops here (on CPU its shared-memory all-reduce) and in initialize(); a build lock
+        # that a killed process left would make every rank wait forever (buildlock.py).
+        buildlock.clear_stale_locks()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
