@@ -62,7 +62,7 @@ def run_baseline(cache: str) -> dict:
     cfg, tokenizer = _setup()
     from datasets import Value, interleave_datasets, load_dataset
 
-    from mellama_train.data.readers import expand_paths
+    from mellama_train.data.selection import expand_paths
 
     started = time.perf_counter()
 

@@ -22,7 +22,8 @@ from mellama_train.config import Config, SourceConfig, resolve
 from mellama_train.data.cleaners import get_cleaner, mimic_deid
 from mellama_train.data.packing import IGNORE_INDEX, PackedBatches
 from mellama_train.data.pipeline import build_train_batches, make_encoder
-from mellama_train.data.readers import expand_paths, iter_texts
+from mellama_train.data.readers import iter_texts
+from mellama_train.data.selection import expand_paths
 from mellama_train.data.source import SourceStream
 from mellama_train.sample_data import TOKENIZER_DIR, sample_path
 
@@ -557,7 +558,8 @@ def test_same_config_same_batches_and_the_seed_reorders_files(tokenizer):
 
 def test_the_fast_encoder_gives_the_wrappers_ids_on_every_sample_document(tokenizer):
     """make_encoder calls the Rust tokenizer directly (docs/PERFORMANCE.md): it must not change a single id."""
-    from mellama_train.data.readers import expand_paths, iter_texts
+    from mellama_train.data.readers import iter_texts
+    from mellama_train.data.selection import expand_paths
 
     cfg = resolve("tiny")
     encode = make_encoder(tokenizer)

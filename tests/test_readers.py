@@ -20,10 +20,10 @@ from mellama_train.data.readers import (
     Skip,
     count_records,
     detect_format,
-    expand_paths,
     iter_records,
     iter_texts,
 )
+from mellama_train.data.selection import expand_paths
 
 SENTINEL = "PATIENT-SECRET-4711"
 DOCS = ["first doc", "second doc", "third doc", "fourth doc", "fifth doc"]

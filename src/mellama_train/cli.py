@@ -147,6 +147,7 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
 def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str], cfg: Config) -> str:
     from mellama_train.plan import make_plan, render
 
+    lines += ["", *render_data_files(cfg)]
     try:
         lines += ["", render(make_plan(cfg))]
     except ValueError as exc:
@@ -156,6 +157,28 @@ def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str], c
     if problems:
         lines += ["", "# problems:"] + [f"  - {p}" for p in problems]
     return "\n".join(lines)
+
+
+def render_data_files(cfg: Config) -> list[str]:
+    """What each source reads: its file count, and every file it found but leaves out, with why (the rules of
+    data/selection.py). Problems with the paths themselves are listed under `# problems`."""
+    from mellama_train.data.readers import DataFileError
+    from mellama_train.data.selection import of_source
+
+    lines = ['# data files (docs/DATA.md, "What a source reads")']
+    for src in cfg.data.sources:
+        for key in ("paths", "eval_paths"):
+            if not getattr(src, key):
+                continue
+            try:
+                chosen = of_source(src, key, records=cfg.task == "tune")
+            except DataFileError:
+                lines.append(f"{src.name}.{key}: see # problems")
+                continue
+            read = f"{len(chosen.files)} file{'s' if len(chosen.files) != 1 else ''} read"
+            lines.append(f"{src.name}.{key}: {read}, {len(chosen.excluded)} left out")
+            lines += [f"  - left out {path}: {why}" for path, why in chosen.excluded]
+    return lines
 
 
 def describe_training(cfg: Config) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 import math
 import os
 import re
@@ -23,6 +24,8 @@ from typing import Any
 import yaml
 
 from mellama_train.sample_data import SAMPLE_DATA_DIR
+
+log = logging.getLogger(__name__)
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 # `${sample_data}` in a path resolves to the data shipped inside the package, so the tiny profile works from
@@ -49,6 +52,14 @@ class SourceConfig:
     """Relative share of training TOKENS (not documents): weights 15:1:4 give 75% / 5% / 20% of tokens."""
     text_field: str | None = None
     """Column / JSON key holding the text (default `text`); ignored for txt and PubMed XML."""
+    include: list[str] = field(default_factory=list)
+    """Globs a file found under `paths` must match to be read (none: every data file), on its path relative to
+    the directory walked, or on its name for a pattern without `/`: e.g. [files/**] for the MIMIC-CXR tree."""
+    exclude: list[str] = field(default_factory=list)
+    """Globs of files found under `paths` to leave out, e.g. ["*_metadata.csv.gz"]. Besides these, readmes,
+    licences, checksum lists, `*_detail` tables and metadata tables without the text column are left out by
+    default (docs/DATA.md, "What a source reads"); `--dry-run` lists every file left out and why. A file
+    named in `paths` itself is always read."""
     cleaners: list[str] = field(default_factory=list)
     """Text cleaners applied in order before tokenizing, e.g. [mimic_deid]; off by default."""
     eval_paths: list[str] = field(default_factory=list)
@@ -408,6 +419,10 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FILE_BOUND_SOURCE_FIELDS = ("license", "eval_paths", "include", "exclude", "text_field")
+"""Source fields a recipe source that gives its own `paths` does not inherit from the profile's source."""
+
+
 def _merge_sources(base: list[Any], over: list[Any]) -> list[Any]:
     """A recipe's sources replace the profile's list, but a recipe source named like a profile source inherits
     its unset fields: a recipe may give only `{name: pubmed, paths: [...]}` and keep the profile's weight."""
@@ -418,8 +433,12 @@ def _merge_sources(base: list[Any], over: list[Any]) -> list[Any]:
             merged.append(src)
             continue
         inherited = dict(by_name.get(src.get("name"), {}))
-        if "paths" in src and "license" not in src:
-            inherited.pop("license", None)  # a license note describes the files: other files need their own
+        if "paths" in src:
+            # These describe the profile's files: new files need their own. Inheriting the tiny profile's
+            # held-out files would evaluate (and probe forgetting on) the sample data, not the user's.
+            for key in FILE_BOUND_SOURCE_FIELDS:
+                if key not in src:
+                    inherited.pop(key, None)
         merged.append(_deep_merge(inherited, src))
     return merged
 
@@ -509,13 +528,20 @@ def resolve(
             [f"--profile {profile}: unknown {task} profile; choose one of {', '.join(profile_names(task))}"]
         )
     tree = load_yaml(profile_path)
+    given: set[str] = set()  # dotted keys the user set (recipe, flags, --set), as against the profile
     if recipe:
-        tree = _deep_merge(tree, load_yaml(recipe))
+        recipe_tree = load_yaml(recipe)
+        given |= _dotted_keys(recipe_tree)
+        tree = _deep_merge(tree, recipe_tree)
     for key, value in (aliases or {}).items():
         if value is not None:
+            given.add(key)
             _set_dotted(tree, key, None if value is NULL else value)
     for text in overrides or []:
-        _set_dotted(tree, *parse_override(text))
+        key, value = parse_override(text)
+        given.add(key)
+        _set_dotted(tree, key, value)
+    _drop_orphan_probe(tree, profile, given)
     tree["profile"] = profile
     tree["task"] = task
     problems: list[str] = []
@@ -525,6 +551,37 @@ def resolve(
     _expand_sample_paths(cfg)
     cfg.train.ds_config = _find_ds_config(cfg.train.ds_config)
     return cfg
+
+
+def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + str(key))
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _drop_orphan_probe(tree: dict[str, Any], profile: str, given: set[str]) -> None:
+    """A profile's forgetting probe names one of the profile's sources; a recipe with other sources must not be
+    stopped by it. Turned off with a note, unless the user set the probe (then validate() names the problem)."""
+    train = tree.get("train")
+    probe = train.get("forgetting_source") if isinstance(train, dict) else None
+    if probe is None or "train.forgetting_source" in given:
+        return
+    sources = (tree.get("data") or {}).get("sources") or []
+    names = [src.get("name") for src in sources if isinstance(src, dict)]
+    if probe in names:
+        return
+    train["forgetting_source"] = None
+    log.warning(
+        "note: the %s profile's forgetting probe (train.forgetting_source: %s) is off: the recipe has no source"
+        " named %s; set train.forgetting_source to one of [%s] that has eval_paths to turn it on",
+        profile,
+        probe,
+        probe,
+        ", ".join(map(str, names)),
+    )
 
 
 def _find_ds_config(path: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from mellama_train import buildlock, integrity
+from mellama_train import integrity, leftovers
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,16 @@ def init_distributed(timeout_minutes: int) -> DistEnv:
     # gloo on CPU: DeepSpeed's CPU accelerator would otherwise ask for oneCCL, which a laptop does not have.
     backend = "nccl" if cuda else "gloo"
     if local_rank == 0 and not torch.distributed.is_initialized():
-        # DeepSpeed JIT-loads ops here (on CPU its shared-memory all-reduce) and in initialize(); a build lock
-        # that a killed process left would make every rank wait forever (buildlock.py).
-        buildlock.clear_stale_locks()
+        # DeepSpeed JIT-loads ops here (on CPU its shared-memory all-reduce) and in initialize(): a build lock a
+        # killed process left would make every rank wait forever, and killed runs' buffers hold RAM.
+        leftovers.clear_stale_locks()
+        if not cuda:
+            leftovers.clear_stale_shm_buffers()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+        if not cuda:
+            torch.distributed.barrier()  # every rank has mapped every shared-memory buffer: names can go
+            leftovers.release_shm_buffer(torch.distributed.get_rank())
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     log.debug("rank %d/%d on %s (accelerator %s)", rank, world, device, get_accelerator().device_name())

@@ -230,7 +230,8 @@ def screened(encode: Any, index: Index | None, text_of: Any = None) -> Any:
 def scan(index: Index, paths: list[str], text_field: str = "text") -> dict[str, tuple[int, int]]:
     """{file: (records read, records overlapping)} for training files, read as a run reads them. Records a
     run would skip are skipped here too, counted and located in the log (never quoted)."""
-    from mellama_train.data.readers import Skip, expand_paths, iter_texts
+    from mellama_train.data.readers import Skip, iter_texts
+    from mellama_train.data.selection import expand_paths
 
     counts = {}
     for path in expand_paths(paths, "--scan"):

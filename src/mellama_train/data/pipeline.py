@@ -17,7 +17,8 @@ from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
-from mellama_train.data.readers import Skip, count_records, expand_paths
+from mellama_train.data.readers import Skip, count_records
+from mellama_train.data.selection import of_source
 from mellama_train.data.source import Exhausted, SkipLimit, SourceStream, check_sources
 
 __all__ = [  # check_sources lives with the streams it checks for; it is part of this module's interface
@@ -133,7 +134,8 @@ def build_eval_batches(
 
 def count_examples(cfg: Config) -> int:
     """Records in all sources' training files (one epoch of instruction tuning), malformed ones included."""
-    return sum(count_records(path) for src in cfg.data.sources for path in expand_paths(src.paths, src.name))
+    files = [path for src in cfg.data.sources for path in of_source(src, records=cfg.task == "tune").files]
+    return sum(count_records(path) for path in files)
 
 
 def plan_epochs(cfg: Config) -> int | None:
@@ -150,7 +152,7 @@ def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     manifest = {}
     for src in cfg.data.sources:
         entries = []
-        for path in expand_paths(src.paths, src.name):
+        for path in of_source(src, records=cfg.task == "tune").files:
             stat = os.stat(path)
             entries.append(
                 {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import glob
 import gzip
 import io
 import json
@@ -403,71 +402,6 @@ def _is_hf_dir(path: str) -> bool:
     return has_meta and any(name.endswith(".arrow") for name in os.listdir(path))
 
 
-def _inside_hf_dir(path: str) -> bool:
-    """True when an ancestor of `path` is a save_to_disk directory (its metadata files are not data)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while parent != os.path.dirname(parent):
-        if _is_hf_dir(parent):
-            return True
-        parent = os.path.dirname(parent)
-    return False
-
-
-def _walk(directory: str) -> list[str]:
-    """Data units under a directory: known-extension files, and save_to_disk directories as single units."""
-    if _is_hf_dir(directory):
-        return [directory]
-    units = []
-    for root, dirnames, filenames in os.walk(directory):
-        keep_descending = []
-        for name in sorted(dirnames):
-            sub = os.path.join(root, name)
-            if name.startswith("."):
-                continue
-            if _is_hf_dir(sub):
-                units.append(sub)  # one unit; its .arrow/.json files are not separate data
-            else:
-                keep_descending.append(name)
-        dirnames[:] = keep_descending
-        units += [
-            os.path.join(root, name)
-            for name in filenames
-            if not name.startswith(".") and _format_of_name(name) is not None
-        ]
-    return units
-
-
-def expand_paths(patterns: list[str], source_name: str) -> list[str]:
-    """Globs (incl. ** recursive), files and directories -> sorted, de-duplicated list of readable units.
-
-    A directory is walked recursively for files with known extensions, except a `save_to_disk` directory,
-    which is itself one unit. Hidden (dot-prefixed) files and directories are ignored. A file named
-    explicitly is kept whatever its extension, so that `detect_format` can say what is wrong with it.
-    Raises DataFileError naming the source and pattern when a pattern matches nothing.
-    """
-    units: set[str] = set()
-    for pattern in patterns:
-        path = os.path.expanduser(pattern)
-        is_glob = any(char in path for char in "*?[")
-        # glob skips dot-prefixed names unless the pattern spells them out, which is the hidden-file rule.
-        matches = glob.glob(path, recursive=True) if is_glob else ([path] if os.path.exists(path) else [])
-        found: set[str] = set()
-        for match in matches:
-            if is_glob and _inside_hf_dir(match):
-                continue  # `**` also reaches into save_to_disk directories; the directory is the unit
-            if os.path.isdir(match):
-                found.update(_walk(match))
-            elif not is_glob or _format_of_name(match) is not None:
-                found.add(match)
-        if not found:
-            raise DataFileError(
-                f"data.sources[{source_name}].paths: {pattern!r} matched no files; check the path or glob "
-                f"(accepted: {_ACCEPTED})"
-            )
-        units.update(os.path.abspath(unit) for unit in found)
-    return sorted(units)
-
-
 def detect_format(path: str) -> str:
     """The format of a unit, by extension, or "hf_dataset" for a save_to_disk directory.
 
@@ -591,8 +525,9 @@ def _value(obj: object, field: str | None, where: str) -> str | dict | Skip:
 def _require_column(path: str, field: str | None, columns: list[str]) -> None:
     if field is not None and field not in columns:
         raise DataFileError(
-            f"{path}: no column {field!r} (columns: {', '.join(columns)}); set the source's text_field "
-            "to one of them"
+            f"{path}: no column {field!r} (columns: {', '.join(columns)}); set the source's text_field to the"
+            " column that holds the text, or if this table is not data (metadata), leave it out with the"
+            " source's exclude"
         )
 
 

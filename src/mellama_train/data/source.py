@@ -68,12 +68,12 @@ from mellama_train.data.readers import (
     UnreadableFile,
     byte_digest,
     check_unit,
-    expand_paths,
     iter_records,
     iter_texts,
     prefix_digest,
     short_digest,
 )
+from mellama_train.data.selection import describe_left_out, of_source, select
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,17 @@ class SourceStream:
         self.name = cfg.name
         self.text_field = cfg.text_field
         self.records = records
-        self.files = expand_paths(paths if paths is not None else cfg.paths, cfg.name)
+        chosen = select(
+            paths if paths is not None else cfg.paths,
+            cfg.name,
+            include=cfg.include,
+            exclude=cfg.exclude,
+            text_field=None if records else (cfg.text_field or "text"),
+            key="paths" if paths is None else "eval_paths",
+        )
+        self.files = chosen.files
+        if chosen.excluded and rank == 0:
+            log.info("source %s: %s", cfg.name, describe_left_out(chosen))
         if all(_unit_size(f) == 0 for f in self.files):  # caught here, before a model is built, not at step 1
             raise ValueError(
                 f"data.sources[{cfg.name}]: its {len(self.files)} file(s) are all empty ({self.files[0]}, ...);"
@@ -611,11 +621,9 @@ def check_sources(cfg: Config) -> list[str]:
             if not patterns:
                 continue
             try:
-                units = expand_paths(patterns, src.name)
+                units = of_source(src, key, records=cfg.task == "tune").files
             except DataFileError as err:
-                problems.append(
-                    str(err).replace(f"data.sources[{src.name}].paths:", f"data.sources[{src.name}].{key}:")
-                )
+                problems.append(str(err))
                 continue
             jobs += [(f"data.sources[{src.name}].{key}", unit, src) for unit in units]
     record_mode = cfg.task == "tune"

@@ -1,19 +1,25 @@
-"""A PyTorch extension build lock left behind by a killed process: found and removed before DeepSpeed waits on it.
+"""What DeepSpeed's CPU communication leaves behind on a machine, found and removed: a PyTorch extension build
+lock that hangs every later start, and shared-memory buffers that hold RAM until reboot.
 
-On CPU, `deepspeed.init_distributed` loads DeepSpeed's shared-memory all-reduce op through PyTorch's JIT
-extension loader. Every load, cached or not, first creates `<extensions dir>/<op>/lock` and removes it when done;
-any other process that finds the file waits, with no timeout, until it disappears. A process killed while it
-holds the file (a preempted job, a Ctrl-C during the ~80 s first build, a test that kills a rank, a machine
-image saved mid-run) leaves it forever, and from then on every CPU run on that machine hangs in start-up until
-the watchdog ends it with exit 76. This was seen in this project's own CI.
-
+**Build locks.** On CPU, `deepspeed.init_distributed` loads DeepSpeed's shared-memory all-reduce op through
+PyTorch's JIT extension loader. Every load, cached or not, first creates `<extensions dir>/<op>/lock` and
+removes it when done; any other process that finds the file waits, with no timeout, until it disappears. A
+process killed while it holds the file (a preempted job, a Ctrl-C during the ~80 s first build, a test that
+kills a rank, a machine image saved mid-run) leaves it forever, and from then on every CPU run on that machine
+hangs in start-up until the watchdog ends it with exit 76. This was seen in this project's own CI.
 PyTorch's lock holds no process id, but its owner keeps the file open for as long as it holds it. So a lock that
 no process on this host has open is stale, unless its directory is on a filesystem other hosts share (home on
 NFS): an owner there would be invisible, so such a lock is removed only when older than any build takes.
-PyTorch offers no stale-lock recovery of its own (its FileBaton only waits), hence this module.
+PyTorch offers no stale-lock recovery of its own (its FileBaton only waits). Only a node's local rank 0 removes
+a lock: two removers could otherwise delete a fresh lock that a third process took in between.
 
-Only a node's local rank 0 removes a lock: two removers could otherwise delete a fresh lock that a third process
-took in between.
+**Shared-memory buffers.** When every rank is on one machine, that op gives each rank a 69 MB buffer
+`/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`, which DeepSpeed 0.19.8 never
+unlinks (its shared_close is never called): every run on a new port leaves 69 MB of RAM per rank in /dev/shm
+until reboot, and a test suite filled 20 GB of a 24 GB machine. So, once every rank has mapped every buffer
+(DeepSpeed's init waits for that, and a barrier follows it), each rank unlinks its own: the mappings stay valid
+and the memory is freed when the last process of the run exits, however it exits. Buffers of runs killed
+before that point are removed at the next start, by local rank 0, when no process on the host has them open.
 """
 
 from __future__ import annotations
@@ -149,4 +155,44 @@ def clear_stale_locks(roots: list[Path] | None = None) -> list[Path]:
             why,
         )
         removed.append(lock)
+    return removed
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_BUFFER = "deepspeed_allreduce_buffer"
+"""The prefix of DeepSpeed's shared-memory all-reduce buffers (deepspeed/ops/csrc/cpu/comm/shm.cpp)."""
+
+
+def shm_buffer(rank: int) -> Path:
+    """This run's buffer of `rank`, named as DeepSpeed names it from the environment its launcher set."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"{SHM_BUFFER}_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's buffer; call only after every rank has mapped every buffer (a barrier after
+    DeepSpeed's init). A name another process can still reach would be a leak; a mapping needs no name."""
+    try:
+        shm_buffer(rank).unlink()
+    except FileNotFoundError:  # not created (GPU, or ranks on several machines): nothing to release
+        pass
+    except OSError as exc:
+        log.warning("could not remove DeepSpeed's shared-memory buffer %s: %s", shm_buffer(rank), exc)
+
+
+def clear_stale_shm_buffers(directory: Path = SHM_DIR) -> list[Path]:
+    """Remove this user's DeepSpeed all-reduce buffers that no process on the host has open (runs killed
+    before they released theirs); return those removed."""
+    removed = []
+    for path in sorted(directory.glob(f"{SHM_BUFFER}_{os.getuid()}_*")):
+        holders = local_holders(path)
+        if holders is None or holders:
+            continue
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except OSError:  # gone meanwhile
+            continue
+        removed.append(path)
+        log.info("removed %s (%.0f MB of RAM), left by a DeepSpeed run that was killed", path, size / 1e6)
     return removed
