@@ -136,7 +136,7 @@ def test_each_download_gives_its_data_files_and_every_sidecar_is_left_out_with_i
     chosen = select([str(tmp_path / "mimic-cxr")], "cxr")
     assert chosen.files == sorted(reports)
     assert reasons(chosen) == {
-        "LICENSE.txt": "not data: a licence",
+        "LICENSE.txt": "not data: a licence or notice",
         "SHA256SUMS.txt": "not data: a checksum list",
         "cxr-record-list.csv.gz": "a table without the 'text' column (columns: subject_id, study_id, dicom_id,"
         " path): metadata, not the data",
@@ -219,8 +219,9 @@ def test_a_source_whose_files_are_all_left_out_is_refused_with_the_reasons_and_t
         select([str(tmp_path / "d")], "web")
     message = str(err.value)
     assert message.startswith("data.sources[web].paths: all 2 files found were left out (")
-    assert "not a format a source reads (.html)" in message and "not data: a readme" in message
-    assert "include/exclude" in message and "\n" not in message
+    assert "(not a format a source reads; not data: a readme)" in message
+    assert "name the files in paths, or take them with the source's include globs" in message
+    assert "\n" not in message
 
 
 def test_tables_without_the_column_are_an_error_when_nothing_shows_them_to_be_metadata(tmp_path):
@@ -250,6 +251,119 @@ def test_eval_paths_go_through_the_same_rules_and_name_their_key(tmp_path):
     src.eval_paths = [str(tmp_path / "nowhere")]
     with pytest.raises(DataFileError, match=r"^data\.sources\[cxr\]\.eval_paths: "):
         of_source(src, "eval_paths")
+
+
+def test_a_wrong_text_field_never_drops_the_data_tables_for_a_stray_text_file(tmp_path):
+    """One stray .txt beside two note tables read with the wrong text_field: start-up must name the column,
+    not train on the stray file; a header with the column up to case is a data table too."""
+    mimic_note_download(tmp_path / "m")
+    (tmp_path / "m" / "note" / "notes_v1.txt").write_text("a stray file\n")
+    chosen = select([str(tmp_path / "m")], "s", text_field="TEXT")
+    assert not any("metadata" in why for _, why in chosen.excluded)  # both tables stay: the error follows
+    cfg = resolve("tiny")
+    cfg.data.sources = [SourceConfig(name="s", paths=[str(tmp_path / "m")], text_field="TEXT")]
+    problems = check_sources(cfg)
+    assert len(problems) == 2 and all("no column 'TEXT'" in p for p in problems)
+    gz_csv(tmp_path / "t" / "a.csv.gz", ["id", "text"], [["1", "x"]])
+    gz_csv(tmp_path / "t" / "b.csv.gz", ["id", "Text"], [["1", "y"]])
+    assert select([str(tmp_path / "t")], "s").excluded == []
+
+
+def test_a_table_without_a_header_never_puts_its_first_row_in_a_message(tmp_path):
+    gz_csv(tmp_path / "t" / "a.csv.gz", ["id", "text"], [["1", "x"]])
+    row = ["10000032", "Pt is a 45 y/o M with HIV " + METADATA_MARK * 4]
+    gz_csv(tmp_path / "t" / "export_no_header.csv.gz", row, [row])
+    chosen = select([str(tmp_path / "t")], "s")
+    assert chosen.excluded == []  # not a header: a data table read wrongly, for start-up to name
+    cfg = resolve("tiny")
+    cfg.data.sources = [SourceConfig(name="s", paths=[str(tmp_path / "t")])]
+    (problem,) = check_sources(cfg)
+    assert (
+        "no column 'text' (2 columns; is its first line a header?)" in problem
+        and METADATA_MARK not in problem
+    )
+
+
+def test_linked_directories_are_followed_once_and_a_file_reached_twice_is_read_once(tmp_path):
+    shared = tmp_path / "shared" / "pubmed"
+    shared.mkdir(parents=True)
+    (shared / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "local.jsonl").write_text(json.dumps({"text": "y"}) + "\n")
+    (corpus / "pubmed").symlink_to(shared)
+    (corpus / "again").symlink_to(shared)
+    (corpus / "loop").symlink_to(corpus)  # a link back up the tree
+    chosen = select([str(corpus)], "s")
+    assert chosen.files == sorted([str(shared / "a.jsonl"), str(corpus / "local.jsonl")])
+    assert select([str(corpus), str(shared / "a.jsonl")], "s").files == chosen.files
+
+
+def test_a_readme_corpus_is_taken_by_include_or_a_glob_that_spells_the_name(tmp_path):
+    for repo in ("repo1", "repo2"):
+        (tmp_path / repo).mkdir()
+        (tmp_path / repo / "README.md").write_text("# a project\n")
+    assert len(select([str(tmp_path)], "md", include=["*.md"]).files) == 2
+    assert len(select([str(tmp_path / "**" / "README.md")], "md").files) == 2
+    assert len(select([str(tmp_path)], "md", include=["**/*.md"]).files) == 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "README.txt.gz",
+        "md5checksums.txt",
+        "dataset_info.json",
+        "dataset_infos.json",
+        "CONTRIBUTING.md",
+        "robots.txt",
+        "README.zh-CN.md",
+        "J_Medline.txt",
+        "requirements-dev.txt",
+        "LICENSE-2.0.txt",
+    ],
+)
+def test_more_sidecars_are_left_out(tmp_path, name):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    (tmp_path / "d" / name).write_bytes(gzip.compress(b"x") if name.endswith(".gz") else b"x\n")
+    assert [Path(p).name for p in select([str(tmp_path / "d")], "s").files] == ["data.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["notice_of_privacy_practices.txt", "license.jsonl", "changes_in_guidelines.txt", "procedure_detail.csv"],
+)
+def test_data_files_with_sidecar_like_names_are_read(tmp_path, name):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / name).write_text("text\nsome text\n")
+    assert [Path(p).name for p in select([str(tmp_path / "d")], "s").files] == [name]
+
+
+def test_an_existing_path_with_glob_characters_is_taken_literally(tmp_path):
+    (tmp_path / "[2024]").mkdir()
+    (tmp_path / "[2024]" / "a.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
+    assert len(select([str(tmp_path / "[2024]")], "s").files) == 1
+    assert len(select([str(tmp_path / "[2024]" / "a.jsonl")], "s").files) == 1
+
+
+def test_pipes_are_left_out_when_found_and_refused_when_named(tmp_path):
+    import os
+
+    (tmp_path / "d").mkdir()
+    gz_csv(tmp_path / "d" / "a.csv.gz", ["id", "text"], [["1", "x"]])
+    os.mkfifo(tmp_path / "d" / "pipe.csv")
+    assert reasons(select([str(tmp_path / "d")], "s")) == {
+        "pipe.csv": "not a regular file (a pipe, a device or a broken link)"
+    }
+    with pytest.raises(DataFileError, match="is not a regular file"):
+        select([str(tmp_path / "d" / "pipe.csv")], "s")
+
+
+def test_an_empty_table_is_not_called_metadata(tmp_path):
+    gz_csv(tmp_path / "d" / "a.csv.gz", ["id", "text"], [["1", "x"]])
+    (tmp_path / "d" / "b.csv.gz").write_bytes(gzip.compress(b""))
+    assert select([str(tmp_path / "d")], "s").excluded == []  # start-up names it: "empty CSV"
 
 
 # ---- profile defaults never leak into a recipe's data (issue 15, item 7) ------------------------------------

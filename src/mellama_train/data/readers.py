@@ -522,10 +522,21 @@ def _value(obj: object, field: str | None, where: str) -> str | dict | Skip:
     return _as_text(obj.get(field), where)
 
 
+def describe_columns(columns: list[str]) -> str:
+    """A table's column names for a message: at most 8, each cut to 40 characters. A first line that is data,
+    not a header (a CSV exported without one), is a note: then only the count is shown, never the values."""
+    if not columns:
+        return "no columns"
+    if any(len(name) > 64 or not name.isprintable() for name in columns) or len(", ".join(columns)) > 400:
+        return f"{len(columns)} columns; is its first line a header?"
+    shown = ", ".join(name[:40] for name in columns[:8])
+    return f"columns: {shown}{', ...' if len(columns) > 8 else ''}"
+
+
 def _require_column(path: str, field: str | None, columns: list[str]) -> None:
     if field is not None and field not in columns:
         raise DataFileError(
-            f"{path}: no column {field!r} (columns: {', '.join(columns)}); set the source's text_field to the"
+            f"{path}: no column {field!r} ({describe_columns(columns)}); set the source's text_field to the"
             " column that holds the text, or if this table is not data (metadata), leave it out with the"
             " source's exclude"
         )

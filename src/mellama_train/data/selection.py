@@ -8,17 +8,26 @@ directory or matching a glob go through these rules, in order, and each one left
 reason (`--dry-run` lists them all; the run logs the count):
 
 1. hidden (dot-prefixed) files and directories are never visited (not listed: `.git` may hold thousands);
+   symlinked directories are followed, each real directory once, and a file reached twice is read once;
+   a directory that cannot be listed is recorded, never dropped in silence;
 2. the source's `exclude` globs, then its `include` globs (when given, a file must match one);
-3. NOT_DATA names: readmes, licences, notices, checksum lists and signatures, the `*_detail` tables;
-4. extensions no reader takes (`.html`, `.pdf`, ...);
-5. (pretraining) CSV and parquet tables without the source's text column, when the source's other files show
-   them to be metadata: another table has the column, or the data are one-document text files (MIMIC-CXR's
-   record lists beside its report tree). Otherwise the text_field may be what is wrong, and start-up says so.
+3. NOT_DATA names: readmes, licences, notices, project documentation, checksum lists and signatures, download
+   lists, dataset descriptions, MIMIC-IV-Note's `*_detail` tables; unless an include glob takes the file, or a
+   glob spells its name (`**/README.md`): a corpus of readmes is possible;
+4. anything that is not a regular file (a pipe would hang the read), and extensions no reader takes;
+5. (pretraining) CSV and parquet tables whose header lacks the source's text column, when the source's other
+   files show them to be metadata: another table has the column, or one-document text files outnumber the
+   tables (MIMIC-CXR's record lists beside its report tree). A header with the column up to case or spaces, or
+   a first line that is not a header, is a data table read wrongly: start-up names it, with both fixes.
 
-A file NAMED in `paths` (not a glob) is read whatever its name: the user asked for it. Globs match a file's
-path relative to the directory walked (or its name, for a pattern without `/`), case-sensitively as the
-filesystem is, with `*` crossing directories (fnmatch), so `exclude: ["*_detail.csv.gz"]` and
-`include: ["files/**"]` both work.
+A file NAMED in `paths` (not a glob) is read whatever its name: the user asked for it; an existing path is
+taken literally even when it holds glob characters (`[2024]/`). Globs match a file's path relative to the
+directory walked (for a glob in `paths`: the directory before its first wildcard), or its name, for a pattern
+without `/`; `*` crosses directories (fnmatch) and a leading `**/` also matches at the top, so
+`exclude: ["*_metadata.csv.gz"]` and `include: ["files/**"]` both work.
+
+Reasons name files and column names, never values: a CSV exported without a header has a note as its first
+line, so a first line that does not look like a header is shown as a count only.
 """
 
 from __future__ import annotations
@@ -41,20 +50,29 @@ from mellama_train.data.readers import (
     _format_of_name,
     _is_hf_dir,
     _open_text,
+    describe_columns,
     detect_format,
 )
 
-_DOC = r"([-_]\w*(\.\d+)*)?(\.(txt|md|rst))?"  # README, README.md, LICENSE-2.0.txt; not license.jsonl
+# A sidecar's name, then at most a version or language suffix (LICENSE-2.0, README.zh-CN, README_ja) and a
+# document extension, possibly compressed: `notice_of_privacy_practices.txt` or `license.jsonl` stay data.
+_DOC = r"([-_.](\d[\w.]*|[a-z]{2}([-_][a-z]{2})?))?(\.(txt|md|rst|html?))?(\.(gz|zst|zstd))?"
 NOT_DATA = {
-    "a readme": rf"readme({_DOC})",
-    "a licence": rf"(licen[cs]e|copying|notice)({_DOC})",
-    "a changelog or citation file": rf"(changelog|changes|citation|authors)({_DOC})",
-    "a checksum list": r"(sha\d*|md5|b2|checksum)s?(ums?)?(\.txt)?",
+    "a readme": rf"(readme|lisezmoi|leeme|liesmich)({_DOC})",
+    "a licence or notice": rf"(licen[cs]e|copying|notice|data_licen[cs]e|terms_of_use)({_DOC})",
+    "project documentation": rf"(changelog|changes|history|release_notes|citation|authors|contributing|"
+    rf"code_of_conduct|version|manifest)({_DOC})",
+    "a checksum list": r"(sha\d*|md5|b2|checksum)s?(ums?|_?checksums?)?(\.txt)?",
     "a checksum or signature": r".*\.(md5|sha1|sha256|sha512|sig|asc)",
-    "a download list": r"urls?\.txt",
-    "a MIMIC-IV-Note *_detail table (codes and fields, no note text)": r".*_detail\.csv(\.gz|\.zst)?",
+    "a download list": r"urls?\.txt|robots\.txt|requirements[\w.-]*\.txt",
+    "NCBI's journal list": r"j_(medline|entrez)\.txt",
+    "a dataset description (Hugging Face, LLaMA-Factory)": r"dataset_infos?\.json|dataset_dict\.json",
+    "a MIMIC-IV-Note *_detail table (codes and fields, no note text)": r"(discharge|radiology)_detail\.csv"
+    r"(\.gz|\.zst|\.zstd)?",
 }
 """Reason -> full-name pattern (case-insensitive) of files that ship with a corpus but are not its data."""
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w .:/()-]{0,63}")
+"""A column name as metadata tables have them; a first line of anything else is not a header."""
 _THREADS = 16
 """Tables whose header or schema is read at once (rule 5)."""
 _NOT_DATA = [(why, re.compile(pattern, re.IGNORECASE)) for why, pattern in NOT_DATA.items()]
@@ -79,15 +97,35 @@ def _matches(rel: str, patterns: list[str]) -> str | None:
     for pattern in patterns:
         if fnmatch.fnmatchcase(rel, pattern) or ("/" not in pattern and fnmatch.fnmatchcase(name, pattern)):
             return pattern
+        if pattern.startswith("**/") and fnmatch.fnmatchcase(rel, pattern[3:]):  # as glob: zero directories
+            return pattern
     return None
 
 
-def _walk(directory: str) -> list[str]:
-    """Every file under a directory (hidden names skipped), with save_to_disk directories as single units."""
+def _walk(directory: str, unreadable: dict[str, str]) -> list[str]:
+    """Every file under a directory (hidden names skipped), with save_to_disk directories as single units.
+    Symlinked directories are followed (corpora are often linked in from shared storage), each real directory
+    once (a link back up the tree is not a loop); a directory that cannot be listed is recorded in
+    `unreadable`, never dropped in silence."""
     if _is_hf_dir(directory):
         return [directory]
     found = []
-    for root, dirnames, filenames in os.walk(directory):
+    seen: set[tuple[int, int]] = set()
+
+    def failed(err: OSError) -> None:
+        unreadable[os.path.abspath(err.filename or directory)] = (
+            f"a directory that cannot be listed ({type(err).__name__})"
+        )
+
+    for root, dirnames, filenames in os.walk(directory, onerror=failed, followlinks=True):
+        try:
+            info = os.stat(root)
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((info.st_dev, info.st_ino))
         descend = []
         for name in sorted(dirnames):
             sub = os.path.join(root, name)
@@ -102,10 +140,12 @@ def _walk(directory: str) -> list[str]:
     return found
 
 
-def _inside_hf_dir(path: str) -> bool:
-    """True when an ancestor of `path` is a save_to_disk directory (its metadata files are not data)."""
+def _inside_hf_dir(path: str, base: str) -> bool:
+    """True when an ancestor of `path` below the glob's base is a save_to_disk directory (its metadata files
+    are not data). Only ancestors the wildcard reached are looked at: a stat or three per level, per match."""
     parent = os.path.dirname(os.path.abspath(path))
-    while parent != os.path.dirname(parent):
+    stop = os.path.abspath(base or ".")
+    while parent != os.path.dirname(parent) and parent != stop and parent.startswith(stop):
         if _is_hf_dir(parent):
             return True
         parent = os.path.dirname(parent)
@@ -149,94 +189,138 @@ def select(
     `text_field`: the column a pretraining source reads (None: instruction records, no column rule).
     Raises DataFileError naming the source and pattern when a pattern matches nothing at all, and when every
     file it found was left out (with the reasons, and the setting that would take them)."""
-    include, exclude = include or [], exclude or []
-    chosen: dict[str, str] = {}  # absolute path -> the path relative to where it was found
+    include = [_normalise(p) for p in include or []]
+    exclude = [_normalise(p) for p in exclude or []]
+    chosen: dict[str, str] = {}  # real path -> the path relative to where it was found
     excluded: dict[str, str] = {}
+    named: set[str] = set()  # files the user spelled out: no by-name rule applies to them
     for pattern in patterns:
-        path = os.path.expanduser(pattern)
-        if not any(char in path for char in "*?["):
-            if not os.path.exists(path):
+        path = os.path.expandvars(os.path.expanduser(pattern))
+        literal = os.path.exists(path) or not any(char in path for char in "*?[")  # `[2024]/` can be a name
+        unreadable: dict[str, str] = {}
+        if literal:
+            if not os.path.lexists(path):
                 raise DataFileError(
                     f"data.sources[{source}].{key}: {pattern!r} matched no files; check the path or glob"
                     f" (accepted: {_ACCEPTED})"
                 )
             if not os.path.isdir(path) or _is_hf_dir(path):
-                chosen[os.path.abspath(path)] = os.path.basename(path)  # named: read whatever its name
+                if os.path.exists(path) and not os.path.isdir(path) and not os.path.isfile(path):
+                    raise DataFileError(
+                        f"data.sources[{source}].{key}: {pattern!r} is not a regular file (a pipe or device);"
+                        " give the file itself"
+                    )
+                real = os.path.realpath(path)
+                chosen[real] = os.path.basename(path)  # named: read whatever its name
+                named.add(real)
                 continue
-            found = [(unit, os.path.relpath(unit, path)) for unit in _walk(path)]
+            found = [(unit, os.path.relpath(unit, path)) for unit in _walk(path, unreadable)]
         else:
             base = _glob_base(path)
+            spelled = not any(char in os.path.basename(path) for char in "*?[")  # **/README.md names them
             found = []
             # glob skips dot-prefixed names unless the pattern spells them out, which is the hidden-file rule.
             for match in glob.glob(path, recursive=True):
-                if _inside_hf_dir(match):
+                if _inside_hf_dir(match, base):
                     continue  # `**` also reaches into save_to_disk directories; the directory is the unit
-                units = _walk(match) if os.path.isdir(match) else [match]
+                units = _walk(match, unreadable) if os.path.isdir(match) else [match]
                 found += [(unit, os.path.relpath(unit, base or ".")) for unit in units]
-        if not found:
+                if spelled and not os.path.isdir(match):
+                    named.add(os.path.realpath(match))
+        excluded.update(unreadable)
+        if not found and not unreadable:
             raise DataFileError(
                 f"data.sources[{source}].{key}: {pattern!r} matched no files; check the path or glob"
                 f" (accepted: {_ACCEPTED})"
             )
         for unit, rel in found:
-            unit = os.path.abspath(unit)
-            if unit in chosen:
+            real = os.path.realpath(unit)  # one file reached by two paths (a link) is read once
+            if real in chosen:
                 continue
-            why = _rule(unit, rel, include, exclude)
+            why = _rule(real, rel, include, exclude, real in named)
             if why is None:
-                chosen[unit] = rel
+                chosen[real] = rel
             else:
-                excluded[unit] = why
+                excluded[real] = why
     if text_field is not None:
-        _leave_out_tables_without(text_field, chosen, excluded)
+        _leave_out_tables_without(text_field, chosen, excluded, named)
     for unit in chosen:
         excluded.pop(unit, None)  # named by one pattern, found and left out by another: named wins
-    if not chosen:
-        reasons = sorted({why for why in excluded.values()})
+    if not chosen and patterns:
+        reasons = sorted({why.split(" (", 1)[0] for why in excluded.values()})
         raise DataFileError(
             f"data.sources[{source}].{key}: all {len(excluded)} files found were left out ({'; '.join(reasons)});"
-            " name the files, or set the source's include/exclude (docs/DATA.md, `--dry-run` lists them)"
+            " name the files in paths, or take them with the source's include globs (docs/DATA.md;"
+            " `--dry-run` lists each file and why)"
         )
     return Selection(sorted(chosen), sorted(excluded.items()))
 
 
-def _rule(unit: str, rel: str, include: list[str], exclude: list[str]) -> str | None:
-    """Why a found file is left out (rules 2-4), or None."""
+def _normalise(pattern: str) -> str:
+    """`./a/*` is `a/*`; a trailing `/` means everything under that directory."""
+    pattern = pattern.removeprefix("./")
+    return pattern + "*" if pattern.endswith("/") else pattern
+
+
+def _rule(unit: str, rel: str, include: list[str], exclude: list[str], named: bool) -> str | None:
+    """Why a found file is left out (rules 2-4), or None. A file an include glob takes, or one a glob spells
+    out by name, is not left out by its name."""
     if (pattern := _matches(rel, exclude)) is not None:
         return f"matches exclude {pattern!r}"
-    if include and _matches(rel, include) is None:
+    included = _matches(rel, include) is not None
+    if include and not included:
         return f"matches no include ({', '.join(map(repr, include))})"
     name = os.path.basename(rel)
-    if (why := not_data_reason(name)) is not None:
+    if not (included or named) and (why := not_data_reason(name)) is not None:
         return f"not data: {why}"
-    if not os.path.isdir(unit) and _format_of_name(name) is None:  # a directory here is a save_to_disk unit
-        return f"not a format a source reads ({os.path.splitext(name)[1] or 'no extension'})"
+    if os.path.isdir(unit):  # a save_to_disk unit
+        return None
+    if not os.path.isfile(unit):
+        return (
+            "not a regular file (a pipe, a device or a broken link)" if os.path.lexists(unit) else "vanished"
+        )
+    if _format_of_name(name) is None:
+        return f"not a format a source reads ({ascii(os.path.splitext(name)[1] or 'no extension')})"
     return None
 
 
-def _leave_out_tables_without(column: str, chosen: dict[str, str], excluded: dict[str, str]) -> None:
-    """Rule 5: tables without the text column, where the source's other files show that they are metadata:
-    another table of the source has the column (so text_field is right), or the data are one-document text
-    files (a table beside a report tree is its index, as in MIMIC-CXR). Otherwise a table without the column
-    may be a data table with the wrong text_field, and start-up names it."""
+def _leave_out_tables_without(
+    column: str, chosen: dict[str, str], excluded: dict[str, str], named: set[str]
+) -> None:
+    """Rule 5: found (not named) tables without the text column, where the source's other files show that they
+    are metadata: another table has the column (so text_field is right), or the data are one-document text
+    files that outnumber the tables (a table beside a report tree is its index, as in MIMIC-CXR). A table whose
+    header has the column up to case or spaces (`Text`, ` text`), or whose first line is not a header, is a data
+    table read wrongly: left for start-up to name, never left out."""
     units = list(chosen)
-    if not any(_format_of_name(os.path.basename(unit)) in ("csv", "parquet") for unit in units):
+    tables = [unit for unit in units if _format_of_name(os.path.basename(unit)) in ("csv", "parquet")]
+    if not tables:
         return  # no table to open
     # Every rank selects at start-up; on a shared filesystem each open is a round trip, so several at once
     # (thousands of parquet shards: one footer read each).
-    with ThreadPoolExecutor(min(_THREADS, len(units))) as pool:
-        columns = dict(zip(units, pool.map(table_columns, units)))
-    lacking = [unit for unit, names in columns.items() if names is not None and column not in names]
+    with ThreadPoolExecutor(min(_THREADS, len(tables))) as pool:
+        columns = dict(zip(tables, pool.map(table_columns, tables)))
+
+    def metadata_like(names: list[str]) -> bool:
+        near = {name.strip().lower() for name in names}
+        return bool(names) and column.lower() not in near and all(_IDENTIFIER.fullmatch(n) for n in names)
+
+    lacking = [
+        unit
+        for unit, names in columns.items()
+        if names is not None and column not in names and unit not in named and metadata_like(names)
+    ]
     if not lacking:
         return
     has_column = any(names is not None and column in names for names in columns.values())
-    beside_text = any(_format_of_name(os.path.basename(unit)) == "text" for unit in chosen)
-    if not (has_column or beside_text):
+    texts = sum(_format_of_name(os.path.basename(unit)) == "text" for unit in units)
+    if not (has_column or texts > len(tables)):
         return
     for unit in lacking:
-        names = columns[unit] or []
-        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
-        excluded[unit] = f"a table without the {column!r} column (columns: {shown}): metadata, not the data"
+        excluded[unit] = (
+            f"a table without the {column!r} column ({describe_columns(columns[unit] or [])}): metadata, not"
+            " the data"
+        )
         del chosen[unit]
 
 
