@@ -92,6 +92,91 @@ def test_multi_turn_chat_trains_on_every_assistant_turn(tokenizer):
     assert "steroid" not in prompt and "Antibiotics" not in prompt
 
 
+# ---- instruction data as published: ShareGPT, alpaca with history, OpenAI messages (issue 15, item 6) -----
+
+CHAT = [
+    ("What treats asthma?", "An inhaled steroid."),
+    ("And for sepsis?", "Antibiotics and fluids."),
+]
+
+
+def _same_example_as_openai_messages(tokenizer, record, system=None, columns=None):
+    messages = [{"role": "system", "content": system}] if system else []
+    for question, answer in CHAT:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    expected = encoder(tokenizer)({"messages": messages})
+    got = encoder(tokenizer, columns=columns or {})(record)
+    assert got.input_ids == expected.input_ids and got.labels == expected.labels
+    assert labelled_text(tokenizer, got) == "An inhaled steroid.</s>Antibiotics and fluids.</s>"
+
+
+def test_sharegpt_conversations_with_every_role_spelling_train_like_openai_messages(tokenizer):
+    turns = []
+    for (question, answer), (human, gpt) in zip(CHAT, [("human", "gpt"), ("user", "chatgpt")]):
+        turns += [{"from": human, "value": question}, {"from": gpt, "value": answer}]
+    _same_example_as_openai_messages(tokenizer, {"conversations": turns})
+    _same_example_as_openai_messages(
+        tokenizer, {"conversations": turns, "system": "Be careful."}, system="Be careful."
+    )
+    sys_turn = [{"from": "system", "value": "Be careful."}]
+    _same_example_as_openai_messages(tokenizer, {"conversations": sys_turn + turns}, system="Be careful.")
+    # LLaMA-Factory's other spelling: a `messages` field of from/value turns; and a renamed field via columns.
+    _same_example_as_openai_messages(tokenizer, {"messages": turns})
+    _same_example_as_openai_messages(tokenizer, {"dialog": turns}, columns={"conversations": "dialog"})
+
+
+def test_alpaca_history_becomes_the_earlier_turns(tokenizer):
+    (q1, a1), (q2, a2) = CHAT
+    _same_example_as_openai_messages(
+        tokenizer, {"instruction": q2, "input": "", "output": a2, "history": [[q1, a1]]}
+    )
+    assert encoder(tokenizer)({"instruction": q2, "output": a2, "history": [[q1]]}).reason == "bad_history"
+    assert encoder(tokenizer)({"instruction": q2, "output": a2, "history": "no"}).reason == "bad_history"
+
+
+def test_unknown_speakers_and_turnless_conversations_are_counted_skips_that_quote_nothing(tokenizer):
+    skip = encoder(tokenizer)(
+        {"conversations": [{"from": "doctor", "value": SECRET}, {"from": "gpt", "value": "x"}]}
+    )
+    assert skip.reason == "bad_messages" and "human" in skip.where and SECRET not in skip.where
+    assert encoder(tokenizer)({"conversations": [{"from": "human", "value": SECRET}]}).reason == "no_response"
+    assert encoder(tokenizer)({"conversations": []}).reason == "bad_messages"
+
+
+def test_a_layout_matching_no_format_is_refused_with_the_formats_and_the_nearest_match(tmp_path):
+    from mellama_train.config import resolve
+    from mellama_train.data.source import check_sources
+
+    path = write_jsonl(
+        tmp_path / "chats.jsonl", [{"id": 1, "dialogue": [{"speaker": "a", "text": SECRET}]}] * 3
+    )
+    cfg = resolve("tiny", task="tune")
+    cfg.data.sources = [SourceConfig(name="chats", paths=[path])]
+    (problem,) = check_sources(cfg)
+    assert (
+        "matches none of the instruction formats (alpaca" in problem and "ShareGPT (conversations" in problem
+    )
+    assert "its fields are dialogue, id" in problem and "{conversations: dialogue}" in problem
+    assert "data.sources[chats].columns" in problem and SECRET not in problem and "\n" not in problem
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "q", "response": "a", "id": 1}] * 2)
+    cfg.data.sources = [SourceConfig(name="chats", paths=[qa])]
+    (problem,) = check_sources(cfg)
+    assert problem.endswith("e.g. {instruction: prompt, output: response}")
+    # A mapping whose key is not one of our field names (a typo, or the two sides swapped) is named at start-up.
+    from mellama_train.config import validate
+
+    cfg.data.sources = [SourceConfig(name="chats", paths=[path], columns={"dialogue": "conversations"})]
+    problems, _ = validate(cfg)
+    assert any(p.startswith("data.sources[chats].columns: unknown field 'dialogue'") for p in problems)
+    # The ShareGPT file itself passes the start-up check.
+    good = write_jsonl(
+        tmp_path / "sharegpt.jsonl",
+        [{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}],
+    )
+    cfg.data.sources = [SourceConfig(name="chats", paths=[good])]
+    assert check_sources(cfg) == []
+
+
 def test_the_tokenizers_own_chat_template_wins_over_the_default(tokenizer):
     own = (
         "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] }}"

@@ -66,7 +66,7 @@ class SourceConfig:
     """Held-out files of this source: their loss is logged as `eval/loss/<name>` every train.eval_every steps."""
     columns: dict[str, str] = field(default_factory=dict)
     """(tune) Field renames for instruction records: {instruction: question, input: context, output: answer};
-    recognised names: instruction, input, output, system, messages."""
+    recognised names: instruction, input, output, system, history, messages, conversations (docs/TUNING.md)."""
     license: str | None = None
     """License / data-use note of this source, e.g. "PhysioNet Credentialed Health Data License 1.5.0"; copied
     into every checkpoint's trainer.json and into the model card (README.md) of `final/` and `adapter/`."""
@@ -614,6 +614,7 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
 
     Missing inputs are listed apart so `--dry-run` of a bare profile succeeds and shows what to fill in."""
     from mellama_train.data.cleaners import CLEANERS
+    from mellama_train.data.instruct import FIELDS as INSTRUCTION_FIELDS
     from mellama_train.ds_config import check_ds_config
 
     p: list[str] = []
@@ -692,6 +693,12 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         unknown = [c for c in s.cleaners if c not in CLEANERS]
         if unknown:
             p.append(f"{label}.cleaners: unknown {unknown}; known: {', '.join(CLEANERS)}")
+        wrong = [key for key in s.columns if key not in INSTRUCTION_FIELDS]
+        if wrong:
+            p.append(
+                f"{label}.columns: unknown field {wrong[0]!r} (keys are our names, values the file's);"
+                f" known: {', '.join(INSTRUCTION_FIELDS)}"
+            )
 
     lo = cfg.lora
     if lo.enabled:

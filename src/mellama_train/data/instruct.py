@@ -36,7 +36,25 @@ from mellama_train.data.readers import Skip, is_valid_text, short_digest
 from mellama_train.data.source import CheckShare, Exhausted, SkipLimit, SourceStream
 
 ROLES = ("system", "user", "assistant")
-FIELDS = ("instruction", "input", "output", "system", "messages")
+FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations")
+ROLE_NAMES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "model": "assistant",
+}
+"""Speaker names as published data sets spell them (OpenAI `role`; ShareGPT/Vicuna `from`: human, gpt, and the
+names of the assistants their conversations were collected from) -> our three roles."""
+FORMATS = (
+    "alpaca (instruction, input, output; optional system and history: earlier [instruction, response] pairs)",
+    "ShareGPT (conversations: [{from: human|gpt|system, value}])",
+    "OpenAI messages (messages: [{role: system|user|assistant, content}])",
+)
 
 # The built-in format (for base models whose tokenizer has no chat template): alpaca-style headers, BOS once,
 # EOS after every answer. Literal text sits in {{ '...' }} because transformers compiles templates with
@@ -77,32 +95,71 @@ def example_digest(example: Example) -> str:
 # ---- records -> messages --------------------------------------------------------------------------------
 
 
+def _turns(items: Any, name: str) -> list[dict[str, str]] | Skip:
+    """A messages/conversations list as {role, content} turns: OpenAI's role/content or ShareGPT's from/value
+    (either key pair in either field: LLaMA-Factory accepts both). Skips never quote content: roles are named
+    only when they are one of the known spellings' kind (short words), otherwise counted."""
+    if not isinstance(items, list) or not items:
+        return Skip("bad_messages", f"{name} is not a non-empty list")
+    out = []
+    for m in items:
+        if not isinstance(m, dict):
+            return Skip("bad_messages", f"an item of {name} is not an object")
+        speaker = m.get("role", m.get("from"))
+        content = m.get("content", m.get("value"))
+        role = ROLE_NAMES.get(speaker.lower()) if isinstance(speaker, str) else None
+        if role is None or not isinstance(content, str):
+            known = ", ".join(sorted(ROLE_NAMES))
+            return Skip(
+                "bad_messages",
+                f"an item of {name} lacks a known role/from ({known}) or string content/value",
+            )
+        out.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
+        return Skip("no_response", f"no non-empty assistant turn in {name}")
+    return out
+
+
 def to_messages(record: dict[str, Any], columns: dict[str, str]) -> list[dict[str, str]] | Skip:
-    """A record as chat messages, or the Skip that says why it cannot be one (never quoting its content)."""
+    """A record as chat messages, or the Skip that says why it cannot be one (never quoting its content).
+
+    Formats (FORMATS): OpenAI `messages`; ShareGPT `conversations` (a top-level `system` is put first, as
+    LLaMA-Factory does); alpaca instruction/input/output, whose `history` pairs become the earlier turns. Every
+    assistant turn of a multi-turn example is trained on (response_spans)."""
 
     def get(name: str) -> Any:
         return record.get(columns.get(name, name))
 
-    messages = get("messages")
-    if messages is not None:
-        if not isinstance(messages, list) or not messages:
-            return Skip("bad_messages", "messages is not a non-empty list")
-        out = []
-        for m in messages:
-            if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
-                return Skip("bad_messages", "a message lacks a system/user/assistant role or string content")
-            out.append({"role": m["role"], "content": m["content"]})
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
-            return Skip("no_response", "no non-empty assistant message")
+    for name in ("messages", "conversations"):
+        items = get(name)
+        if items is None:
+            continue
+        out = _turns(items, name)
+        system = get("system")
+        if (
+            isinstance(out, list)
+            and isinstance(system, str)
+            and system.strip()
+            and out[0]["role"] != "system"
+        ):
+            out = [{"role": "system", "content": system}, *out]
         return out
     instruction, output = get("instruction"), get("output")
     if not isinstance(instruction, str) or not isinstance(output, str):
-        return Skip("missing_field", "needs string instruction and output fields, or messages")
+        return Skip("missing_field", "needs string instruction and output fields, messages or conversations")
     if not instruction.strip() or not output.strip():
         return Skip("empty", "empty instruction or output")
-    extra, system = get("input"), get("system")
+    extra, system, history = get("input"), get("system"), get("history")
     user = f"{instruction}\n\n{extra}" if isinstance(extra, str) and extra.strip() else instruction
     out = [{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []
+    if history is not None:
+        pairs = history if isinstance(history, list) else None
+        if pairs is None or not all(
+            isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(t, str) for t in p) for p in pairs
+        ):
+            return Skip("bad_history", "history is not a list of [instruction, response] string pairs")
+        for earlier, response in pairs:
+            out += [{"role": "user", "content": earlier}, {"role": "assistant", "content": response}]
     return out + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 

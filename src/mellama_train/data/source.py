@@ -645,17 +645,34 @@ def check_sources(cfg: Config) -> list[str]:
     return problems
 
 
+_PROMPT_NAMES = {"question", "prompt", "query", "instruction", "input_text", "context", "problem", "q"}
+_ANSWER_NAMES = {"answer", "response", "output", "completion", "target", "output_text", "solution", "a"}
+"""Field names published QA sets use for the two sides of an example: the nearest `columns` mapping names them."""
+
+
 def _not_an_instruction(record: dict[str, Any], columns: dict[str, str], label: str) -> str | None:
-    """Why a record cannot be an instruction example (no messages, or no instruction and output), or None.
-    Field names only: they are the file's schema, not its content."""
+    """Why a record cannot be an instruction example (none of instruct.FORMATS), or None: the formats that
+    exist, the nearest match and the `columns` mapping that would take it. Field names only: they are the
+    file's schema, not its content."""
+    from mellama_train.data.instruct import FORMATS
 
     def has(name: str) -> bool:
         return record.get(columns.get(name, name)) is not None
 
-    if has("messages") or (has("instruction") and has("output")):
+    if has("messages") or has("conversations") or (has("instruction") and has("output")):
         return None
-    fields = ", ".join(sorted(map(str, record))[:12])
+    names = sorted(map(str, record))
+    fields = ", ".join(names[:12])
+    lists = [name for name in names if isinstance(record.get(name), list)]
+    asks = [n for n in names if n.lower() in _PROMPT_NAMES]
+    answers = [n for n in names if n.lower() in _ANSWER_NAMES]
+    if asks and answers:  # a question/answer table: the alpaca layout under other names
+        nearest = f"{{instruction: {asks[0]}, output: {answers[0]}}}"
+    elif lists:  # a list of turns under another name: the ShareGPT/OpenAI layouts
+        nearest = f"{{conversations: {lists[0]}}} (ShareGPT turns) or {{messages: {lists[0]}}}"
+    else:
+        nearest = "{instruction: question, output: answer}"
     return (
-        f"it has neither messages nor instruction and output fields (fields: {fields}); map them with"
-        f" {label.rsplit('.', 1)[0]}.columns, e.g. {{instruction: question, output: answer}}"
+        f"it matches none of the instruction formats ({'; '.join(FORMATS)}): its fields are {fields}; map"
+        f" them with {label.rsplit('.', 1)[0]}.columns, e.g. {nearest}"
     )
