@@ -111,7 +111,9 @@ def test_a_run_drops_overlapping_documents_and_counts_them_per_source(tmp_path, 
         [sys.executable, LAUNCH, "--output-dir", str(out), "--config", str(recipe), *TINY, "--max-steps", "6"]
     )
     last = read_metrics(out / "metrics.jsonl")[6]
-    assert last["data/decontaminated/notes"] == 3 and last["data/skipped/notes"] == 3
+    assert last["data/decontaminated/notes"] == 3 and last["data/reasons/notes/contaminated"] == 3
+    assert last["data/filtered/notes"] == 3 and last["data/skipped/notes"] == 0  # a choice, not bad data
+    assert last["data/documents/notes"] >= 6
     capsys.readouterr()
     assert main(["status", str(out)]) == 0
     assert "decontam.   notes 3 dropped" in capsys.readouterr().out

@@ -259,6 +259,25 @@ def test_fault_counters_come_from_the_metrics_also_past_the_newest_checkpoint(tm
     assert "faults      (step 20) skipped steps 3, loss spikes 1; records skipped: pubmed 0, mimic 7" in out
 
 
+def test_status_shows_documents_per_source_and_every_reason_by_kind(tmp_path, capsys):
+    values = {
+        "data/documents/pubmed": 1790,
+        "data/documents/mimic": 300,
+        "data/reasons/pubmed/no_abstract": 9,
+        "data/reasons/pubmed/empty": 1,
+        "data/reasons/pubmed/not_available": 2,
+        "data/reasons/mimic/not_selected": 40,
+        "data/reasons/mimic/<b>": "x",  # a hostile value: not a count, left out
+    }
+    run = fabricated_run(tmp_path, minutes_ago=0.1, heartbeat={"time": time.time()}, **values)
+    assert status_main([str(run)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "documents   (step 20) pubmed 1,790 (skipped 1 empty; filtered 9 no_abstract, 2 not_available),"
+        " mimic 300 (filtered 40 not_selected)"
+    ) in out
+
+
 def test_a_fresh_heartbeat_is_a_live_run_even_when_its_pid_is_not_visible_here(tmp_path, capsys):
     """Rank 0 in a container on this host (same hostname, its own PID namespace): its pid names no process here,
     or another one. The heartbeat it rewrites every 10 s is what says it is alive."""

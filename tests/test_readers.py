@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from mellama_train.data import readers
 from mellama_train.data.cleaners import get_cleaner, mimic_deid
 from mellama_train.data.readers import (
     DataFileError,
+    ReadOptions,
     Skip,
     count_records,
     detect_format,
@@ -390,13 +392,105 @@ def test_pubmed_xml_gz_titles_labelled_abstracts_and_empty_skip(tmp_path):
     path = str(path)
     assert detect_format(path) == "pubmed_xml"
     assert read(path, "ignored") == [
-        (0, "Aspirin and H. pylori infection.\n\nBACKGROUND: Why we looked.\nRESULTS: CO2 rose."),
+        (0, "Aspirin and H. pylori infection.\n\nBACKGROUND: Why we looked.\nRESULTS: CO_2 rose."),
         (1, "Title only."),
         (2, Skip("empty", f"{path}:article 3")),
         (3, "Plain abstract.\n\nOne part."),
     ]
     assert read(path, want=lambda i: i == 3) == [(3, "Plain abstract.\n\nOne part.")]
     assert count_records(path) == 4
+
+
+PUBMED_AS_SHIPPED = """<?xml version="1.0" ?>
+<!DOCTYPE PubmedArticleSet PUBLIC "-//NLM//DTD PubMedArticle, 1st January 2025//EN"
+  "https://dtd.nlm.nih.gov/ncbi/pubmed/out/pubmed_250101.dtd">
+<PubmedArticleSet>
+<PubmedArticle><MedlineCitation Status="MEDLINE" Owner="NLM"><PMID Version="1">101</PMID><Article>
+  <ArticleTitle>Counts of 10<sup>6</sup> CFU and <sup>14</sup>C in Na<sup>+</sup> at 10<sup>-3</sup> M.</ArticleTitle>
+  <Abstract><AbstractText Label="METHODS">IC<sub>50</sub> of x<sup>a b</sup>.</AbstractText></Abstract>
+  </Article>
+  <CommentsCorrectionsList><CommentsCorrections RefType="Cites"><PMID Version="1">999</PMID>
+  </CommentsCorrections></CommentsCorrectionsList>
+</MedlineCitation></PubmedArticle>
+<PubmedArticle><MedlineCitation><PMID Version="1">102</PMID><Article>
+  <ArticleTitle>[Not Available].</ArticleTitle>
+  <Abstract><AbstractText>Only an abstract.</AbstractText></Abstract>
+</Article></MedlineCitation></PubmedArticle>
+<PubmedArticle><MedlineCitation><PMID Version="1">103</PMID><Article>
+  <ArticleTitle>[Not Available].</ArticleTitle>
+</Article></MedlineCitation></PubmedArticle>
+<PubmedArticle><MedlineCitation><PMID Version="2">104</PMID><Article>
+  <ArticleTitle>[Effect of a drug on sleep].</ArticleTitle>
+</Article></MedlineCitation></PubmedArticle>
+<PubmedBookArticle><BookDocument><PMID Version="1">105</PMID>
+  <Book><BookTitle book="nbk">Clinical Methods</BookTitle></Book>
+  <ArticleTitle book="nbk" part="ch1">Chapter on pulse</ArticleTitle>
+  <Abstract><AbstractText>A chapter abstract.</AbstractText></Abstract>
+</BookDocument></PubmedBookArticle>
+<PubmedBookArticle><BookDocument><PMID Version="1">106</PMID>
+  <Book><BookTitle book="nbk">A whole book</BookTitle></Book>
+</BookDocument></PubmedBookArticle>
+<DeleteCitation><PMID Version="1">7</PMID><PMID Version="1">8</PMID></DeleteCitation>
+</PubmedArticleSet>
+"""
+
+
+def test_pubmed_as_shipped_books_scripts_placeholders_and_require_abstract(tmp_path):
+    path = tmp_path / "pubmed25n1300.xml"
+    path.write_text(PUBMED_AS_SHIPPED)
+    first = "Counts of 10^6 CFU and ^{14}C in Na^+ at 10^-3 M.\n\nMETHODS: IC_50 of x^{a b}."
+    assert read(path) == [
+        (0, first),
+        (1, "Only an abstract."),  # NLM's title placeholder is never trained as text
+        (2, Skip("not_available", f"{path}:article 3")),
+        (3, "[Effect of a drug on sleep]."),  # a translated title keeps its brackets
+        (4, "Chapter on pulse\n\nA chapter abstract."),  # PubmedBookArticle: the chapter title
+        (5, "A whole book"),  # a book without a chapter: its BookTitle
+    ]
+    required = read(path, options=ReadOptions(require_abstract=True))
+    assert [value for _, value in required] == [
+        first,
+        "Only an abstract.",
+        Skip("no_abstract", f"{path}:article 3"),
+        Skip("no_abstract", f"{path}:article 4"),
+        "Chapter on pulse\n\nA chapter abstract.",
+        Skip("no_abstract", f"{path}:article 6"),
+    ]
+    deleted: list[int] = []
+    records = list(readers.pubmed_records(str(path), readers._options(None), deleted))
+    assert [r.pmid for r in records] == [101, 102, 103, 104, 105, 106]  # never a cited PMID (999)
+    assert [r.book for r in records] == [False] * 4 + [True] * 2
+    assert deleted == [7, 8]
+    assert count_records(str(path)) == 6
+    jsonl = write_jsonl(tmp_path / "a.jsonl", ['{"text": "x"}'])
+    with pytest.raises(DataFileError, match=r"a\.jsonl: require_abstract applies to PubMed XML only.*drop"):
+        read(jsonl, options=ReadOptions(require_abstract=True))
+    with pytest.raises(DataFileError, match=r"pubmed25n1300\.xml: a pubmed_xml file has no fields for the"):
+        read(path, options=ReadOptions(where={"note_type": frozenset({"DS"})}))
+
+
+@pytest.mark.parametrize(
+    ("xml", "rendered"),
+    [
+        ("10<sup>6</sup>", "10^6"),
+        ("10<sup>6</sup>5", "10^{6}5"),  # runs into a digit: braced
+        ("CO<sub>2</sub>.", "CO_2."),
+        ("m<sup>2</sup>/s", "m^2/s"),
+        ("x<sup></sup>y", "xy"),  # an empty script is nothing
+        ("a<sup>b<sub>c</sub></sup>", "a^{b_c}"),  # nested: innermost first
+        ("H<sub><i>2</i></sub>O", "H_{2}O"),
+        ("x<sup>2</sup><sup>3</sup>", "x^{2}^3"),  # adjacent scripts: braced, never x^2^3
+        ("x<sup>a}b</sup>", "x^{a)b}"),  # braces inside cannot close the script early
+        ("a<sup> </sup>b", "a b"),  # a blank script keeps its space
+    ],
+)
+def test_pubmed_superscripts_and_subscripts_render_unambiguously(tmp_path, xml, rendered):
+    path = tmp_path / "p.xml"
+    path.write_text(
+        "<PubmedArticleSet><PubmedArticle><MedlineCitation><PMID>1</PMID><Article>"
+        f"<ArticleTitle>{xml}</ArticleTitle></Article></MedlineCitation></PubmedArticle></PubmedArticleSet>"
+    )
+    assert read(path) == [(0, rendered)]
 
 
 def test_truncated_pubmed_xml_names_file_and_line(tmp_path):
@@ -436,9 +530,29 @@ def test_detect_format_and_open_errors_name_the_file(tmp_path):
         detect_format(str(tmp_path / "a.docx"))
     with pytest.raises(DataFileError, match=r"gone\.jsonl: not found; check the path"):
         read(tmp_path / "gone.jsonl")
-    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 then not gzip at all")
     with pytest.raises(DataFileError, match=r"bad\.jsonl\.gz: could not read .*truncated or corrupt"):
         count_records(str(tmp_path / "bad.jsonl.gz"))
+
+
+def test_a_file_is_read_by_what_it_holds_when_its_name_says_otherwise_or_nothing(tmp_path):
+    """Compression by the first bytes, not the suffix; a name without a known extension by its content; a
+    source's `format` for what bytes cannot tell (CSV, plain text)."""
+    records = b'{"text": "one"}\n{"text": "two"}\n'
+    (tmp_path / "gzipped.jsonl").write_bytes(gzip.compress(records))  # saved without its .gz
+    (tmp_path / "plain.jsonl.gz").write_bytes(records)  # a .gz that is not compressed
+    (tmp_path / "shard-00001").write_bytes(zstandard.ZstdCompressor().compress(records))
+    for name in ("gzipped.jsonl", "plain.jsonl.gz", "shard-00001"):
+        assert [t for _, t in read(tmp_path / name)] == ["one", "two"], name
+    assert detect_format(str(tmp_path / "shard-00001")) == "jsonl"
+    (tmp_path / "articles.dat").write_text("<?xml version='1.0'?>\n<PubmedArticleSet>\n</PubmedArticleSet>\n")
+    assert detect_format(str(tmp_path / "articles.dat")) == "pubmed_xml"
+    pq.write_table(pa.table({"text": ["p"]}), tmp_path / "part-0")
+    assert detect_format(str(tmp_path / "part-0")) == "parquet"
+    (tmp_path / "notes.data").write_text("note_id,text\n1,hello\n")
+    with pytest.raises(DataFileError, match=r"notes\.data: unknown file type; .*or set the source's format"):
+        detect_format(str(tmp_path / "notes.data"))
+    assert [t for _, t in read(tmp_path / "notes.data", options=ReadOptions(format="csv"))] == ["hello"]
 
 
 # --- cleaners ----------------------------------------------------------------------------------------------
@@ -491,3 +605,90 @@ def test_a_zstd_file_of_several_frames_is_read_through_all_of_them(tmp_path):
     path = tmp_path / "multi.jsonl.zst"
     path.write_bytes(b"".join(frames))  # as pzstd writes, or shards concatenated with cat
     assert read(path) == as_records(DOCS)
+
+
+# --- where: keep records by a field's value ------------------------------------------------------------------
+
+
+def test_where_keeps_by_field_in_every_format_and_counts_the_rest(tmp_path):
+    """MIMIC-IV-Note's note_type (DS discharge, AN addendum), RedPajama's meta.redpajama_set_name."""
+    notes = tmp_path / "discharge.csv.gz"
+    rows = [
+        ["note_id", "note_type", "text"],
+        ["1", "DS", "first"],
+        ["2", "AN", "addendum"],
+        ["3", "DS", "third"],
+    ]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    notes.write_bytes(gzip.compress(buffer.getvalue().encode()))
+    ds = ReadOptions(where={"note_type": frozenset({"DS"})})
+    assert read(notes, options=ds) == [
+        (0, "first"),
+        (1, Skip("not_selected", f"{notes}:row 2")),
+        (2, "third"),
+    ]
+    assert [r for _, r in iter_records(str(notes), options=ds)][2] == {
+        "note_id": "3",
+        "note_type": "DS",
+        "text": "third",
+    }
+
+    lines = [
+        '{"text": "arxiv", "meta": {"redpajama_set_name": "RedPajamaArXiv"}}',
+        '{"text": "book", "meta": {"redpajama_set_name": "RedPajamaBook"}}',
+        '{"text": "no meta"}',
+        '{"text": "flat", "meta.redpajama_set_name": "RedPajamaBook", "n": 3}',
+    ]
+    rp = write_jsonl(tmp_path / "rp.jsonl.zst", lines)
+    books = ReadOptions(where={"meta.redpajama_set_name": frozenset({"RedPajamaBook"})})
+    assert [v if isinstance(v, str) else v.reason for _, v in read(rp, options=books)] == [
+        "not_selected",
+        "book",
+        "not_selected",  # no meta at all: not one of the kept values
+        "flat",  # a key spelled with the dot is that key
+    ]
+    assert [v for _, v in read(rp, options=ReadOptions(where={"n": frozenset({"3"})}))][3] == "flat"
+
+    table = pa.table(
+        {
+            "text": ["a", "b", "c"],
+            "meta": [{"redpajama_set_name": "RedPajamaBook"}, {"redpajama_set_name": "RedPajamaC4"}, None],
+            "lang": ["en", "en", "de"],
+        }
+    )
+    pq.write_table(table, tmp_path / "rp.parquet")
+    both = ReadOptions(
+        where={
+            "meta.redpajama_set_name": frozenset({"RedPajamaBook", "RedPajamaC4"}),
+            "lang": frozenset({"en"}),
+        }
+    )
+    got = read(tmp_path / "rp.parquet", options=both)
+    assert [v if isinstance(v, str) else v.reason for _, v in got] == ["a", "b", "not_selected"]
+    with pytest.raises(DataFileError, match=r"rp\.parquet: no column 'note_type' for the source's where"):
+        read(tmp_path / "rp.parquet", options=ds)
+    with pytest.raises(
+        DataFileError, match=r"discharge\.csv\.gz: no column 'meta\.x' for the source's where"
+    ):
+        read(notes, options=ReadOptions(where={"meta.x": frozenset({"1"})}))
+
+
+def test_where_over_arrow_batches_where_no_row_is_kept_and_exceptions_cross_processes(tmp_path):
+    import pickle
+
+    table = pa.table({"text": ["a", "b", "c", "d"], "k": ["x", "x", "y", "x"]})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=2)
+    keep_y = ReadOptions(where={"k": frozenset({"y"})})
+    got = read(tmp_path / "t.parquet", "text", options=keep_y)
+    assert [v if isinstance(v, str) else v.reason for _, v in got] == [
+        "not_selected",
+        "not_selected",
+        "c",
+        "not_selected",
+    ]
+    odd_rows = read(tmp_path / "t.parquet", "text", want=lambda i: i % 2 == 1, options=keep_y)  # rank 1 of 2
+    assert [v.reason for _, v in odd_rows] == ["not_selected", "not_selected"]
+    err = readers.UnreadableFile("f.xml: malformed", "malformed XML", 3)
+    back = pickle.loads(pickle.dumps(err))
+    assert (str(back), back.cause, back.lost) == ("f.xml: malformed", "malformed XML", 3)

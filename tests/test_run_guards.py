@@ -74,7 +74,7 @@ def test_one_skip_past_the_limit_stops_with_counts_location_and_fix_but_no_conte
         read_one_epoch(stream)
     message = str(info.value)
     assert message.startswith(
-        "data.sources[notes]: 11 of 13 records read on rank 0 were skipped (11 bad_json)"
+        "data.sources[notes]: 11 of 13 records read on rank 0 (filtered ones aside) were skipped (11 bad_json)"
     )
     assert f"first at {path}:line 3;" in message  # the first bad line, by location
     assert "clean the file(s), or raise data.max_skip_fraction / data.skip_allowance" in message

@@ -403,3 +403,20 @@ def test_a_profile_probe_on_a_source_the_recipe_dropped_is_turned_off_with_a_not
     cfg = resolve("tiny", recipe, ["train.forgetting_source=redpajama"])
     problems, _ = validate(cfg)
     assert any(p.startswith("train.forgetting_source 'redpajama' is not a source") for p in problems)
+
+
+def test_a_profile_probe_on_a_source_given_new_files_without_held_out_ones_is_turned_off(tmp_path, caplog):
+    redpajama_download(tmp_path / "rp")
+    recipe = write_recipe(
+        tmp_path, {"data": {"sources": [{"name": "redpajama", "paths": [str(tmp_path / "rp")]}]}}
+    )
+    with caplog.at_level(logging.WARNING, logger="mellama_train.config"):
+        cfg = resolve("tiny", recipe)
+    assert cfg.train.forgetting_source is None
+    assert "is off: the recipe's redpajama has no eval_paths" in caplog.text
+    assert validate(cfg) == ([], [])
+    held_out = tmp_path / "held.jsonl"
+    held_out.write_text('{"text": "held out"}\n')
+    sources = [{"name": "redpajama", "paths": [str(tmp_path / "rp")], "eval_paths": [str(held_out)]}]
+    cfg = resolve("tiny", write_recipe(tmp_path, {"data": {"sources": sources}}))
+    assert cfg.train.forgetting_source == "redpajama"  # with held-out files of its own, the probe stays on

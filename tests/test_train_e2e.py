@@ -119,6 +119,7 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
         assert key in first, key
     for name in ("pubmed", "mimic", "redpajama"):
         assert f"data/tokens/{name}" in last and last[f"data/skipped/{name}"] == 0
+        assert last[f"data/filtered/{name}"] == 0 and last[f"data/documents/{name}"] > 0
         assert last[f"data/epochs/{name}"] == 0  # 3k tokens: no sample source wraps yet
     assert "train/mfu" not in first  # no peak FLOPs on CPU: omitted rather than made up
     assert last["train/tokens"] == 12 * 4 * 64

@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -74,6 +75,12 @@ def run_parser(task: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the resolved config and derived numbers, then exit"
     )
+    if task == "pretrain":
+        p.add_argument(
+            "--inspect",
+            action="store_true",
+            help="with --dry-run: also read a sample of every source and count it (= mellama-train data inspect)",
+        )
     p.add_argument(
         "--debug",
         action="store_true",
@@ -240,6 +247,8 @@ def _run(task: str, argv: list[str] | None) -> int:
     if args.dry_run:
         if _is_rank0():
             print(render_dry_run(cfg, problems, missing))
+            if getattr(args, "inspect", False) and not problems:
+                print("\n" + "\n".join(_inspection(cfg)))
         return EXIT_CONFIG if problems else 0
     if problems or missing:
         return _fail(problems + [f"missing {m}" for m in missing])
@@ -274,6 +283,61 @@ def pretrain_main(argv: list[str] | None = None) -> int:
 
 def tune_main(argv: list[str] | None = None) -> int:
     return run_main("tune", argv)
+
+
+def _inspection(cfg: Config, sample_bytes: int | None = None, workers: int | None = None) -> list[str]:
+    from mellama_train.data import inspection
+
+    budget = inspection.DEFAULT_SAMPLE_BYTES if sample_bytes is None else sample_bytes
+    return inspection.render(inspection.inspect(cfg, budget, workers), cfg)
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train data",
+        description="Inspect a recipe's corpora: per source, the files read and left out, records, documents"
+        " and tokens, every reason a record is not trained on, document lengths, and how many times the"
+        " planned run goes through it. Reads a sample of a large corpus (estimates, said to be), all of a small"
+        " one (exact). No text is printed.",
+    )
+    p.add_argument("action", choices=["inspect"])
+    p.add_argument("--profile", default="tiny", help="named profile (default tiny)")
+    p.add_argument("--config", metavar="PATH", help="recipe YAML applied over the profile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any field")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--full", action="store_true", help="read every file (exact counts)")
+    amount.add_argument(
+        "--sample-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="file MiB read per source (default 256); a smaller source is read whole",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="reading processes (default: cores)"
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from mellama_train.data import inspection
+    from mellama_train.data.readers import DataFileError
+
+    try:
+        cfg = resolve(args.profile, args.config, args.set)
+        problems, _ = validate(cfg)
+        if problems:
+            return _fail(problems)
+        budget = None if args.full else inspection.sample_size(args.sample_mb or 256)
+        reports = inspection.inspect(cfg, budget, args.workers)
+    except ConfigError as exc:
+        return _fail(exc.problems)
+    except (DataFileError, ValueError) as exc:
+        return _error(str(exc))
+    print("\n".join(inspection.render(reports, cfg)))
+    if args.json:
+        figures = [inspection.as_dict(r, cfg.data.seq_len) for r in reports]
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
 
 
 def plan_main(argv: list[str] | None = None) -> int:
@@ -737,6 +801,7 @@ def main(argv: list[str] | None = None) -> Any:
         "export": export_main,
         "eval-harness": eval_harness_main,
         "decontaminate": decontaminate_main,
+        "data": data_main,
     }
     if not argv or argv[0] not in commands:
         print(

@@ -52,6 +52,10 @@ class SourceConfig:
     """Relative share of training TOKENS (not documents): weights 15:1:4 give 75% / 5% / 20% of tokens."""
     text_field: str | None = None
     """Column / JSON key holding the text (default `text`); ignored for txt and PubMed XML."""
+    format: str = "auto"
+    """How its files are read: `auto` (each file by its extension, else by its first bytes: parquet, PubMed
+    XML, JSON), or jsonl, csv, parquet, text, pubmed_xml or hf_dataset for every file (files without a known
+    extension too; a file whose extension names another format is left out, listed by `--dry-run`)."""
     include: list[str] = field(default_factory=list)
     """Globs a file found under `paths` must match to be read (none: every data file), on its path relative to
     the directory walked, or on its name for a pattern without `/`: e.g. [files/**] for the MIMIC-CXR tree."""
@@ -60,6 +64,17 @@ class SourceConfig:
     licences, checksum lists, `*_detail` tables and metadata tables without the text column are left out by
     default (docs/DATA.md, "What a source reads"); `--dry-run` lists every file left out and why. A file
     named in `paths` itself is always read."""
+    where: dict[str, list[str]] = field(default_factory=dict)
+    """Keep only records whose field holds one of these values (compared as text), e.g. {note_type: [DS]}
+    (MIMIC-IV discharge notes without addenda) or {meta.redpajama_set_name: [RedPajamaArXiv]}: a dotted name
+    reads into nested JSON or a parquet struct column. Records left out are counted (`not_selected`,
+    `data/filtered/<source>`). Not for txt or PubMed XML files."""
+    require_abstract: bool = False
+    """(pretrain) PubMed XML: leave out citations without an abstract (title-only records), counted as
+    `no_abstract`."""
+    min_chars: int = 0
+    """(pretrain) Leave out documents shorter than this many characters after cleaning, counted as
+    `too_short`; 0: keep every non-empty document."""
     cleaners: list[str] = field(default_factory=list)
     """Text cleaners applied in order before tokenizing, e.g. [mimic_deid]; off by default."""
     eval_paths: list[str] = field(default_factory=list)
@@ -85,15 +100,15 @@ class DataConfig:
     `### Instruction:` / `### Response:` format, docs/TUNING.md), a .jinja file, or a template string."""
     overflow: str = "truncate"
     """(tune) Examples longer than seq_len: `truncate` (prompt side first, then the answer's end) or `drop`;
-    both are counted (`data/truncated/<source>`, `data/skipped/<source>`)."""
+    both are counted (`data/truncated/<source>`, `data/filtered/<source>`)."""
     pack: bool = False
     """(tune) Pack several whole examples per sequence (position_ids keep them from attending to each other);
     off: one example per row, padded to the longest in the micro-batch."""
     max_skip_fraction: float = 0.001
     """Stop the run when a source's skipped records (malformed JSON, invalid UTF-8, empty text, a missing or
     non-text text_field, instructions without a response) exceed skip_allowance + this fraction of the records
-    read so far. Counted per rank over that rank's share of the records; `data.overflow: drop` skips do not
-    count."""
+    read so far. Counted per rank over that rank's share of the records; records the recipe filters out
+    (where, require_abstract, min_chars, `data.overflow: drop`, decontamination) count neither way."""
     mixture_tolerance: float = 0.01
     """Drift alarm: the largest distance allowed between a source's achieved share of the weight unit (tokens;
     tune: examples) and its target, once the scheduler's bound says the mix should be that close
@@ -343,6 +358,13 @@ def _field_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _as_yaml_text(value: Any) -> Any:
+    """A YAML scalar as the text it was written as (true, 3, 1.5); anything else unchanged (validate names it)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value) if isinstance(value, int | float) else value
+
+
 def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
     """Check/convert one YAML value against a dataclass field type; record a problem instead of raising."""
     origin = typing.get_origin(typ)
@@ -356,6 +378,14 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
             problems.append(f"{where} must be a mapping (got {type(value).__name__}); see the profile YAMLs")
             return typ()
         return _build(typ, value, where, problems)
+    if origin is dict and typing.get_args(typ)[1] == list[str]:
+        # `where: {note_type: DS}` means one allowed value; numbers and booleans compare as YAML writes them
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            problems.append(f"{where} must be a mapping of field names to lists of values (got {value!r})")
+            return {}
+        return {
+            k: [_as_yaml_text(v) for v in (vs if isinstance(vs, list) else [vs])] for k, vs in value.items()
+        }
     if origin is dict:
         if not isinstance(value, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -376,6 +406,11 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
     if typ is float and isinstance(value, str):
         try:
             return float(value)  # YAML reads `8e-6` (no dot) as a string
+        except ValueError:
+            pass
+    if typ is int and isinstance(value, str):
+        try:
+            value = float(value)  # `--set train.train_tokens=129e9`: YAML reads it as a string
         except ValueError:
             pass
     if typ is int and isinstance(value, float) and value.is_integer():
@@ -419,7 +454,9 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-FILE_BOUND_SOURCE_FIELDS = ("license", "eval_paths", "include", "exclude", "text_field")
+SOURCE_FORMATS = ("auto", "jsonl", "csv", "parquet", "text", "pubmed_xml", "hf_dataset")
+"""data.sources[].format values (readers.FORMATS, plus auto); tests keep the two lists equal."""
+FILE_BOUND_SOURCE_FIELDS = ("license", "eval_paths", "include", "exclude", "text_field", "where", "format")
 """Source fields a recipe source that gives its own `paths` does not inherit from the profile's source."""
 
 
@@ -563,7 +600,8 @@ def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
 
 
 def _drop_orphan_probe(tree: dict[str, Any], profile: str, given: set[str]) -> None:
-    """A profile's forgetting probe names one of the profile's sources; a recipe with other sources must not be
+    """A profile's forgetting probe names one of the profile's sources, with the profile's held-out files; a
+    recipe with other sources, or that gives the probe's source new paths and no held-out files, must not be
     stopped by it. Turned off with a note, unless the user set the probe (then validate() names the problem)."""
     train = tree.get("train")
     probe = train.get("forgetting_source") if isinstance(train, dict) else None
@@ -571,15 +609,21 @@ def _drop_orphan_probe(tree: dict[str, Any], profile: str, given: set[str]) -> N
         return
     sources = (tree.get("data") or {}).get("sources") or []
     names = [src.get("name") for src in sources if isinstance(src, dict)]
-    if probe in names:
+    source = next((src for src in sources if isinstance(src, dict) and src.get("name") == probe), None)
+    if source is not None and source.get("eval_paths"):
         return
+    why = (
+        f"the recipe has no source named {probe}"
+        if source is None
+        else f"the recipe's {probe} has no eval_paths"
+    )
     train["forgetting_source"] = None
     log.warning(
-        "note: the %s profile's forgetting probe (train.forgetting_source: %s) is off: the recipe has no source"
-        " named %s; set train.forgetting_source to one of [%s] that has eval_paths to turn it on",
+        "note: the %s profile's forgetting probe (train.forgetting_source: %s) is off: %s; set"
+        " train.forgetting_source to one of [%s] that has eval_paths to turn it on",
         profile,
         probe,
-        probe,
+        why,
         ", ".join(map(str, names)),
     )
 
@@ -693,6 +737,20 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
         unknown = [c for c in s.cleaners if c not in CLEANERS]
         if unknown:
             p.append(f"{label}.cleaners: unknown {unknown}; known: {', '.join(CLEANERS)}")
+        if s.format not in SOURCE_FORMATS:
+            p.append(f"{label}.format: unknown {s.format!r}; known: {', '.join(SOURCE_FORMATS)}")
+        for key, values in s.where.items():
+            if not key or not values or not all(isinstance(v, str) for v in values):
+                p.append(
+                    f"{label}.where.{key}: give the values to keep as a list of text, e.g. {{note_type: [DS]}}"
+                )
+        if s.min_chars < 0:
+            p.append(f"{label}.min_chars must be >= 0 (got {s.min_chars}); 0 keeps every non-empty document")
+        if cfg.task == "tune" and (s.min_chars or s.require_abstract):
+            p.append(
+                f"{label}: min_chars and require_abstract filter pretraining documents; drop them from a tuning"
+                " source"
+            )
         wrong = [key for key in s.columns if key not in INSTRUCTION_FIELDS]
         if wrong:
             p.append(

@@ -110,13 +110,15 @@ def make_plots(metrics: dict[int, dict[str, Any]], targets: dict[str, float], ou
         return bool(series)
 
     def skips(ax: Any) -> bool:
-        records = _series(metrics, "data/skipped/")
+        records = {k: v for k, v in _series(metrics, "data/skipped/").items() if "/" not in k}
+        chosen = {k: v for k, v in _series(metrics, "data/filtered/").items() if "/" not in k}
         dropped = _series(metrics, "data/decontaminated/")
         steps = _key(metrics, "train/skipped_steps", "optimizer steps skipped")
         _lines(records, "-", "records skipped: {}")(ax)
+        _lines(chosen, "--", "records filtered: {}")(ax)
         _lines(dropped, ":", "of which decontaminated: {}")(ax)
         _lines(steps)(ax)
-        return bool(records or steps)
+        return bool(records or chosen or steps)
 
     def throughput(ax: Any) -> bool:
         speed = _key(metrics, "train/tokens_per_sec", "tokens/s (all ranks)")
@@ -134,7 +136,7 @@ def make_plots(metrics: dict[int, dict[str, Any]], targets: dict[str, float], ou
         ("lr.png", "Learning rate", "lr", _lines(_key(metrics, "train/lr", "lr"))),
         ("throughput.png", "Throughput", "tokens/s", throughput),
         ("mixture.png", "Share of the mixture per source (dotted: target)", "share", shares),
-        ("skipped.png", "Skipped records and optimizer steps (run totals)", "count", skips),
+        ("skipped.png", "Skipped and filtered records, skipped optimizer steps (run totals)", "count", skips),
     ]
     out.mkdir(parents=True, exist_ok=True)
     return [out / name for name, title, ylabel, draw in plots if _plot(out / name, title, ylabel, draw)]

@@ -25,6 +25,7 @@ from typing import Any
 
 from mellama_train import checkpoint
 from mellama_train.data.mixture import drift
+from mellama_train.data.reasons import is_filter
 from mellama_train.metrics import finite_number, read_metric_lines
 from mellama_train.outputs import latest_run_record
 from mellama_train.watchdog import HEARTBEAT, HEARTBEAT_EVERY_S, read_heartbeat
@@ -86,6 +87,32 @@ def _faults(logged: dict[int, dict[str, Any]], guard: dict[str, Any], names: lis
         if counts:
             text += f"; {what}: " + ", ".join(f"{n} {c:,}" for n, c in counts.items())
     return text
+
+
+def _documents(logged: dict[int, dict[str, Any]], names: list[str]) -> str | None:
+    """Documents each source gave and every reason a record was not trained on, as last logged (run totals
+    over all ranks): e.g. `pubmed 1,790 (skipped 1 empty; filtered 9 no_abstract)`."""
+    steps = [s for s, v in logged.items() if any(k.startswith("data/documents/") for k in v)]
+    if not steps:
+        return None
+    at = max(steps)
+    values = logged[at]
+    parts = []
+    for name in names:
+        documents = _count(values.get(f"data/documents/{name}"))
+        if documents is None:
+            continue
+        prefix = f"data/reasons/{name}/"
+        reasons = {
+            k.removeprefix(prefix): n for k, v in values.items() if k.startswith(prefix) and (n := _count(v))
+        }
+        kinds = [
+            f"{kind} " + ", ".join(f"{reasons[r]:,} {r}" for r in sorted(reasons) if is_filter(r) == chosen)
+            for kind, chosen in (("skipped", False), ("filtered", True))
+            if any(is_filter(r) == chosen for r in reasons)
+        ]
+        parts.append(f"{name} {documents:,}" + (f" ({'; '.join(kinds)})" if kinds else ""))
+    return f"documents   (step {at:,}) " + ", ".join(parts) if parts else None
 
 
 def _duration(seconds: float) -> str:
@@ -377,6 +404,8 @@ def report(run_dir: Path, verify: bool = False) -> tuple[list[str], list[str]]:
         lines.append(f"  (off by up to {mix[1]:.2%}: expected this early, the mix converges as 1/{unit})")
     guard = trainer.get("guard") if isinstance(trainer.get("guard"), dict) else {}
     lines += ["", _faults(logged, guard, list(targets))]
+    if documents := _documents(logged, list(targets)):
+        lines.append(documents)
     prefix = "data/decontaminated/"
     dropped = [v for _, v in sorted(logged.items()) if any(k.startswith(prefix) for k in v)]
     if dropped:  # data.decontamination: what the benchmark n-gram filter took out, per source (run totals)

@@ -18,8 +18,14 @@ from tqdm import tqdm
 
 from mellama_train import checkpoint, disk_space, engine, export, lora, single_device
 from mellama_train.config import Config
-from mellama_train.data.pipeline import build_eval_batches, build_train_batches, data_manifest
-from mellama_train.data.source import CheckShare, skip_totals
+from mellama_train.data.pipeline import (
+    build_eval_batches,
+    build_train_batches,
+    data_manifest,
+    prepare_indexes,
+)
+from mellama_train.data.pubmed import INDEX_DIR
+from mellama_train.data.source import CheckShare, data_counts, reason_counts
 from mellama_train.ds_config import resolve_ds_config
 from mellama_train.evaluation import Forgetting, ForgettingMonitor, evaluate
 from mellama_train.guard import Diverged, StepGuard
@@ -112,11 +118,14 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         record = write_run_record(
             run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from[0]) if resume_from else None
         )
+        watchdog.beat("PubMed update index")
+        prepare_indexes(cfg, run_dir / INDEX_DIR)  # once, before every rank's streams load it
     engine.barrier()
 
     log.info("run directory %s (world size %d)", run_dir, env.world_size)
     tokenizer = load_tokenizer(cfg)
-    data = build_train_batches(cfg, tokenizer, env.rank, env.world_size)  # (tune: installs the chat template)
+    # (tune: installs the chat template)
+    data = build_train_batches(cfg, tokenizer, env.rank, env.world_size, run_dir / INDEX_DIR)
     if cfg.lora.enabled and cfg.model.init == "random":
         # The demo's random base goes to disk first, so the adapter (and `mellama-train merge`) has a base.
         if env.is_main:
@@ -453,17 +462,16 @@ def _window_metrics(
             window.sums,
             window.counts,
             vector(data.mixture.tokens_by_source),
-            vector(list(skip_totals(data.mixture.streams).values())),
             vector(truncated or [0] * n),
             vector(data.mixture.taken),
-            vector(list(skip_totals(data.mixture.streams, "contaminated").values())),
             vector([window.processed]),
+            vector(reason_counts(data.mixture.streams)),
         ]
     )
     total = engine.all_reduce_sum(local).tolist()
     sums, counts, tokens = total[:n], total[n : 2 * n], total[2 * n : 3 * n]
-    skipped, cut, taken = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n : 6 * n]
-    contaminated, processed = total[6 * n : 7 * n], total[7 * n]
+    cut, taken, processed = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n]
+    by_reason = data_counts(names, total[5 * n + 1 :])
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = processed / max(elapsed, 1e-9)
     values = {"train/tokens_per_sec": tokens_per_sec, "train/tokens": sum(tokens)}
@@ -479,12 +487,12 @@ def _window_metrics(
         if counts[i]:
             values[f"train/loss/{name}"] = sums[i] / counts[i]
         values[f"data/tokens/{name}"] = tokens[i]
-        values[f"data/skipped/{name}"] = skipped[i]
         if truncated is not None:
             values[f"data/truncated/{name}"] = cut[i]
         if decontaminating:
-            values[f"data/decontaminated/{name}"] = contaminated[i]
+            values[f"data/decontaminated/{name}"] = by_reason.get(f"data/reasons/{name}/contaminated", 0.0)
         # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
         values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
+    values.update(by_reason)
     values.update(data.mixture.drift_metrics(taken, world_size * data.mixture.max_take))
     return values

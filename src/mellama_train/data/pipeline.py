@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mellama_train.config import Config
+from mellama_train.data import pubmed
 from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
 from mellama_train.data.readers import Skip, count_records
-from mellama_train.data.selection import of_source
+from mellama_train.data.selection import declared_format, of_source
 from mellama_train.data.source import Exhausted, SkipLimit, SourceStream, check_sources
 
 __all__ = [  # check_sources lives with the streams it checks for; it is part of this module's interface
@@ -30,6 +32,7 @@ __all__ = [  # check_sources lives with the streams it checks for; it is part of
     "document_encoder",
     "make_encoder",
     "plan_epochs",
+    "prepare_indexes",
 ]
 
 
@@ -53,8 +56,9 @@ def make_encoder(tokenizer: Any):
     return encode
 
 
-def document_encoder(tokenizer: Any, cleaners: list[str]):
-    """Text -> cleaned BOS + tokens + EOS (LLaMA-2's document convention), or a Skip if nothing is left.
+def document_encoder(tokenizer: Any, cleaners: list[str], min_chars: int = 0):
+    """Text -> cleaned BOS + tokens + EOS (LLaMA-2's document convention), or a Skip if nothing is left
+    ("empty") or less than `min_chars` characters are ("too_short": a filter the source asked for).
 
     Special tokens are added by id rather than by `add_special_tokens`: some LLaMA tokenizer directories add
     no BOS, or drop BOS when asked for EOS, and the convention must not depend on such settings."""
@@ -63,8 +67,11 @@ def document_encoder(tokenizer: Any, cleaners: list[str]):
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def encode_document(text: str) -> list[int] | Skip:
+        text = clean(text)
+        if 0 < len(text.strip()) < min_chars:
+            return Skip("too_short", f"{len(text.strip())} characters after cleaning, under min_chars")
         try:
-            ids = encode(clean(text))
+            ids = encode(text)
         except (TypeError, ValueError, UnicodeError) as err:  # the tokenizer's own verdict on this record
             return Skip("tokenizer_rejected", type(err).__name__)
         return bos + ids + eos if ids else Skip("empty", "empty after cleaning")
@@ -72,27 +79,40 @@ def document_encoder(tokenizer: Any, cleaners: list[str]):
     return encode_document
 
 
-def build_train_batches(cfg: Config, tokenizer: Any, rank: int, world_size: int) -> Any:
-    """The endless, resumable micro-batch stream of one rank: packed documents (pretrain) or examples (tune)."""
+def build_train_batches(
+    cfg: Config, tokenizer: Any, rank: int, world_size: int, index_dir: Path | None = None
+) -> Any:
+    """The endless, resumable micro-batch stream of one rank: packed documents (pretrain) or examples (tune).
+    `index_dir`: where prepare_indexes kept the sources' PubMed update indexes (None: built in memory)."""
     if cfg.task == "tune":
         return build_instruct_batches(cfg, tokenizer, rank, world_size)
     index = load_index(cfg.data.decontamination)
     streams = [
         SourceStream(
             src,
-            screened(document_encoder(tokenizer, src.cleaners), index),
+            screened(document_encoder(tokenizer, src.cleaners, src.min_chars), index),
             rank,
             world_size,
             cfg.data.seed,
             skip_limit=SkipLimit.of(cfg.data),
             max_record_bytes=cfg.data.max_record_bytes,
             accept_changes=cfg.data.accept_changes,
+            index_dir=index_dir,
         )
         for src in cfg.data.sources
     ]
     weights = [src.weight for src in cfg.data.sources]
     mixture = Mixture(streams, weights, max_take=cfg.data.seq_len, tolerance=cfg.data.mixture_tolerance)
     return PackedBatches(mixture, cfg.data.seq_len, cfg.train.micro_batch_size)
+
+
+def prepare_indexes(cfg: Config, index_dir: Path) -> None:
+    """Build (or check) the PubMed update index of every pretraining source that has PubMed XML files, once,
+    on one rank before the others build their streams from it (data/pubmed.py)."""
+    if cfg.task == "tune":
+        return
+    for src in cfg.data.sources:
+        pubmed.prepare(of_source(src).files, index_dir, src.name, declared_format(src), reuse=False)
 
 
 def build_eval_batches(
@@ -112,7 +132,7 @@ def build_eval_batches(
             continue
         stream = SourceStream(
             src,
-            document_encoder(tokenizer, src.cleaners),
+            document_encoder(tokenizer, src.cleaners, src.min_chars),
             rank,
             world_size,
             cfg.data.seed,
@@ -134,8 +154,11 @@ def build_eval_batches(
 
 def count_examples(cfg: Config) -> int:
     """Records in all sources' training files (one epoch of instruction tuning), malformed ones included."""
-    files = [path for src in cfg.data.sources for path in of_source(src, records=cfg.task == "tune").files]
-    return sum(count_records(path) for path in files)
+    return sum(
+        count_records(path, declared_format(src))
+        for src in cfg.data.sources
+        for path in of_source(src, records=cfg.task == "tune").files
+    )
 
 
 def plan_epochs(cfg: Config) -> int | None:

@@ -100,11 +100,16 @@ class UnreadableFile(DataFileError):
     """Reading a file failed part-way (truncated or corrupt compression, malformed CSV quoting or XML, an I/O
     error, a file that vanished): a training stream skips the file's remainder as a counted skip."""
 
-    def __init__(self, message: str, cause: str):
+    def __init__(self, message: str, cause: str, lost: int = 0):
         super().__init__(message)
         self.cause = cause
         """What failed, without content: e.g. "EOFError: Compressed file ended before the end-of-stream
         marker was reached", "malformed XML at line 7, column 3"."""
+        self.lost = lost
+        """Records known to be in the unread remainder (PubMed: from the update index's scan; 0: unknown)."""
+
+    def __reduce__(self) -> tuple:  # raised in worker processes (PubMed scan, data inspect): picklable
+        return (type(self), (str(self), self.cause, self.lost))
 
 
 @dataclass(frozen=True)
@@ -363,6 +368,17 @@ class ReadOptions:
     """Fed every record of the unit in order, wanted or not (None: no digest work)."""
     tap: ByteTap | None = None
     """Fed the raw bytes of byte-stream formats as they are read (None: none)."""
+    where: dict[str, frozenset[str]] | None = None
+    """Keep only records whose field (a column, a JSON key, or a dotted path into nested JSON such as
+    `meta.redpajama_set_name`) holds one of these values, compared as text; the others are Skip
+    "not_selected". Records with fields only: text and PubMed XML files refuse it."""
+    require_abstract: bool = False
+    """PubMed XML: records without an abstract are Skip "no_abstract" (other formats refuse it)."""
+    format: str | None = None
+    """The source's declared format (None: by name, then by first bytes; see detect_format)."""
+    pubmed: Any = None
+    """PubMed XML: the file's entry of the source's update index (data/pubmed.py FileIndex): citations it
+    names are Skip "superseded" / "deleted", and the file's PMIDs are checked against it at its end."""
 
 
 @dataclass
@@ -370,11 +386,23 @@ class _Reading:
     max_record_bytes: int
     digest: RecordDigest
     tap: ByteTap | None
+    where: dict[str, frozenset[str]] | None = None
+    require_abstract: bool = False
+    pubmed: Any = None
+    format: str | None = None
 
 
 def _options(options: ReadOptions | None) -> _Reading:
     options = options or ReadOptions()
-    return _Reading(options.max_record_bytes, options.digest or _NoDigest(), options.tap)
+    return _Reading(
+        options.max_record_bytes,
+        options.digest or _NoDigest(),
+        options.tap,
+        options.where or None,
+        options.require_abstract,
+        options.pubmed,
+        options.format,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -402,22 +430,59 @@ def _is_hf_dir(path: str) -> bool:
     return has_meta and any(name.endswith(".arrow") for name in os.listdir(path))
 
 
-def detect_format(path: str) -> str:
-    """The format of a unit, by extension, or "hf_dataset" for a save_to_disk directory.
+_GZIP_MAGIC, _ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+_SNIFF_BYTES = 4096
 
-    .jsonl/.json/.ndjson -> jsonl; .csv -> csv; .txt/.md -> text; .xml -> pubmed_xml (each may add .gz or
-    .zst/.zstd); .parquet -> parquet. Anything else raises DataFileError naming the file and what we accept.
-    """
+
+def _compression(path: str) -> str | None:
+    """ "gz", "zst" or None, by the file's first bytes: a `.jsonl` that is really gzipped, or a `.gz` that is
+    not, is read by what it holds, not by its name."""
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    return "gz" if magic.startswith(_GZIP_MAGIC) else "zst" if magic == _ZSTD_MAGIC else None
+
+
+def sniff_format(path: str) -> str | None:
+    """The format a file's first bytes show (decompressed first), or None when they do not say: parquet's
+    `PAR1`, PubMed XML's root element, or JSON (`{` a JSON-lines record, `[` an array). CSV and plain text
+    cannot be told apart by their bytes: a source of them needs their extension, or its `format`."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) == b"PAR1":
+                return "parquet"
+        with _open_binary(path) as stream:
+            head = stream.read(_SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error, zstandard.ZstdError):
+        return None
+    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"<") and re.search(
+        rb"<(PubmedArticleSet|PubmedArticle|PubmedBookArticle)[\s>]", head
+    ):
+        return "pubmed_xml"
+    if head[:1] in (b"{", b"["):
+        return "jsonl"
+    return None
+
+
+def detect_format(path: str, declared: str | None = None) -> str:
+    """The format of a unit: `declared` (the source's `format`) when given; else by extension (.jsonl/.json/
+    .ndjson -> jsonl; .csv -> csv; .txt/.md -> text; .xml -> pubmed_xml, each may add .gz or .zst/.zstd;
+    .parquet -> parquet; a save_to_disk directory -> hf_dataset); else by its first bytes (sniff_format).
+    Anything else raises DataFileError naming the file, what we accept and the `format` setting."""
     if os.path.isdir(path):
         if _is_hf_dir(path):
             return "hf_dataset"
         raise DataFileError(
             f"{path}: is a directory but not a datasets save_to_disk directory; give a glob for its files"
         )
+    if declared is not None:
+        return declared
     fmt = _format_of_name(os.path.basename(path))
+    if fmt is None and os.path.isfile(path):
+        fmt = sniff_format(path)
     if fmt is None:
         problem = "not found" if not os.path.exists(path) else "unknown file type"
-        raise DataFileError(f"{path}: {problem}; accepted: {_ACCEPTED}")
+        raise DataFileError(f"{path}: {problem}; accepted: {_ACCEPTED}, or set the source's format")
     return fmt
 
 
@@ -428,13 +493,14 @@ def detect_format(path: str) -> str:
 
 @contextmanager
 def _open_binary(path: str, tap: ByteTap | None = None) -> Iterator[IO[bytes]]:
-    """Open a file for buffered binary reading, decompressing .gz / .zst on the fly; `tap` sees the raw bytes."""
-    lower = path.lower()
+    """Open a file for buffered binary reading, decompressing gzip / zstd (known by their first bytes) on the
+    fly; `tap` sees the raw bytes."""
+    compression = _compression(path)
     with open(path, "rb", buffering=0 if tap else _CHUNK) as raw:
         source: Any = tap.wrap(raw) if tap else raw
-        if lower.endswith(".gz"):
+        if compression == "gz":
             stream: IO[bytes] = gzip.GzipFile(fileobj=source, mode="rb")
-        elif lower.endswith((".zst", ".zstd")):
+        elif compression == "zst":
             # RedPajama shards are written with long-distance matching, which needs a window past the 128 MiB
             # default; BufferedReader adds the line iteration the raw zstd reader lacks. A file of several
             # frames (pzstd, concatenated shards) is read through all of them.
@@ -513,10 +579,48 @@ def _as_text(value: object, where: str) -> str | Skip:
     return value
 
 
-def _value(obj: object, field: str | None, where: str) -> str | dict | Skip:
-    """A record's text field, or (field None: record mode) the whole record as a dict."""
+_ABSENT = object()
+
+
+def field_value(record: dict, name: str) -> object:
+    """A record's value of a field: a key of its own, else a dotted path into nested objects
+    (`meta.redpajama_set_name`); _ABSENT when it has neither."""
+    if name in record:
+        return record[name]
+    value: object = record
+    for part in name.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _ABSENT
+        value = value[part]
+    return value
+
+
+def _as_compared(value: object) -> str | None:
+    """A field's value as the text `where` compares: strings as they are, numbers and booleans as YAML
+    writes them; None for anything else (absent, null, a list or an object)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return str(value)
+    return value if isinstance(value, str) else None
+
+
+def is_selected(record: dict, where: dict[str, frozenset[str]] | None) -> bool:
+    """True when every `where` field of the record holds one of its allowed values."""
+    return not where or all(
+        _as_compared(field_value(record, name)) in allowed for name, allowed in where.items()
+    )
+
+
+def _value(
+    obj: object, field: str | None, where: str, select: dict[str, frozenset[str]] | None = None
+) -> str | dict | Skip:
+    """A record's text field, or (field None: record mode) the whole record as a dict; Skip "not_selected"
+    for a record the source's `where` leaves out."""
     if not isinstance(obj, dict):
         return Skip("bad_json", where)
+    if not is_selected(obj, select):
+        return Skip("not_selected", where)
     if field is None:
         return obj
     return _as_text(obj.get(field), where)
@@ -542,6 +646,34 @@ def _require_column(path: str, field: str | None, columns: list[str]) -> None:
         )
 
 
+def _where_columns(
+    path: str, where: dict[str, frozenset[str]] | None, columns: list[str], nested: bool = True
+) -> list[str]:
+    """The table columns a source's `where` reads, in its order, each checked to exist (`nested`: a dotted
+    name not itself a column reads the struct column of its first part)."""
+    needed = []
+    for name in where or {}:
+        column = name if name in columns or not nested else name.split(".")[0]
+        if column not in columns:
+            raise DataFileError(
+                f"{path}: no column {name!r} for the source's where ({describe_columns(columns)}); name a"
+                " column it has, or leave this file out with exclude"
+            )
+        needed.append(column)
+    return needed
+
+
+def _arrow_selection(
+    table: pa.RecordBatch | pa.Table, where: dict[str, frozenset[str]] | None, columns: list[str]
+) -> list[bool] | None:
+    """Per row of an Arrow batch: does `where` keep it (None: no `where`)."""
+    if not where:
+        return None
+    columns = list(dict.fromkeys(columns))
+    values = {name: table.column(name).to_pylist() for name in columns}
+    return [is_selected({name: values[name][i] for name in columns}, where) for i in range(table.num_rows)]
+
+
 def _emit_arrow(
     path: str,
     base: int,
@@ -549,33 +681,39 @@ def _emit_arrow(
     keep: Callable[[int], bool],
     start: int,
     opts: _Reading,
+    selected: list[bool] | None = None,
 ) -> Iterator[Record]:
     """The kept rows of one Arrow batch (rows base.. of the unit): strings (text mode; only the kept rows
-    become Python strings, and those over the size limit never do) or dicts (record mode). The digest is fed
-    up to each row before it is handed out, so it covers exactly the rows handed out so far."""
+    become Python strings, and those over the size limit never do) or dicts (record mode); Skip
+    "not_selected" for rows `selected` (the source's `where`) leaves out. The digest is fed up to each row
+    before it is handed out, so it covers exactly the rows handed out so far."""
     n = len(values)
     picked = [index for index in range(max(base, start), base + n) if keep(index)]
+    chosen = [index for index in picked if selected is None or selected[index - base]]
     digested = 0
     if picked:
-        rows = values.take([index - base for index in picked])
-        sizes: list[int | None] = [None] * len(picked)
+        # rows left out never become Python objects (an explicit int64 array: take([]) has no type to infer)
+        rows = values.take(pa.array([index - base for index in chosen], type=pa.int64()))
+        converted: dict[int, Any] = {}
         if isinstance(rows, pa.Array | pa.ChunkedArray) and (
             pa.types.is_string(rows.type) or pa.types.is_large_string(rows.type)
         ):
             sizes = pc.binary_length(rows).to_pylist()
             small = [i for i, size in enumerate(sizes) if size is None or size <= opts.max_record_bytes]
-            converted = dict(zip(small, rows.take(small).to_pylist())) if small else {}
-        else:
-            converted = dict(enumerate(rows.to_pylist()))
-        for i, index in enumerate(picked):
+            converted = dict(zip((chosen[i] for i in small), rows.take(small).to_pylist())) if small else {}
+        elif chosen:
+            converted = dict(zip(chosen, rows.to_pylist()))
+        for index in picked:
             opts.digest.add_arrow(values, digested, index - base + 1)
             digested = index - base + 1
             where = f"{path}:row {index + 1}"
-            if i not in converted:
+            if selected is not None and not selected[index - base]:
+                yield index, Skip("not_selected", where)
+            elif index not in converted:
                 yield index, Skip("too_large", where)
-                continue
-            value = converted[i]
-            yield index, value if isinstance(value, dict) else _as_text(value, where)
+            else:
+                value = converted[index]
+                yield index, value if isinstance(value, dict) else _as_text(value, where)
     opts.digest.add_arrow(values, digested, n)
 
 
@@ -765,7 +903,7 @@ def _read_jsonl(
             if keep(index):
                 where = f"{path}:item {index + 1}"
                 too_large = len(item) > opts.max_record_bytes
-                yield index, Skip("too_large", where) if too_large else _value(obj, field, where)
+                yield index, Skip("too_large", where) if too_large else _value(obj, field, where, opts.where)
         return
     # Hand-read rather than datasets' JSON builder: one malformed line makes that builder fail the whole
     # file, and it materialises the file into Arrow before yielding anything. Reading lines ourselves
@@ -788,7 +926,7 @@ def _read_jsonl(
         except RecursionError:  # valid JSON nested deeper than the parser's stack: no text to train on
             yield index, Skip("too_deep", where)
             continue
-        yield index, _value(obj, field, where)
+        yield index, _value(obj, field, where, opts.where)
 
 
 class _RecordTooLarge(Exception):
@@ -862,6 +1000,7 @@ def _read_csv(
         if header is None:
             raise DataFileError(f"{path}: empty CSV (no header row); export it again with a header")
         _require_column(path, field, header)
+        by = {name: header.index(name) for name in _where_columns(path, opts.where, header, nested=False)}
         lines.new_record(False)  # the header's characters are digested with the first record's
         column = header.index(field) if field is not None else -1
         index = -1
@@ -889,6 +1028,11 @@ def _read_csv(
             index += 1
             if keep(index):
                 where = f"{path}:row {index + 1}"
+                if by and not is_selected(
+                    {n: row[i] if i < len(row) else None for n, i in by.items()}, opts.where
+                ):
+                    yield index, Skip("not_selected", where)
+                    continue
                 if field is None:
                     yield index, dict(zip(header, row))
                     continue
@@ -900,16 +1044,20 @@ def _read_parquet(
     path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
 ) -> Iterator[Record]:
     with pq.ParquetFile(path) as parquet:
-        _require_column(path, field, parquet.schema_arrow.names)
+        names = parquet.schema_arrow.names
+        _require_column(path, field, names)
+        by = _where_columns(path, opts.where, names)
         base = 0
         for group in range(parquet.num_row_groups):
             rows = parquet.metadata.row_group(group).num_rows
             if base + rows <= start and not opts.digest.active:
                 base += rows  # resuming: whole row groups before `start` are never read (unless digested)
                 continue
-            columns = [field] if field is not None else None
+            columns = list(dict.fromkeys([field, *by])) if field is not None else None  # only what is used
             for batch in parquet.iter_batches(batch_size=_ARROW_BATCH, row_groups=[group], columns=columns):
-                yield from _emit_arrow(path, base, batch.column(0) if field else batch, keep, start, opts)
+                values = batch.column(field) if field else batch
+                selected = _arrow_selection(batch, opts.where, by)
+                yield from _emit_arrow(path, base, values, keep, start, opts, selected)
                 base += batch.num_rows
 
 
@@ -965,16 +1113,70 @@ def _read_hf(
 ) -> Iterator[Record]:
     dataset = _load_hf(path)
     _require_column(path, field, dataset.column_names)
+    by = _where_columns(path, opts.where, dataset.column_names)
     # Arrow format: a slice is a zero-copy view of the memory-mapped table, not a dict of Python lists.
-    table = (dataset.select_columns([field]) if field else dataset).with_format("arrow")
+    table = (dataset.select_columns(list(dict.fromkeys([field, *by]))) if field else dataset).with_format(
+        "arrow"
+    )
     first = 0 if opts.digest.active else start - start % _ARROW_BATCH
     for base in range(first, len(table), _ARROW_BATCH):
         rows = table[base : base + _ARROW_BATCH]
-        yield from _emit_arrow(path, base, rows.column(0) if field else rows, keep, start, opts)
+        values = rows.column(field) if field else rows
+        yield from _emit_arrow(path, base, values, keep, start, opts, _arrow_selection(rows, opts.where, by))
 
 
-_ARTICLE_TITLE = ("PubmedArticle", "MedlineCitation", "Article", "ArticleTitle")
-_ABSTRACT_TEXT = ("PubmedArticle", "MedlineCitation", "Article", "Abstract", "AbstractText")
+# Element paths, from the record's root, of the text a PubMed record trains on. Journal articles keep their
+# title and abstract under MedlineCitation/Article; book chapters and books (PubmedBookArticle, NCBI Bookshelf
+# records in the same files) keep theirs under BookDocument, where a chapter has an ArticleTitle and a whole
+# book only its Book/BookTitle.
+_TITLE_PATHS = {
+    ("PubmedArticle", "MedlineCitation", "Article", "ArticleTitle"): "title",
+    ("PubmedBookArticle", "BookDocument", "ArticleTitle"): "title",
+    ("PubmedBookArticle", "BookDocument", "Book", "BookTitle"): "book_title",
+}
+_ABSTRACT_PATHS = frozenset(
+    {
+        ("PubmedArticle", "MedlineCitation", "Article", "Abstract", "AbstractText"),
+        ("PubmedBookArticle", "BookDocument", "Abstract", "AbstractText"),
+    }
+)
+_PMID_PATHS = frozenset(
+    {("PubmedArticle", "MedlineCitation", "PMID"), ("PubmedBookArticle", "BookDocument", "PMID")}
+)
+PUBMED_ROOTS = frozenset({"PubmedArticle", "PubmedBookArticle"})
+NOT_AVAILABLE = "[Not Available]."
+"""The ArticleTitle NLM gives a citation that has no title: a placeholder, never trained as text."""
+
+# Superscripts and subscripts are written TeX-style, the form every LLM tokenizer's training text already
+# uses for them in plain text: `10<sup>6</sup> CFU` -> `10^6 CFU`, `CO<sub>2</sub>` -> `CO_2`, `Na<sup>+</sup>`
+# -> `Na^+`. A script that is not one token-like run, or that runs into a following letter or digit, is
+# braced so it cannot be misread: `<sup>14</sup>C` -> `^{14}C`, `10<sup>-3</sup> M` keeps `^-3`,
+# `x<sup>a b</sup>` -> `^{a b}`, `x<sup>2</sup><sup>3</sup>` -> `x^{2}^3` (braces inside become parentheses). Dropping the markup (the old behaviour) made `10<sup>6</sup>` read "106".
+# The markers are C0 control characters, which XML 1.0 cannot carry (expat rejects them, even as character
+# references), so no text of the file can be mistaken for one.
+_SCRIPT_MARKS = {"sup": ("\x01", "\x02"), "sub": ("\x03", "\x04")}
+_SCRIPT = re.compile(r"([\x01\x03])([^\x01-\x04]*)[\x02\x04](?=(.?))", re.S)
+_PLAIN_SCRIPT = re.compile(r"[+\-\u2212\u00b1]?[0-9A-Za-z]+[+\-\u2212]?|[+\-\u2212*\u2032\u2020\u2021#]")
+
+
+def _script(match: re.Match[str]) -> str:
+    mark = "^" if match[1] == "\x01" else "_"
+    body = " ".join(match[2].split())
+    if not body:
+        return " " if match[2] else ""  # `a<sup> </sup>b` keeps its space
+    after = match[3]
+    if _PLAIN_SCRIPT.fullmatch(body) and not after.isalnum() and not (after and after in "\x01\x03^_"):
+        return mark + body
+    return f"{mark}{{{body.replace('{', '(').replace('}', ')')}}}"  # `x^2^3` would be ambiguous: `x^{2}^3`
+
+
+def render_scripts(text: str) -> str:
+    """Replace the reader's superscript/subscript markers by `^x` / `_x` (or `^{...}` / `_{...}`)."""
+    while True:  # innermost first: a script inside a script (rare) is rendered inside its braces
+        rendered = _SCRIPT.sub(_script, text)
+        if rendered == text:
+            return re.sub(r"[\x01-\x04]", "", rendered)  # an unbalanced marker (cut by the size limit)
+        text = rendered
 
 
 MAX_XML_DEPTH = 1000
@@ -988,72 +1190,165 @@ class _TooDeep(Exception):
     """Raised through expat when an element opens past MAX_XML_DEPTH."""
 
 
-class _PubmedArticles:
-    """An expat target that keeps, of each PubmedArticle, only its title and abstract text: title, a blank
-    line, then the abstract sections one per line ("METHODS: ..." when labelled); inline markup such as <i>,
-    <sup> and MathML contributes its text. Unlike ElementTree's tree builder it never holds an article's
-    other elements, and it stops keeping text once an article's text passes the size limit (None: too large).
+MAX_PMID_DIGITS = 12
+"""A PMID is a positive integer (8 digits today); a longer run of digits is not one."""
 
-    Each finished article is (text or None, a hash of its title and abstract text): one feed of the parser
-    can finish several articles, so the reader digests each one only as it hands it out."""
+
+def pmid_number(text: str) -> int:
+    """A PMID element's text as its number, or 0 (no PMID) for anything but ASCII digits (at most 12)."""
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() and len(text) <= MAX_PMID_DIGITS else 0
+
+
+class PmidDigest:
+    """An order-dependent digest of a file's citation PMIDs (0 for a citation without one): the reader's
+    parse and the update index's scan (data/pubmed.py) must agree on it."""
+
+    def __init__(self) -> None:
+        self._hash = xxhash.xxh64()
+        self.count = 0
+
+    def add(self, pmid: int) -> None:
+        self._hash.update(pmid.to_bytes(8, "little"))
+        self.count += 1
+
+    @property
+    def value(self) -> int:
+        return self._hash.intdigest()
+
+
+@dataclass
+class PubmedRecord:
+    """What the reader keeps of one PubmedArticle or PubmedBookArticle."""
+
+    pmid: int | None
+    """The record's own PMID (not the PMIDs it cites); None when missing or not a number."""
+    title: str
+    """ArticleTitle (a book: its BookTitle when the record has no chapter title), possibly NOT_AVAILABLE."""
+    abstract: str
+    """AbstractText sections, one per line, "LABEL: text" when labelled; "" when there is no abstract."""
+    too_large: bool
+    """Title and abstract passed the size limit: neither was kept."""
+    book: bool
+    """A PubmedBookArticle (an NCBI Bookshelf chapter or book)."""
+
+    @property
+    def text(self) -> str:
+        """Title, a blank line, the abstract; NLM's "[Not Available]." title placeholder is left out."""
+        title = "" if self.title == NOT_AVAILABLE else self.title
+        return "\n\n".join(part for part in (title, self.abstract) if part)
+
+
+class _PubmedArticles:
+    """An expat target that keeps, of each PubmedArticle and PubmedBookArticle, only its PMID, title and
+    abstract (PubmedRecord); inline markup such as <i> and MathML contributes its text, <sup>/<sub> are
+    marked for render_scripts. Unlike ElementTree's tree builder it never holds a record's other elements,
+    and it stops keeping text once a record's text passes the size limit.
+
+    Each finished record is (PubmedRecord, a hash of its title and abstract text): one feed of the parser can
+    finish several records, so the reader digests each one only as it hands it out. DeleteCitation blocks
+    (update files) are not records: their PMIDs are collected in `deleted` (data/pubmed.py applies them)."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.done: list[tuple[str | None, bytes]] = []
+        self.done: list[tuple[PubmedRecord, bytes]] = []
+        self.deleted: list[int] = []
         self._tags: list[str] = []
-        self._in: str | None = None  # "title" or "part" while inside the ArticleTitle or an AbstractText
+        self._root: int | None = None  # index in _tags of the open record's root element
+        self._in: str | None = None  # "title", "book_title", "part" or "pmid" while inside one
         self._new_article()
 
+    def _path(self) -> tuple[str, ...]:
+        """The open elements from the record's root (outside a record: the last two, for DeleteCitation)."""
+        return tuple(self._tags[self._root :]) if self._root is not None else tuple(self._tags[-2:])
+
     def _new_article(self) -> None:
-        self._title: list[str] = []
-        self._part: list[str] = []
+        self._texts: dict[str, list[str]] = {"title": [], "book_title": [], "part": [], "pmid": []}
         self._sections: list[str] = []
         self._label: str | None = None
-        self._size, self._too_large, self._title_seen = 0, False, False
+        self._pmid: str | None = None
+        self._size, self._too_large = 0, False
+        self._seen: set[str] = set()
         self._hash = xxhash.xxh3_128()
 
     def start(self, tag: str, attrib: dict[str, str]) -> None:
         if len(self._tags) >= MAX_XML_DEPTH:
             raise _TooDeep
         self._tags.append(tag)
-        if tag == "PubmedArticle":
+        if self._root is None and tag in PUBMED_ROOTS:
+            self._root = len(self._tags) - 1
             self._new_article()
-        elif tuple(self._tags[-4:]) == _ARTICLE_TITLE and not self._title_seen:
-            self._in = "title"
-        elif tuple(self._tags[-5:]) == _ABSTRACT_TEXT:
-            self._in, self._part, self._label = "part", [], attrib.get("Label")
+            return
+        path = self._path()
+        if self._in is not None:
+            if tag in _SCRIPT_MARKS and self._in != "pmid":
+                self.data(_SCRIPT_MARKS[tag][0], mark=True)
+        elif (kind := _TITLE_PATHS.get(path)) and kind not in self._seen:
+            self._in = kind
+        elif path in _ABSTRACT_PATHS:
+            self._in, self._texts["part"], self._label = "part", [], attrib.get("Label")
+        elif path in _PMID_PATHS or path == ("DeleteCitation", "PMID"):
+            self._in, self._texts["pmid"] = "pmid", []
 
-    def data(self, text: str) -> None:
+    def data(self, text: str, mark: bool = False) -> None:
         if self._in is None:
             return
-        self._hash.update(text.encode("utf-8", "surrogatepass"))
-        self._size += len(text)
+        if self._in == "pmid":
+            if sum(map(len, self._texts["pmid"])) < 64:  # a PMID is at most 8 digits: never hold more
+                self._texts["pmid"].append(text)
+            return
+        if not mark:
+            self._hash.update(text.encode("utf-8", "surrogatepass"))
+            self._size += len(text)
         if self._size > self.limit:  # too large: hash what passes, hold none of it
-            self._too_large, self._title, self._part, self._sections = True, [], [], []
+            self._too_large, self._sections = True, []
+            self._texts.update(title=[], book_title=[], part=[])
         elif not self._too_large:
-            (self._title if self._in == "title" else self._part).append(text)
+            self._texts[self._in].append(text)
 
     def end(self, tag: str) -> None:
-        if self._in == "title" and tuple(self._tags[-4:]) == _ARTICLE_TITLE:
-            self._in, self._title_seen = None, True
-        elif self._in == "part" and tuple(self._tags[-5:]) == _ABSTRACT_TEXT:
-            body = "".join(self._part).strip()
+        path = self._path()
+        if self._in is not None and tag in _SCRIPT_MARKS and path not in _ABSTRACT_PATHS:
+            if self._in != "pmid":
+                self.data(_SCRIPT_MARKS[tag][1], mark=True)
+        elif self._in in ("title", "book_title") and _TITLE_PATHS.get(path) == self._in:
+            self._seen.add(self._in)
+            self._in = None
+        elif self._in == "part" and path in _ABSTRACT_PATHS:
+            body = render_scripts("".join(self._texts["part"])).strip()
             if body and not self._too_large:
                 self._sections.append(f"{self._label}: {body}" if self._label else body)
-            self._in, self._part = None, []
-        elif tag == "PubmedArticle":
-            title = "".join(self._title).strip()
-            text = "\n\n".join(part for part in (title, "\n".join(self._sections)) if part)
-            self.done.append((None if self._too_large else text, self._hash.digest()))
+            self._in, self._texts["part"] = None, []
+        elif self._in == "pmid":
+            value = "".join(self._texts["pmid"]).strip()
+            if path == ("DeleteCitation", "PMID"):
+                if value.isdigit():
+                    self.deleted.append(int(value))
+            elif self._pmid is None:
+                self._pmid = value
+            self._in = None
+        elif self._root == len(self._tags) - 1:
+            self.done.append((self._record(tag), self._hash.digest()))
+            self._root = None
         self._tags.pop()
+
+    def _record(self, root: str) -> PubmedRecord:
+        title = render_scripts("".join(self._texts["title"])).strip()
+        if not title and root == "PubmedBookArticle":
+            title = render_scripts("".join(self._texts["book_title"])).strip()
+        pmid = pmid_number(self._pmid or "") or None
+        abstract = "" if self._too_large else "\n".join(self._sections)
+        return PubmedRecord(
+            pmid, "" if self._too_large else title, abstract, self._too_large, root != "PubmedArticle"
+        )
 
     def close(self) -> None:
         pass
 
 
-def _pubmed_articles(path: str, opts: _Reading) -> Iterator[str | None]:
-    """The text of each PubmedArticle of a baseline/update file (None: larger than the limit), streaming;
-    each article is digested just before it is handed out."""
+def pubmed_records(path: str, opts: _Reading, deleted: list[int] | None = None) -> Iterator[PubmedRecord]:
+    """Each PubmedArticle and PubmedBookArticle of a baseline/update file, streaming; each is digested just
+    before it is handed out. `deleted`, when given, receives the PMIDs of the file's DeleteCitation blocks."""
     target = _PubmedArticles(opts.max_record_bytes)
     # expat does not fetch external DTDs or entities, so the DOCTYPE pointing at dtd.nlm.nih.gov is never
     # resolved: no network access and no XXE.
@@ -1071,11 +1366,14 @@ def _pubmed_articles(path: str, opts: _Reading) -> Iterator[str | None]:
             except (ET.ParseError, _TooDeep) as err:
                 failure = err
             # Articles that ended before a failure in this chunk are whole: hand them out first.
-            for text, article_hash in target.done:
+            for record, article_hash in target.done:
                 opts.digest.add(article_hash)
                 handed_out += 1
-                yield text
+                yield record
             target.done.clear()
+            if deleted is not None:
+                deleted += target.deleted
+            target.deleted.clear()
             if isinstance(failure, ET.ParseError):
                 line, column = failure.position
                 raise UnreadableFile(
@@ -1098,10 +1396,55 @@ def _pubmed_articles(path: str, opts: _Reading) -> Iterator[str | None]:
 def _read_pubmed(
     path: str, field: str | None, keep: Callable[[int], bool], start: int, opts: _Reading
 ) -> Iterator[Record]:
-    for index, text in enumerate(_pubmed_articles(path, opts)):
-        if keep(index):
-            where = f"{path}:article {index + 1}"
-            yield index, Skip("too_large", where) if text is None else _as_text(text, where)
+    index = opts.pubmed
+    seen: Counter[int] = Counter()  # occurrences so far of the PMIDs the index skips
+    pmids, deleted = PmidDigest(), []
+    records = pubmed_records(path, opts, deleted)
+    position = -1
+    while True:
+        try:
+            record = next(records, None)
+        except UnreadableFile as err:
+            # The scan counted the citations past the damage: they are lost, and (when they were later
+            # versions) so are the earlier versions they replace. Say how many, so they count as bad data.
+            lost = index.citations - pmids.count if index is not None else 0
+            raise UnreadableFile(str(err), err.cause, max(lost, 0)) from err
+        if record is None:
+            break
+        position += 1
+        pmid = record.pmid or 0
+        pmids.add(pmid)
+        replaced = None
+        if index is not None and pmid in index.skip:
+            seen[pmid] += 1
+            reason, first = index.skip[pmid]
+            replaced = reason if seen[pmid] <= first else None
+        if not keep(position):
+            continue
+        where = f"{path}:article {position + 1}"
+        if replaced:
+            yield position, Skip(replaced, where)
+        elif record.too_large:
+            yield position, Skip("too_large", where)
+        elif opts.require_abstract and not record.abstract:
+            yield position, Skip("no_abstract", where)
+        elif not record.text and record.title == NOT_AVAILABLE:
+            yield position, Skip("not_available", where)
+        else:
+            yield position, _as_text(record.text, where)
+    if index is None:
+        return
+    deletions = PmidDigest()
+    for pmid in deleted:
+        deletions.add(pmid)
+    parsed = (pmids.count, pmids.value, deletions.count, deletions.value)
+    if parsed != (index.citations, index.digest, index.deletions, index.deletions_digest):
+        raise DataFileError(
+            f"{path}: its citations or deletions ({pmids.count} and {deletions.count}) differ, in number or in"
+            f" PMIDs, from the update index's scan at start-up ({index.citations} and {index.deletions}): the"
+            " file changed during the run, or it writes PMIDs in a way the scan reads otherwise; restore or"
+            " re-download it, then resume"
+        )
 
 
 _READERS = {
@@ -1137,13 +1480,15 @@ def iter_texts(
     `options`: the record size limit, and the digests to feed (see ReadOptions).
     Raises UnreadableFile when the unit cannot be read (from the start, or part-way).
     """
-    reader = _READERS[detect_format(path)]
+    opts = _options(options)
+    fmt = detect_format(path, opts.format)
+    _check_options(path, fmt, opts)
 
     def keep(index: int) -> bool:
         return index >= start and (want is None or want(index))
 
     with _reading(path):
-        yield from reader(path, text_field or "text", keep, start, _options(options))
+        yield from _READERS[fmt](path, text_field or "text", keep, start, opts)
 
 
 def iter_records(
@@ -1155,29 +1500,47 @@ def iter_records(
     """Like `iter_texts`, but yields whole records as dicts (instruction data: several fields per record).
 
     jsonl (or a JSON array), csv, parquet and save_to_disk units have records; text and PubMed XML do not."""
-    fmt = detect_format(path)
+    fmt = detect_format(path, options.format if options else None)
     if fmt in ("text", "pubmed_xml"):
         raise DataFileError(
             f"{path}: a {fmt} file holds plain text, not instruction records; use jsonl, json, csv or parquet"
         )
 
+    opts = _options(options)
+    _check_options(path, fmt, opts)
+
     def keep(index: int) -> bool:
         return index >= start and (want is None or want(index))
 
     with _reading(path):
-        yield from _READERS[fmt](path, None, keep, start, _options(options))
+        yield from _READERS[fmt](path, None, keep, start, opts)
 
 
-def count_records(path: str) -> int:
-    """Number of records in the unit (malformed ones included), by the cheapest route for its format."""
-    fmt = detect_format(path)
+def _check_options(path: str, fmt: str, opts: _Reading) -> None:
+    """Source options that the unit's format cannot apply are refused, never ignored."""
+    if opts.where and fmt in ("text", "pubmed_xml"):
+        raise DataFileError(
+            f"{path}: a {fmt} file has no fields for the source's where to test; drop where, or leave the file"
+            " out with exclude"
+        )
+    if opts.require_abstract and fmt != "pubmed_xml":
+        raise DataFileError(
+            f"{path}: require_abstract applies to PubMed XML only, and this is a {fmt} file; drop"
+            " require_abstract, or leave the file out with exclude"
+        )
+
+
+def count_records(path: str, declared: str | None = None) -> int:
+    """Number of records in the unit (malformed ones included), by the cheapest route for its format
+    (`declared`: the source's format)."""
+    fmt = detect_format(path, declared)
     with _reading(path):
         if fmt == "jsonl":
             if _is_json_array(path):
                 return sum(1 for _ in _json_array_items(path, _options(None)))
             return sum(1 for _ in _jsonl_lines(path, _options(None)))
         if fmt == "csv":
-            return _count_by_want(iter_records, path)
+            return _count_by_want(iter_records, path, declared)
         if fmt == "parquet":
             with pq.ParquetFile(path) as parquet:
                 return parquet.metadata.num_rows
@@ -1186,10 +1549,10 @@ def count_records(path: str) -> int:
             return 1
         if fmt == "hf_dataset":
             return len(_load_hf(path))
-        return sum(1 for _ in _pubmed_articles(path, _options(None)))
+        return sum(1 for _ in pubmed_records(path, _options(None)))
 
 
-def _count_by_want(read: Callable[..., Iterator[Any]], path: str) -> int:
+def _count_by_want(read: Callable[..., Iterator[Any]], path: str, declared: str | None = None) -> int:
     """Records of a unit counted through `want` (called for every index; none is decoded or kept)."""
     seen = 0
 
@@ -1198,7 +1561,7 @@ def _count_by_want(read: Callable[..., Iterator[Any]], path: str) -> int:
         seen = index + 1
         return False
 
-    for _ in read(path, want=want):
+    for _ in read(path, want=want, options=ReadOptions(format=declared)):
         pass
     return seen
 
@@ -1216,14 +1579,22 @@ def check_unit(
     record_mode: bool = False,
     is_record: Callable[[dict], str | None] | None = None,
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+    where: dict[str, frozenset[str]] | None = None,
+    require_abstract: bool = False,
+    declared: str | None = None,
 ) -> str | None:
     """What is wrong with a unit, in one line naming it and the fix, or None: it opens and decompresses, its
     CSV header / parquet schema / dataset has the text column, and at least one of its first PROBE_RECORDS
-    records has the text field (record mode: is a record `is_record` accepts; it returns why not, or None).
+    records has the text field (record mode: is a record `is_record` accepts; it returns why not, or None),
+    and the fields the source's `where` tests exist (a column, or a key of one of the first records).
     A file whose first records are merely empty is fine here: only a run can say whether too many are."""
-    options = ReadOptions(max_record_bytes)
+    options = ReadOptions(max_record_bytes, where=where, require_abstract=require_abstract, format=declared)
     try:
-        if detect_format(path) == "jsonl" and _is_json_array_unit(path):
+        fmt = detect_format(path, declared)
+        if where and fmt == "jsonl":
+            if (missing := _where_missing(path, where, max_record_bytes, declared)) is not None:
+                return missing
+        if fmt == "jsonl" and _is_json_array_unit(path):
             # A JSON array is decoded through once, one item at a time: its size is checked, and a malformed
             # item anywhere in it is named now rather than becoming an unreadable remainder mid-run.
             with _reading(path):
@@ -1242,6 +1613,7 @@ def check_unit(
         read.close()
     except DataFileError as err:
         return str(err)
+    first = [value for value in first if not (isinstance(value, Skip) and value.reason == "not_selected")]
     skips = [value for value in first if isinstance(value, Skip)]
     usable = [value for value in first if not isinstance(value, Skip)]
     if record_mode and is_record is not None:
@@ -1260,3 +1632,25 @@ def check_unit(
         "bad_utf8": "convert it to UTF-8",
     }.get(skips[0].reason, "fix the file or drop it from the source's paths")
     return f"{path}: its first {len(first)} records were all skipped ({reasons}; first at {skips[0].where}); {fix}"
+
+
+def _where_missing(
+    path: str, where: dict[str, frozenset[str]], max_record_bytes: int, declared: str | None = None
+) -> str | None:
+    """JSON lines have no schema: a `where` field none of the first records has is a misspelling, not a filter
+    (it would leave out every record). Names the keys the records do have, never their values."""
+    records = []
+    for _, value in iter_records(path, options=ReadOptions(max_record_bytes, format=declared)):
+        if isinstance(value, dict):
+            records.append(value)
+        if len(records) == PROBE_RECORDS:
+            break
+    for name in where:
+        if records and all(field_value(record, name) is _ABSENT for record in records):
+            keys = describe_columns(list(dict.fromkeys(key for record in records for key in record)))
+            return (
+                f"{path}: none of its first {len(records)} records has the field {name!r} the source's where"
+                f" tests ({keys.replace('columns', 'keys')}); name a field the records have (meta.x reads"
+                " into meta)"
+            )
+    return None

@@ -52,6 +52,7 @@ from mellama_train.data.readers import (
     _open_text,
     describe_columns,
     detect_format,
+    sniff_format,
 )
 
 # A sidecar's name, then at most a version or language suffix (LICENSE-2.0, README.zh-CN, README_ja) and a
@@ -158,11 +159,11 @@ def _glob_base(pattern: str) -> str:
     return head if head.endswith(os.sep) else os.path.dirname(head)
 
 
-def table_columns(path: str) -> list[str] | None:
+def table_columns(path: str, declared: str | None = None) -> list[str] | None:
     """The columns of a CSV or parquet file (its header / schema), or None for other formats or when the file
     cannot be read (start-up then names that problem)."""
     try:
-        fmt = detect_format(path)
+        fmt = detect_format(path, declared)
         if fmt == "parquet":
             return list(pq.read_schema(path).names)
         if fmt == "csv":
@@ -183,10 +184,12 @@ def select(
     exclude: list[str] | None = None,
     text_field: str | None = "text",
     key: str = "paths",
+    declared: str | None = None,
 ) -> Selection:
     """Apply the rules of the module docstring to a source's paths (or eval_paths).
 
     `text_field`: the column a pretraining source reads (None: instruction records, no column rule).
+    `declared`: the source's format (None: `auto`, each file's format by its name, else its first bytes).
     Raises DataFileError naming the source and pattern when a pattern matches nothing at all, and when every
     file it found was left out (with the reasons, and the setting that would take them)."""
     include = [_normalise(p) for p in include or []]
@@ -237,13 +240,13 @@ def select(
             real = os.path.realpath(unit)  # one file reached by two paths (a link) is read once
             if real in chosen:
                 continue
-            why = _rule(real, rel, include, exclude, real in named)
+            why = _rule(real, rel, include, exclude, real in named, declared)
             if why is None:
                 chosen[real] = rel
             else:
                 excluded[real] = why
     if text_field is not None:
-        _leave_out_tables_without(text_field, chosen, excluded, named)
+        _leave_out_tables_without(text_field, chosen, excluded, named, declared)
     for unit in chosen:
         excluded.pop(unit, None)  # named by one pattern, found and left out by another: named wins
     if not chosen and patterns:
@@ -262,7 +265,9 @@ def _normalise(pattern: str) -> str:
     return pattern + "*" if pattern.endswith("/") else pattern
 
 
-def _rule(unit: str, rel: str, include: list[str], exclude: list[str], named: bool) -> str | None:
+def _rule(
+    unit: str, rel: str, include: list[str], exclude: list[str], named: bool, declared: str | None = None
+) -> str | None:
     """Why a found file is left out (rules 2-4), or None. A file an include glob takes, or one a glob spells
     out by name, is not left out by its name."""
     if (pattern := _matches(rel, exclude)) is not None:
@@ -279,13 +284,25 @@ def _rule(unit: str, rel: str, include: list[str], exclude: list[str], named: bo
         return (
             "not a regular file (a pipe, a device or a broken link)" if os.path.lexists(unit) else "vanished"
         )
-    if _format_of_name(name) is None:
-        return f"not a format a source reads ({ascii(os.path.splitext(name)[1] or 'no extension')})"
+    by_name = _format_of_name(name)
+    if declared is not None:
+        if by_name not in (None, declared):
+            return f"a {by_name} file by its name, and the source reads {declared} (its format)"
+        return None
+    if by_name is None and sniff_format(unit) is None:
+        return (
+            f"not a format a source reads ({ascii(os.path.splitext(name)[1] or 'no extension')});"
+            " set the source's format if it is one"
+        )
     return None
 
 
 def _leave_out_tables_without(
-    column: str, chosen: dict[str, str], excluded: dict[str, str], named: set[str]
+    column: str,
+    chosen: dict[str, str],
+    excluded: dict[str, str],
+    named: set[str],
+    declared: str | None = None,
 ) -> None:
     """Rule 5: found (not named) tables without the text column, where the source's other files show that they
     are metadata: another table has the column (so text_field is right), or the data are one-document text
@@ -293,13 +310,17 @@ def _leave_out_tables_without(
     header has the column up to case or spaces (`Text`, ` text`), or whose first line is not a header, is a data
     table read wrongly: left for start-up to name, never left out."""
     units = list(chosen)
-    tables = [unit for unit in units if _format_of_name(os.path.basename(unit)) in ("csv", "parquet")]
+
+    def format_of(unit: str) -> str | None:
+        return declared or _format_of_name(os.path.basename(unit))
+
+    tables = [unit for unit in units if format_of(unit) in ("csv", "parquet")]
     if not tables:
         return  # no table to open
     # Every rank selects at start-up; on a shared filesystem each open is a round trip, so several at once
     # (thousands of parquet shards: one footer read each).
     with ThreadPoolExecutor(min(_THREADS, len(tables))) as pool:
-        columns = dict(zip(tables, pool.map(table_columns, tables)))
+        columns = dict(zip(tables, pool.map(lambda unit: table_columns(unit, declared), tables)))
 
     def metadata_like(names: list[str]) -> bool:
         near = {name.strip().lower() for name in names}
@@ -313,7 +334,7 @@ def _leave_out_tables_without(
     if not lacking:
         return
     has_column = any(names is not None and column in names for names in columns.values())
-    texts = sum(_format_of_name(os.path.basename(unit)) == "text" for unit in units)
+    texts = sum(format_of(unit) == "text" for unit in units)
     if not (has_column or texts > len(tables)):
         return
     for unit in lacking:
@@ -336,8 +357,19 @@ def of_source(src: SourceConfig, key: str = "paths", *, records: bool = False) -
     rule)."""
     text_field = None if records else (src.text_field or "text")
     return select(
-        getattr(src, key), src.name, include=src.include, exclude=src.exclude, text_field=text_field, key=key
+        getattr(src, key),
+        src.name,
+        include=src.include,
+        exclude=src.exclude,
+        text_field=text_field,
+        key=key,
+        declared=declared_format(src),
     )
+
+
+def declared_format(src: SourceConfig) -> str | None:
+    """The source's `format`, or None for `auto`."""
+    return None if src.format == "auto" else src.format
 
 
 def expand_paths(patterns: list[str], source: str) -> list[str]:

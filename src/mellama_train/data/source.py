@@ -52,12 +52,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mellama_train import watchdog
 from mellama_train.config import Config, DataConfig, SourceConfig
+from mellama_train.data import pubmed
 from mellama_train.data.readers import (
     DEFAULT_MAX_RECORD_BYTES,
     ByteTap,
@@ -73,15 +75,16 @@ from mellama_train.data.readers import (
     prefix_digest,
     short_digest,
 )
-from mellama_train.data.selection import describe_left_out, of_source, select
+from mellama_train.data.reasons import FILTER_REASONS, REASONS
+from mellama_train.data.selection import declared_format, describe_left_out, of_source, select
 
 log = logging.getLogger(__name__)
 
 # Skips are logged with their location only (file:line), never their content: the text may be clinical.
 MAX_SKIP_WARNINGS = 20
-# Skips the user asked for (`data.overflow: drop`, `data.decontamination`): counted in the metrics, but not bad
-# data, so never limited.
-CHOSEN_SKIPS = frozenset({"too_long", "contaminated"})
+# Skips the recipe asked for (where, require_abstract, min_chars, `data.overflow: drop`, decontamination):
+# counted in the metrics as filtered, but not bad data, so never limited.
+CHOSEN_SKIPS = frozenset(FILTER_REASONS)
 # Parallel reads when verifying finished files at resume: they are I/O-bound on a shared filesystem.
 _VERIFY_THREADS = 8
 
@@ -217,15 +220,19 @@ class SourceStream:
         skip_limit: SkipLimit | None = None,
         max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
         accept_changes: bool = False,
+        index_dir: Path | None = None,
     ):
         """`encode(text or record) -> item | Skip`; `records`: read whole records (dicts) instead of the text
         field; `paths`: read these instead of cfg.paths (held-out files); `passes`: stop (Exhausted) after
         this many epochs instead of wrapping forever; `skip_limit`: raise ValueError past it (None: no limit);
         `max_record_bytes`: larger records are skipped ("too_large"); `accept_changes`: continue over data
-        changes found at resume instead of refusing (data.accept_changes)."""
+        changes found at resume instead of refusing (data.accept_changes); `index_dir`: where the PubMed update
+        index of the training files is kept (data/pubmed.py; None: built here, kept in memory)."""
         self.name = cfg.name
         self.text_field = cfg.text_field
         self.records = records
+        self.filters = source_filters(cfg)
+        self.format = declared_format(cfg)
         chosen = select(
             paths if paths is not None else cfg.paths,
             cfg.name,
@@ -233,6 +240,7 @@ class SourceStream:
             exclude=cfg.exclude,
             text_field=None if records else (cfg.text_field or "text"),
             key="paths" if paths is None else "eval_paths",
+            declared=self.format,
         )
         self.files = chosen.files
         if chosen.excluded and rank == 0:
@@ -243,6 +251,12 @@ class SourceStream:
                 " point its paths at the data, or drop the source"
             )
         self.names = relative_names(self.files)
+        # PubMed baseline + update files: later versions and deletions applied (held-out files read as they are)
+        self.pubmed = (
+            pubmed.prepare(self.files, index_dir, cfg.name, self.format)
+            if paths is None and not records
+            else None
+        )
         self.encode = encode
         self.passes = passes
         self.skip_limit = skip_limit
@@ -283,7 +297,10 @@ class SourceStream:
             return (before + index) % world == rank
 
         # Every record before `start` is still read and digested: that is what checks the file at resume.
-        options = ReadOptions(self.max_record_bytes, digest=self._digest, tap=self._tap)
+        index = self.pubmed.for_file(self._path) if self.pubmed is not None else None
+        options = ReadOptions(
+            self.max_record_bytes, digest=self._digest, tap=self._tap, pubmed=index, **self.filters
+        )
         if self.records:
             self._records = iter_records(self._path, want=want, start=start, options=options)
         else:
@@ -306,7 +323,8 @@ class SourceStream:
                 self._digest.count,
                 err.cause,
             )
-            self._count_skip(Skip("unreadable_remainder", f"{where} ({err.cause})"), logged=True)
+            for _ in range(max(err.lost, 1)):  # PubMed: the citations the scan saw past the damage
+                self._count_skip(Skip("unreadable_remainder", f"{where} ({err.cause})"), logged=True)
             return None
 
     def _finish_file(self) -> None:
@@ -365,25 +383,27 @@ class SourceStream:
     def _count_skip(self, skip: Skip, logged: bool = False) -> None:
         s = self.state
         s.skipped[skip.reason] = s.skipped.get(skip.reason, 0) + 1
+        if skip.reason in CHOSEN_SKIPS:  # the recipe's choice: counted in the metrics, not a warning each
+            return
         if self._warned < MAX_SKIP_WARNINGS and not logged:
             self._warned += 1
             log.warning("source %s: skipped a record (%s) at %s", self.name, skip.reason, skip.where)
-        if skip.reason in CHOSEN_SKIPS:
-            return
         s.first_skip = s.first_skip or skip.where
         if self.skip_limit is not None:
             self._check_skip_limit(self.skip_limit)
 
     def _check_skip_limit(self, limit: SkipLimit) -> None:
         bad = sum(n for reason, n in self.state.skipped.items() if reason not in CHOSEN_SKIPS)
-        read = self.state.documents + sum(self.state.skipped.values())
+        # Filtered records are neither good nor bad: a `where` keeping 1% must not allow 100x the bad fraction.
+        read = self.state.documents + bad
         allowed = limit.allowance + limit.fraction * read
         if bad > allowed:
             reasons = ", ".join(
                 f"{n} {r}" for r, n in sorted(self.state.skipped.items()) if r not in CHOSEN_SKIPS
             )
             raise ValueError(
-                f"data.sources[{self.name}]: {bad} of {read} records read on rank {self.rank} were skipped"
+                f"data.sources[{self.name}]: {bad} of {read} records read on rank {self.rank} (filtered ones aside)"
+                " were skipped"
                 f" ({reasons}), over the limit of {limit.allowance} + {limit.fraction:g} x {read} = {allowed:g};"
                 f" first at {self.state.first_skip}; clean the file(s), or raise data.max_skip_fraction /"
                 " data.skip_allowance"
@@ -598,11 +618,40 @@ def _unit_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def skip_totals(streams: list[SourceStream], reason: str | None = None) -> dict[str, int]:
-    """Skipped records per source (all reasons, or one), for metrics."""
-    if reason is not None:
-        return {s.name: s.state.skipped.get(reason, 0) for s in streams}
-    return {s.name: sum(Counter(s.state.skipped).values()) for s in streams}
+def reason_counts(streams: list[SourceStream]) -> list[float]:
+    """This rank's counts of every source by reason (source-major, REASONS order; unknown reasons under
+    "other"), then the documents each source gave: the vector the metrics all-reduce."""
+    counts: list[float] = []
+    for stream in streams:
+        by: Counter[str] = Counter()
+        for reason, n in stream.state.skipped.items():
+            by[reason if reason in REASONS else "other"] += n
+        counts += [float(by[reason]) for reason in REASONS]
+    return counts + [float(stream.state.documents) for stream in streams]
+
+
+def data_counts(names: list[str], total: list[float]) -> dict[str, float]:
+    """Metrics from reason_counts summed over ranks: per source `data/documents/`, `data/skipped/` (records
+    that could not be used), `data/filtered/` (records the recipe left out), and `data/reasons/<source>/<reason>`
+    for every reason seen."""
+    values: dict[str, float] = {}
+    width = len(REASONS)
+    for i, name in enumerate(names):
+        by = dict(zip(REASONS, total[i * width : (i + 1) * width]))
+        values[f"data/documents/{name}"] = total[len(names) * width + i]
+        values[f"data/skipped/{name}"] = sum(n for reason, n in by.items() if reason not in CHOSEN_SKIPS)
+        values[f"data/filtered/{name}"] = sum(by[reason] for reason in FILTER_REASONS)
+        values.update({f"data/reasons/{name}/{reason}": n for reason, n in by.items() if n})
+    return values
+
+
+def source_filters(src: SourceConfig) -> dict[str, Any]:
+    """The ReadOptions fields a source sets: its record filters (where, require_abstract) and its format."""
+    return {
+        "where": {name: frozenset(values) for name, values in src.where.items()} or None,
+        "require_abstract": src.require_abstract,
+        "format": declared_format(src),
+    }
 
 
 def check_sources(cfg: Config) -> list[str]:
@@ -630,19 +679,48 @@ def check_sources(cfg: Config) -> list[str]:
 
     def check(job: tuple[str, str, SourceConfig]) -> str | None:
         label, unit, src = job
+        filters = source_filters(src)
         problem = check_unit(
             unit,
             src.text_field,
             record_mode=record_mode,
             is_record=lambda record: _not_an_instruction(record, src.columns, label),
             max_record_bytes=cfg.data.max_record_bytes,
+            where=filters["where"],
+            require_abstract=filters["require_abstract"],
+            declared=filters["format"],
         )
         return None if problem is None else f"{label}: {problem}"
 
     if jobs:
         with ThreadPoolExecutor(min(_VERIFY_THREADS, len(jobs))) as pool:
-            problems += [problem for problem in pool.map(check, jobs) if problem is not None]
+            found = [
+                (job[1], problem) for job, problem in zip(jobs, pool.map(check, jobs)) if problem is not None
+            ]
+        problems += _collapsed(found)
     return problems
+
+
+SAME_PROBLEM_SHOWN = 3
+"""Files listed with the same problem before the rest are counted: a tree of 40,000 reports under a wrong
+setting gives four lines, not 40,000."""
+
+
+def _collapsed(found: list[tuple[str, str]]) -> list[str]:
+    """Problems in order, where more than SAME_PROBLEM_SHOWN files share one (its text with the file's path
+    taken out), the first ones and a count of the others."""
+    by_kind: dict[str, list[str]] = {}
+    for unit, problem in found:
+        by_kind.setdefault(problem.replace(unit, "{file}"), []).append(problem)
+    out = []
+    for kind, problems in by_kind.items():
+        out += problems[:SAME_PROBLEM_SHOWN]
+        if len(problems) > SAME_PROBLEM_SHOWN:
+            label = kind.split(": ", 1)[0]
+            out.append(
+                f"{label}: and {len(problems) - SAME_PROBLEM_SHOWN} more file(s) with the same problem"
+            )
+    return out
 
 
 _PROMPT_NAMES = {"question", "prompt", "query", "instruction", "input_text", "context", "problem", "q"}

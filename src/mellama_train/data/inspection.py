@@ -1,0 +1,308 @@
+"""`mellama-train data inspect`: what every source of a recipe holds, counted the way a run reads it, before
+a cluster is booked.
+
+Per source: the files read and left out; records, documents and tokens; every reason a record would not be
+trained on (data/reasons.py); document lengths in tokens (percentiles, and the share longer than seq_len);
+and, against the run's planned tokens and weights, how many times the run will go through the source.
+
+A file is read exactly as a run reads it (the source's selection, format, where, require_abstract, cleaners,
+min_chars, size limit, and for a full read the PubMed update rule), and tokenized with the run's tokenizer,
+in parallel processes over the files. A large corpus is sampled: whole files, picked in a seeded order until
+`sample_bytes` of a source are read, and the totals are that sample's counts scaled by file bytes (so
+estimated, and said to be). A source no larger than the sample is read whole (exact), as is every source with
+`full`. The PubMed update rule needs every file's PMIDs, so a sampled PubMed source counts every version of a
+citation (said in the output).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Any
+
+import numpy as np
+
+from mellama_train.config import Config, SourceConfig
+from mellama_train.data import pubmed
+from mellama_train.data.readers import ReadOptions, Skip, UnreadableFile, iter_texts
+from mellama_train.data.reasons import is_filter
+from mellama_train.data.selection import Selection, declared_format, of_source
+
+DEFAULT_SAMPLE_BYTES = 256 * 2**20
+"""File bytes read per source by default: all of a smaller source."""
+REPEAT_WARNING = 4.0
+"""Epochs of one source past which inspect warns: returns from repeating data fall off past about four
+passes (Muennighoff et al., "Scaling Data-Constrained Language Models", 2023)."""
+PERCENTILES = (10, 50, 90, 99)
+
+
+@dataclass
+class Counts:
+    """What reading some files of a source gave."""
+
+    records: int = 0
+    documents: int = 0
+    tokens: int = 0
+    longer: int = 0
+    """Documents longer than seq_len (BOS + tokens + EOS): packing splits them across sequences."""
+    reasons: Counter = field(default_factory=Counter)
+    lengths: list[np.ndarray] = field(default_factory=list)
+    """Tokens per document (BOS and EOS included), one array per file."""
+
+    def add(self, other: Counts) -> None:
+        self.records += other.records
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.longer += other.longer
+        self.reasons.update(other.reasons)
+        self.lengths += other.lengths
+
+
+@dataclass
+class SourceReport:
+    name: str
+    weight_share: float
+    selection: Selection
+    bytes_total: int
+    bytes_read: int
+    files_read: int
+    counts: Counts
+    planned_tokens: int | None
+    """Tokens the run's plan takes from this source (pretraining: train tokens x its weight share)."""
+    update_rule: str | None = None
+    """How the PubMed update rule was applied: a summary, or why it was not; None: no PubMed files."""
+
+    @property
+    def exact(self) -> bool:
+        return self.bytes_read >= self.bytes_total
+
+    @property
+    def scale(self) -> float:
+        return self.bytes_total / self.bytes_read if self.bytes_read else 0.0
+
+    def total(self, value: int) -> int:
+        return value if self.exact else round(value * self.scale)
+
+    @property
+    def epochs(self) -> float | None:
+        tokens = self.total(self.counts.tokens)
+        return self.planned_tokens / tokens if self.planned_tokens is not None and tokens else None
+
+
+# ---- reading one file (in a worker process) ----------------------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(cfg: Config) -> None:
+    from mellama_train.model import load_tokenizer
+
+    _WORKER["tokenizer"] = load_tokenizer(cfg)
+    _WORKER["cfg"] = cfg
+
+
+def _read_file(job: tuple[str, int, Any]) -> Counts:
+    """Read one file of source number `index` as a run would, and tokenize what it would train on."""
+    from mellama_train.data.pipeline import document_encoder
+    from mellama_train.data.source import source_filters
+
+    path, index, update = job
+    cfg: Config = _WORKER["cfg"]
+    src = cfg.data.sources[index]
+    encode = document_encoder(_WORKER["tokenizer"], src.cleaners, src.min_chars)
+    options = ReadOptions(cfg.data.max_record_bytes, pubmed=update, **source_filters(src))
+    counts, lengths = Counts(), []
+    try:
+        for _, text in iter_texts(path, src.text_field, options=options):
+            counts.records += 1
+            item = text if isinstance(text, Skip) else encode(text)
+            if isinstance(item, Skip):
+                counts.reasons[item.reason] += 1
+                continue
+            lengths.append(len(item))
+    except UnreadableFile:
+        counts.reasons["unreadable_remainder"] += 1
+    array = np.asarray(lengths, dtype=np.int64)
+    counts.documents, counts.tokens = len(array), int(array.sum())
+    counts.longer = int(np.sum(array > cfg.data.seq_len))
+    counts.lengths = [array]
+    return counts
+
+
+# ---- the whole recipe -------------------------------------------------------------------------------------
+
+
+def _sample(files: list[str], budget: int | None, seed: int, name: str) -> list[str]:
+    """Whole files in a seeded order until `budget` bytes (None: all of them)."""
+    if budget is None:
+        return list(files)
+    order = list(files)
+    random.Random(f"inspect:{seed}:{name}").shuffle(order)
+    picked, size = [], 0
+    for path in order:
+        if size >= budget:
+            break
+        picked.append(path)
+        size += _size(path)
+    return sorted(picked)
+
+
+def _size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def inspect(
+    cfg: Config, sample_bytes: int | None = DEFAULT_SAMPLE_BYTES, workers: int | None = None
+) -> list[SourceReport]:
+    """Read every pretraining source of `cfg` (`sample_bytes` None: every file) and count what it holds."""
+    if cfg.task == "tune":
+        raise ValueError("data inspect counts pretraining corpora; for instruction data use --dry-run")
+    planned = cfg.derived().get("tokens_per_source", {})
+    shares = cfg.source_fractions()
+    jobs: list[tuple[str, int, Any]] = []
+    reports = []
+    for index, src in enumerate(cfg.data.sources):
+        selection = of_source(src)
+        files = selection.files
+        budget = None if sample_bytes is None else sample_bytes
+        picked = _sample(files, budget, cfg.data.seed, src.name)
+        total = sum(_size(path) for path in files)
+        read = sum(_size(path) for path in picked)
+        update, rule = _update_rule(src, files, exact=read >= total)
+        jobs += [(path, index, update.for_file(path) if update else None) for path in picked]
+        reports.append(
+            SourceReport(
+                src.name,
+                shares[src.name],
+                selection,
+                total,
+                read,
+                len(picked),
+                Counts(),
+                planned.get(src.name),
+                rule,
+            )
+        )
+    for (_, index, _), counts in zip(jobs, _run(cfg, jobs, workers)):
+        reports[index].counts.add(counts)
+    return reports
+
+
+def _update_rule(src: SourceConfig, files: list[str], exact: bool) -> tuple[Any, str | None]:
+    if not pubmed.ordered(files, declared_format(src)):
+        return None, None
+    if not exact:
+        return None, "not applied to a sample (the rule needs every file's PMIDs): every version counted"
+    index = pubmed.build_index(files, declared=declared_format(src))
+    assert index is not None
+    return index, index.describe()
+
+
+def _run(cfg: Config, jobs: list[tuple[str, int, Any]], workers: int | None) -> list[Counts]:
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1, 16))
+    if workers == 1:
+        _start_worker(cfg)
+        return [_read_file(job) for job in jobs]
+    # Spawned, not forked: the parent may hold tokenizer threads. Each worker loads the tokenizer once.
+    with ProcessPoolExecutor(
+        workers, get_context("spawn"), initializer=_start_worker, initargs=(cfg,)
+    ) as pool:
+        return list(pool.map(_read_file, jobs, chunksize=1))
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+
+
+def percentiles(counts: Counts) -> dict[str, int]:
+    lengths = np.concatenate(counts.lengths) if counts.lengths else np.zeros(0, dtype=np.int64)
+    if not len(lengths):
+        return {}
+    values = np.percentile(lengths, PERCENTILES, method="nearest")
+    return {**{f"p{p}": int(v) for p, v in zip(PERCENTILES, values)}, "max": int(lengths.max())}
+
+
+def as_dict(report: SourceReport, seq_len: int) -> dict[str, Any]:
+    """One source's figures for `--json`: numbers and reason names only, never text."""
+    c = report.counts
+    return {
+        "source": report.name,
+        "exact": report.exact,
+        "files_read": report.files_read,
+        "files": len(report.selection.files),
+        "files_left_out": len(report.selection.excluded),
+        "bytes": report.bytes_total,
+        "bytes_read": report.bytes_read,
+        "records": report.total(c.records),
+        "documents": report.total(c.documents),
+        "tokens": report.total(c.tokens),
+        "skipped": {r: report.total(n) for r, n in sorted(c.reasons.items()) if not is_filter(r)},
+        "filtered": {r: report.total(n) for r, n in sorted(c.reasons.items()) if is_filter(r)},
+        "document_tokens": percentiles(c),
+        "longer_than_seq_len": c.longer / c.documents if c.documents else 0.0,
+        "seq_len": seq_len,
+        "planned_tokens": report.planned_tokens,
+        "epochs": report.epochs,
+        "update_rule": report.update_rule,
+    }
+
+
+def render(reports: list[SourceReport], cfg: Config, repeat_warning: float = REPEAT_WARNING) -> list[str]:
+    seq_len = cfg.data.seq_len
+    lines = [
+        f"# data inspect (seq_len {seq_len}; the plan: {cfg.derived().get('total_tokens', 0):,} training tokens)"
+    ]
+    warnings = []
+    budget = "train.max_steps" if cfg.train.max_steps else "train.train_tokens"
+    for r in reports:
+        c, how = r.counts, "exact" if r.exact else "estimated"
+        lines.append(f"{r.name}  (weight share {r.weight_share:.1%})")
+        sample = (
+            ""
+            if r.exact
+            else f"; sampled {r.files_read} of them, {r.bytes_read:,} of {r.bytes_total:,} bytes"
+        )
+        lines.append(
+            f"  files       {len(r.selection.files):,} read, {len(r.selection.excluded):,} left out{sample}"
+        )
+        per_doc = f", {c.tokens / c.documents:,.1f} per document" if c.documents else ""
+        lines.append(
+            f"  records     {r.total(c.records):,} -> {r.total(c.documents):,} documents,"
+            f" {r.total(c.tokens):,} tokens{per_doc} ({how})"
+        )
+        for kind, chosen in (("skipped", False), ("filtered", True)):
+            seen = {
+                reason: r.total(n) for reason, n in sorted(c.reasons.items()) if is_filter(reason) == chosen
+            }
+            if seen:
+                lines.append(f"  {kind:<11} " + ", ".join(f"{n:,} {reason}" for reason, n in seen.items()))
+        if r.update_rule:
+            lines.append(f"  updates     {r.update_rule}")
+        if stats := percentiles(c):
+            spread = ", ".join(f"{k} {v:,}" for k, v in stats.items())
+            longer = c.longer / c.documents
+            lines.append(f"  length      {spread} tokens; {longer:.1%} longer than seq_len ({seq_len})")
+        if (epochs := r.epochs) is not None:
+            lines.append(
+                f"  epochs      the plan takes {r.planned_tokens:,} tokens from it: {epochs:,.2f} passes"
+            )
+            if epochs > repeat_warning:
+                warnings.append(
+                    f"{r.name} is repeated {epochs:,.1f} times over the plan (past {repeat_warning:g}, returns from"
+                    f" repeated data fall off); add data to it, lower its weight, or lower {budget}"
+                )
+        elif r.planned_tokens and not c.tokens:
+            warnings.append(f"{r.name} gave no tokens: check its paths and filters")
+    if warnings:
+        lines += ["", "# warnings"] + [f"  - {w}" for w in warnings]
+    return lines
+
+
+def sample_size(mebibytes: float | None) -> int | None:
+    return None if mebibytes is None else max(1, math.ceil(mebibytes * 2**20))

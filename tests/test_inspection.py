@@ -1,0 +1,99 @@
+"""`mellama-train data inspect`: per source, the counts a run would find, exact from a whole read and
+estimated from a stated sample, never any text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mellama_train.cli import main
+from mellama_train.config import resolve
+from mellama_train.data import inspection
+from mellama_train.sample_data.downloads import write_all
+
+SECRET = "PATIENT-SECRET-4711"
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("downloads")
+    write_all(root)
+    return root
+
+
+def recipe(tmp_path: Path, sources: str, name: str = "r.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(f"data:\n  sources:\n{sources}")
+    return str(path)
+
+
+def test_a_whole_read_counts_what_a_run_reads_from_each_download(downloads, tmp_path):
+    cfg = resolve(
+        "tiny",
+        recipe(
+            tmp_path,
+            f"""    - {{name: pubmed, paths: [{downloads}/pubmed], weight: 15, require_abstract: true}}
+    - {{name: mimic, paths: [{downloads}/mimic-iv-note], weight: 1, where: {{note_type: [DS, RR]}}}}
+""",
+        ),
+        ["train.max_steps=100"],
+    )
+    reports = {r.name: r for r in inspection.inspect(cfg, None, workers=1)}
+    pubmed, mimic = reports["pubmed"], reports["mimic"]
+    assert pubmed.exact and mimic.exact
+    assert (pubmed.counts.records, pubmed.counts.documents) == (64, 57)
+    assert dict(pubmed.counts.reasons) == {"superseded": 3, "deleted": 2, "no_abstract": 2}
+    assert "3 replaced by a later version, 2 deleted" in pubmed.update_rule
+    assert len(pubmed.selection.excluded) == 5  # two readmes, three .md5 files
+    assert dict(mimic.counts.reasons) == {"not_selected": 10} and mimic.counts.documents == 340
+    stats = inspection.percentiles(mimic.counts)
+    assert stats["p10"] <= stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    planned = cfg.derived()["tokens_per_source"]
+    assert pubmed.planned_tokens == planned["pubmed"]
+    assert pubmed.epochs == pytest.approx(planned["pubmed"] / pubmed.counts.tokens)
+    text = "\n".join(inspection.render(list(reports.values()), cfg))
+    assert "2 deleted, 2 no_abstract, 3 superseded" in text and "(exact)" in text
+
+
+def test_a_large_source_is_sampled_by_whole_files_and_scaled_by_bytes(tmp_path):
+    for n in range(20):  # near-equal files: any sample estimates the whole within a few percent
+        lines = [json.dumps({"text": f"{SECRET} document {n} {i} " + "word " * 30}) for i in range(25)]
+        (tmp_path / f"part-{n:04d}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = resolve("tiny", recipe(tmp_path, f"    - {{name: web, paths: [{tmp_path}/*.jsonl]}}\n"))
+    (whole,) = inspection.inspect(cfg, None, workers=1)
+    one_file = (tmp_path / "part-0000.jsonl").stat().st_size
+    (sampled,) = inspection.inspect(cfg, 5 * one_file, workers=1)
+    assert whole.exact and not sampled.exact and sampled.files_read == 5
+    assert whole.counts.records == 500 and sampled.total(sampled.counts.records) == pytest.approx(
+        500, rel=0.02
+    )
+    assert sampled.total(sampled.counts.tokens) == pytest.approx(whole.counts.tokens, rel=0.02)
+    text = "\n".join(inspection.render([sampled], cfg))
+    assert "sampled 5 of them" in text and "(estimated)" in text
+    assert SECRET not in text
+
+
+def test_the_command_prints_warns_on_repeats_and_writes_json_without_text(downloads, tmp_path, capsys):
+    path = recipe(
+        tmp_path, f"    - {{name: notes, paths: [{downloads}/mimic-iv-note], where: {{note_type: [AR]}}}}\n"
+    )
+    out = tmp_path / "figures.json"
+    argv = ["data", "inspect", "--config", path, "--workers", "2", "--json", str(out)]
+    assert main([*argv, "--set", "train.train_tokens=1e9", "--set", "train.max_steps=null"]) == 0
+    printed = capsys.readouterr().out
+    assert "notes is repeated" in printed and "lower its weight" in printed
+    (figures,) = json.loads(out.read_text())
+    assert figures["documents"] == 10 and figures["filtered"] == {"not_selected": 340}
+    assert "ADDENDUM" not in printed + out.read_text()  # counts and reason names only
+
+
+def test_dry_run_inspect_and_refusals(downloads, tmp_path, capsys):
+    from mellama_train.cli import pretrain_main
+
+    path = recipe(tmp_path, f"    - {{name: rp, paths: [{downloads}/redpajama]}}\n")
+    assert pretrain_main(["--config", path, "--dry-run", "--inspect"]) == 0
+    assert "# data inspect (seq_len" in capsys.readouterr().out
+    assert main(["data", "inspect", "--config", path, "--set", "data.sources.rp.format=tsv"]) == 2
+    assert "data.sources[rp].format: unknown 'tsv'" in capsys.readouterr().err
