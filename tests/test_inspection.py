@@ -3,6 +3,7 @@ estimated from a stated sample, never any text."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -57,7 +58,8 @@ def test_a_whole_read_counts_what_a_run_reads_from_each_download(downloads, tmp_
     assert "2 deleted, 2 no_abstract, 3 superseded" in text and "(exact)" in text
 
 
-def test_a_large_source_is_sampled_by_whole_files_and_scaled_by_bytes(tmp_path):
+def test_a_large_source_is_sampled_by_whole_files_and_scaled_by_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(inspection, "_PREFIX_MIN", 0)  # the fifth file's few bytes left are read too
     for n in range(20):  # near-equal files: any sample estimates the whole within a few percent
         lines = [json.dumps({"text": f"{SECRET} document {n} {i} " + "word " * 30}) for i in range(25)]
         (tmp_path / f"part-{n:04d}.jsonl").write_text("\n".join(lines) + "\n")
@@ -73,6 +75,24 @@ def test_a_large_source_is_sampled_by_whole_files_and_scaled_by_bytes(tmp_path):
     text = "\n".join(inspection.render([sampled], cfg))
     assert "sampled 5 of them" in text and "(estimated)" in text
     assert SECRET not in text
+
+
+def test_one_file_larger_than_the_sample_is_read_by_its_first_bytes(tmp_path, monkeypatch):
+    """A corpus shipped as one huge file (MIMIC-IV's discharge.csv.gz is 1 GB) is sampled by its prefix."""
+    lines = [json.dumps({"text": f"note {i} " + "finding " * (20 + i % 7)}) for i in range(4000)]
+    (tmp_path / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(inspection, "_PREFIX_MIN", 0)  # (a real prefix is at least 1 MiB)
+    size = (tmp_path / "notes.jsonl").stat().st_size
+    for notes in (tmp_path / "notes.jsonl", tmp_path / "notes.jsonl.gz"):
+        if notes.suffix == ".gz":
+            notes.write_bytes(gzip.compress((tmp_path / "notes.jsonl").read_bytes()))
+            (tmp_path / "notes.jsonl").unlink()
+            size = notes.stat().st_size
+        cfg = resolve("tiny", recipe(tmp_path, f"    - {{name: notes, paths: [{notes}]}}\n"))
+        (report,) = inspection.inspect(cfg, size // 4, workers=1)
+        assert not report.exact and report.files_read == 1 and report.bytes_read == size // 4
+        assert report.total(report.counts.records) == pytest.approx(4000, rel=0.05), notes.name
+        assert dict(report.counts.reasons) == {}  # the record cut by the prefix's end is not counted
 
 
 def test_the_command_prints_warns_on_repeats_and_writes_json_without_text(downloads, tmp_path, capsys):

@@ -131,6 +131,8 @@ def test_the_saved_index_is_plain_arrays_loaded_without_pickle(download, tmp_pat
     ],
 )
 def test_xml_the_fast_scan_could_misread_is_parsed_instead_and_trains_right(tmp_path, trick):
+    citations, deleted, unsure = pubmed.scan_file(str(xml_file(tmp_path / "probe" / "p.xml", trick)))
+    assert unsure
     """Anything that could make the byte scan and the XML parse disagree (comments, processing instructions,
     CDATA, character references, a `>` in an attribute) sends the file to the parser: exact, never silent."""
     xml_file(tmp_path / "pubmed25n0001.xml", trick)
@@ -223,3 +225,13 @@ def test_the_scan_is_the_same_in_any_chunking_and_in_parallel_processes(download
     monkeypatch.undo()
     monkeypatch.setattr(pubmed, "_PARALLEL_BYTES", 0)
     assert pubmed.build_index(files, workers=2).by_file == pubmed.build_index(files, workers=1).by_file
+
+
+def test_mathml_in_an_abstract_is_scanned_but_a_default_namespace_is_parsed(tmp_path):
+    mathml = citation(
+        5, 'x <mml:math xmlns:mml="http://www.w3.org/1998/Math/MathML"><mml:mi>y</mml:mi></mml:math>'
+    )
+    assert not pubmed.scan_file(str(xml_file(tmp_path / "a.xml", mathml)))[2]
+    default = xml_file(tmp_path / "b.xml", citation(5, "x")).read_text()
+    (tmp_path / "b.xml").write_text(default.replace("<PubmedArticleSet>", '<PubmedArticleSet xmlns="urn:x">'))
+    assert pubmed.scan_file(str(tmp_path / "b.xml"))[2]

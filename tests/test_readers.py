@@ -649,6 +649,12 @@ def test_where_keeps_by_field_in_every_format_and_counts_the_rest(tmp_path):
         "flat",  # a key spelled with the dot is that key
     ]
     assert [v for _, v in read(rp, options=ReadOptions(where={"n": frozenset({"3"})}))][3] == "flat"
+    # The Hugging Face copies of RedPajama hold meta as a JSON string: the dotted name reads into it too.
+    hf = write_jsonl(
+        tmp_path / "hf.jsonl",
+        [json.dumps({"text": "s", "meta": json.dumps({"redpajama_set_name": "RedPajamaBook"})})],
+    )
+    assert [v for _, v in read(hf, options=books)] == ["s"]
 
     table = pa.table(
         {

@@ -420,3 +420,15 @@ def test_a_profile_probe_on_a_source_given_new_files_without_held_out_ones_is_tu
     sources = [{"name": "redpajama", "paths": [str(tmp_path / "rp")], "eval_paths": [str(held_out)]}]
     cfg = resolve("tiny", write_recipe(tmp_path, {"data": {"sources": sources}}))
     assert cfg.train.forgetting_source == "redpajama"  # with held-out files of its own, the probe stays on
+
+
+def test_an_include_or_exclude_glob_that_matches_nothing_is_named(tmp_path):
+    mimic_note_download(tmp_path / "mimic")
+    chosen = select(
+        [str(tmp_path / "mimic")],
+        "mimic",
+        include=["note/*.csv.gz"],
+        exclude=["*_metadata.csv.gz", "*_detail*"],
+    )
+    assert chosen.unmatched == ["exclude '*_metadata.csv.gz'"]  # a typo, or another layout than expected
+    assert len(chosen.files) == 2

@@ -185,6 +185,9 @@ def render_data_files(cfg: Config) -> list[str]:
             read = f"{len(chosen.files)} file{'s' if len(chosen.files) != 1 else ''} read"
             lines.append(f"{src.name}.{key}: {read}, {len(chosen.excluded)} left out")
             lines += [f"  - left out {path}: {why}" for path, why in chosen.excluded]
+            lines += [
+                f"  - warning: {glob} matched no file found; check the glob" for glob in chosen.unmatched
+            ]
     return lines
 
 
@@ -325,6 +328,10 @@ def data_main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve(args.profile, args.config, args.set)
         problems, _ = validate(cfg)
+        if not (cfg.model.tokenizer or cfg.model.path):
+            problems.append(
+                "data inspect counts tokens with the run's tokenizer: set model.path or model.tokenizer"
+            )
         if problems:
             return _fail(problems)
         budget = None if args.full else inspection.sample_size(args.sample_mb or 256)

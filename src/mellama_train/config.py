@@ -81,7 +81,11 @@ class SourceConfig:
     """Held-out files of this source: their loss is logged as `eval/loss/<name>` every train.eval_every steps."""
     columns: dict[str, str] = field(default_factory=dict)
     """(tune) Field renames for instruction records: {instruction: question, input: context, output: answer};
-    recognised names: instruction, input, output, system, history, messages, conversations (docs/TUNING.md)."""
+    recognised names: instruction, input, output, system, history, messages, conversations, and the speaker
+    tags role_tag, content_tag, user_tag, assistant_tag, system_tag (docs/TUNING.md)."""
+    dataset: str | None = None
+    """(tune) An entry of LLaMA-Factory's dataset_info.json, in the directory `paths` names: its file_name,
+    formatting, columns and tags become this source's files and columns (columns set here win)."""
     license: str | None = None
     """License / data-use note of this source, e.g. "PhysioNet Credentialed Health Data License 1.5.0"; copied
     into every checkpoint's trainer.json and into the model card (README.md) of `final/` and `adapter/`."""
@@ -454,9 +458,19 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-SOURCE_FORMATS = ("auto", "jsonl", "csv", "parquet", "text", "pubmed_xml", "hf_dataset")
+SOURCE_FORMATS = ("auto", "jsonl", "csv", "parquet", "text", "hf_dataset", "pubmed_xml")
 """data.sources[].format values (readers.FORMATS, plus auto); tests keep the two lists equal."""
-FILE_BOUND_SOURCE_FIELDS = ("license", "eval_paths", "include", "exclude", "text_field", "where", "format")
+FILE_BOUND_SOURCE_FIELDS = (
+    "license",
+    "eval_paths",
+    "include",
+    "exclude",
+    "text_field",
+    "where",
+    "format",
+    "columns",
+    "dataset",
+)
 """Source fields a recipe source that gives its own `paths` does not inherit from the profile's source."""
 
 
@@ -586,8 +600,25 @@ def resolve(
     if problems:
         raise ConfigError(problems)
     _expand_sample_paths(cfg)
+    _read_dataset_info(cfg)
     cfg.train.ds_config = _find_ds_config(cfg.train.ds_config)
     return cfg
+
+
+def _read_dataset_info(cfg: Config) -> None:
+    """Sources named by a LLaMA-Factory dataset_info.json entry take its file and column names (resolution,
+    not validation: --dry-run then shows the files and columns a run reads)."""
+    from mellama_train.data.llamafactory import resolve_entry
+
+    problems = []
+    for src in cfg.data.sources:
+        if src.dataset and cfg.task == "tune":
+            try:
+                src.paths, src.columns = resolve_entry(src.paths, src.dataset, src.columns)
+            except ValueError as err:
+                problems.append(f"data.sources[{src.name}].dataset: {err}")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _dotted_keys(tree: dict[str, Any], prefix: str = "") -> set[str]:
@@ -746,6 +777,8 @@ def validate(cfg: Config) -> tuple[list[str], list[str]]:
                 )
         if s.min_chars < 0:
             p.append(f"{label}.min_chars must be >= 0 (got {s.min_chars}); 0 keeps every non-empty document")
+        if cfg.task != "tune" and s.dataset:
+            p.append(f"{label}.dataset: LLaMA-Factory entries are instruction data; use launch/tune.py")
         if cfg.task == "tune" and (s.min_chars or s.require_abstract):
             p.append(
                 f"{label}: min_chars and require_abstract filter pretraining documents; drop them from a tuning"

@@ -8,8 +8,8 @@ and, against the run's planned tokens and weights, how many times the run will g
 A file is read exactly as a run reads it (the source's selection, format, where, require_abstract, cleaners,
 min_chars, size limit, and for a full read the PubMed update rule), and tokenized with the run's tokenizer,
 in parallel processes over the files. A large corpus is sampled: whole files, picked in a seeded order until
-`sample_bytes` of a source are read, and the totals are that sample's counts scaled by file bytes (so
-estimated, and said to be). A source no larger than the sample is read whole (exact), as is every source with
+`sample_bytes` of a source are read (of a file larger than what is left of that, its first bytes), and the
+totals are that sample's counts scaled by file bytes (so estimated, and said to be). A source no larger than the sample is read whole (exact), as is every source with
 `full`. The PubMed update rule needs every file's PMIDs, so a sampled PubMed source counts every version of a
 citation (said in the output).
 """
@@ -29,7 +29,7 @@ import numpy as np
 
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data import pubmed
-from mellama_train.data.readers import ReadOptions, Skip, UnreadableFile, iter_texts
+from mellama_train.data.readers import ByteTap, ReadOptions, Skip, UnreadableFile, iter_texts
 from mellama_train.data.reasons import is_filter
 from mellama_train.data.selection import Selection, declared_format, of_source
 
@@ -39,6 +39,8 @@ REPEAT_WARNING = 4.0
 """Epochs of one source past which inspect warns: returns from repeating data fall off past about four
 passes (Muennighoff et al., "Scaling Data-Constrained Language Models", 2023)."""
 PERCENTILES = (10, 50, 90, 99)
+_PREFIX_MIN = 1 << 20
+"""The smallest prefix of a file a sample reads: less says little about the file."""
 
 
 @dataclass
@@ -106,49 +108,72 @@ def _start_worker(cfg: Config) -> None:
     _WORKER["cfg"] = cfg
 
 
-def _read_file(job: tuple[str, int, Any]) -> Counts:
-    """Read one file of source number `index` as a run would, and tokenize what it would train on."""
+def _read_file(job: tuple[str, int, Any, int | None]) -> tuple[Counts, int]:
+    """Read one file of source number `index` as a run would (its first `cap` raw bytes when capped), and
+    tokenize what it would train on. Returns the counts and the file bytes they came from."""
     from mellama_train.data.pipeline import document_encoder
     from mellama_train.data.source import source_filters
 
-    path, index, update = job
+    path, index, update, cap = job
     cfg: Config = _WORKER["cfg"]
     src = cfg.data.sources[index]
     encode = document_encoder(_WORKER["tokenizer"], src.cleaners, src.min_chars)
-    options = ReadOptions(cfg.data.max_record_bytes, pubmed=update, **source_filters(src))
+    tap = ByteTap(limit=cap)  # a capped file reads as ending after its first `cap` bytes
+    options = ReadOptions(cfg.data.max_record_bytes, tap=tap, pubmed=update, **source_filters(src))
     counts, lengths = Counts(), []
+    last: str | None = None  # what the last record gave: a reason, or "" for a document
     try:
         for _, text in iter_texts(path, src.text_field, options=options):
             counts.records += 1
             item = text if isinstance(text, Skip) else encode(text)
+            last = item.reason if isinstance(item, Skip) else ""
             if isinstance(item, Skip):
                 counts.reasons[item.reason] += 1
-                continue
-            lengths.append(len(item))
-    except UnreadableFile:
-        counts.reasons["unreadable_remainder"] += 1
+            else:
+                lengths.append(len(item))
+        cut_short = False
+    except UnreadableFile as err:
+        cut_short = True  # a compressed or XML prefix ends in an error, after its last whole record
+        if not (cap is not None and tap.count >= cap):
+            counts.reasons["unreadable_remainder"] += max(err.lost, 1)
+    size = _size(path)
+    prefix = cap is not None and tap.attached and tap.count < size
+    if prefix and not cut_short and last is not None:
+        # A plain prefix ends inside its last record, which was read cut: it is not counted.
+        counts.records -= 1
+        if last:
+            counts.reasons[last] -= 1
+            counts.reasons += Counter()  # drops a reason whose count fell to 0
+        else:
+            lengths.pop()
     array = np.asarray(lengths, dtype=np.int64)
     counts.documents, counts.tokens = len(array), int(array.sum())
     counts.longer = int(np.sum(array > cfg.data.seq_len))
     counts.lengths = [array]
-    return counts
+    return counts, tap.count if prefix else size
 
 
 # ---- the whole recipe -------------------------------------------------------------------------------------
 
 
-def _sample(files: list[str], budget: int | None, seed: int, name: str) -> list[str]:
-    """Whole files in a seeded order until `budget` bytes (None: all of them)."""
+def _sample(files: list[str], budget: int | None, seed: int, name: str) -> list[tuple[str, int | None]]:
+    """Whole files in a seeded order until `budget` bytes (None: all of them), each with a cap: None, or for a
+    file larger than what is left of the budget, the bytes of it to read (a byte-stream file's prefix;
+    parquet and save_to_disk files are read whole)."""
     if budget is None:
-        return list(files)
+        return [(path, None) for path in files]
     order = list(files)
     random.Random(f"inspect:{seed}:{name}").shuffle(order)
-    picked, size = [], 0
+    picked: list[tuple[str, int | None]] = []
+    size = 0
     for path in order:
         if size >= budget:
             break
-        picked.append(path)
-        size += _size(path)
+        left, file_size = budget - size, _size(path)
+        if file_size > left and left < _PREFIX_MIN:
+            break  # too little left for a prefix to say much: the sample ends here
+        picked.append((path, left if file_size > left else None))
+        size += min(file_size, left)
     return sorted(picked)
 
 
@@ -166,7 +191,7 @@ def inspect(
         raise ValueError("data inspect counts pretraining corpora; for instruction data use --dry-run")
     planned = cfg.derived().get("tokens_per_source", {})
     shares = cfg.source_fractions()
-    jobs: list[tuple[str, int, Any]] = []
+    jobs: list[tuple[str, int, Any, int | None]] = []
     reports = []
     for index, src in enumerate(cfg.data.sources):
         selection = of_source(src)
@@ -174,24 +199,17 @@ def inspect(
         budget = None if sample_bytes is None else sample_bytes
         picked = _sample(files, budget, cfg.data.seed, src.name)
         total = sum(_size(path) for path in files)
-        read = sum(_size(path) for path in picked)
-        update, rule = _update_rule(src, files, exact=read >= total)
-        jobs += [(path, index, update.for_file(path) if update else None) for path in picked]
-        reports.append(
-            SourceReport(
-                src.name,
-                shares[src.name],
-                selection,
-                total,
-                read,
-                len(picked),
-                Counts(),
-                planned.get(src.name),
-                rule,
-            )
+        whole = len(picked) == len(files) and all(cap is None for _, cap in picked)
+        update, rule = _update_rule(src, files, exact=whole)
+        jobs += [(path, index, update.for_file(path) if update else None, cap) for path, cap in picked]
+        report = SourceReport(
+            src.name, shares[src.name], selection, total, 0, len(picked), Counts(), None, rule
         )
-    for (_, index, _), counts in zip(jobs, _run(cfg, jobs, workers)):
+        report.planned_tokens = planned.get(src.name)
+        reports.append(report)
+    for (_, index, _, _), (counts, read) in zip(jobs, _run(cfg, jobs, workers)):
         reports[index].counts.add(counts)
+        reports[index].bytes_read += read
     return reports
 
 
@@ -205,7 +223,9 @@ def _update_rule(src: SourceConfig, files: list[str], exact: bool) -> tuple[Any,
     return index, index.describe()
 
 
-def _run(cfg: Config, jobs: list[tuple[str, int, Any]], workers: int | None) -> list[Counts]:
+def _run(
+    cfg: Config, jobs: list[tuple[str, int, Any, int | None]], workers: int | None
+) -> list[tuple[Counts, int]]:
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1, 16))
     if workers == 1:
         _start_worker(cfg)

@@ -30,13 +30,15 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
+from mellama_train.data.llamafactory import TAGS
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.data.readers import Skip, is_valid_text, short_digest
 from mellama_train.data.source import CheckShare, Exhausted, SkipLimit, SourceStream
 
 ROLES = ("system", "user", "assistant")
-FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations")
+FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations", *TAGS)
+"""Our names of a record's fields (a source's `columns` maps them to the file's), and the speaker tags."""
 ROLE_NAMES = {
     "system": "system",
     "user": "user",
@@ -95,19 +97,23 @@ def example_digest(example: Example) -> str:
 # ---- records -> messages --------------------------------------------------------------------------------
 
 
-def _turns(items: Any, name: str) -> list[dict[str, str]] | Skip:
+def _turns(items: Any, name: str, columns: dict[str, str] | None = None) -> list[dict[str, str]] | Skip:
     """A messages/conversations list as {role, content} turns: OpenAI's role/content or ShareGPT's from/value
     (either key pair in either field: LLaMA-Factory accepts both). Skips never quote content: roles are named
     only when they are one of the known spellings' kind (short words), otherwise counted."""
     if not isinstance(items, list) or not items:
         return Skip("bad_messages", f"{name} is not a non-empty list")
+    columns = columns or {}
+    role_key, content_key = columns.get("role_tag"), columns.get("content_tag")
+    names = dict(ROLE_NAMES)  # a source's own speaker names (LLaMA-Factory tags) over the published spellings
+    names.update({columns[f"{r}_tag"].lower(): r for r in ROLES if f"{r}_tag" in columns})
     out = []
     for m in items:
         if not isinstance(m, dict):
             return Skip("bad_messages", f"an item of {name} is not an object")
-        speaker = m.get("role", m.get("from"))
-        content = m.get("content", m.get("value"))
-        role = ROLE_NAMES.get(speaker.lower()) if isinstance(speaker, str) else None
+        speaker = m.get(role_key) if role_key else m.get("role", m.get("from"))
+        content = m.get(content_key) if content_key else m.get("content", m.get("value"))
+        role = names.get(speaker.lower()) if isinstance(speaker, str) else None
         if role is None or not isinstance(content, str):
             known = ", ".join(sorted(ROLE_NAMES))
             return Skip(
@@ -134,7 +140,7 @@ def to_messages(record: dict[str, Any], columns: dict[str, str]) -> list[dict[st
         items = get(name)
         if items is None:
             continue
-        out = _turns(items, name)
+        out = _turns(items, name, columns)
         system = get("system")
         if (
             isinstance(out, list)

@@ -62,7 +62,7 @@ INDEX_DIR = "data_index"
 # The scan reads only what NCBI's files are made of: record and deletion tags, and PMID elements holding
 # digits. Anything that could make an XML parser see the file otherwise (comments, CDATA, processing
 # instructions other than the XML declaration, a DOCTYPE with an internal subset, entity declarations,
-# namespaces, UTF-16, quotes or markup or character references where the pattern reads, a record inside a
+# a default namespace, UTF-16, quotes or markup or character references where the pattern reads, a record inside a
 # record, a deletion inside a record, a PMID element the pattern does not take) makes the file "unsure": it is
 # then parsed instead, exactly, at the parser's speed. NCBI's files contain none of these. Every repetition
 # stops at the next `<` (which attribute values and PMID text cannot hold), so the scan is linear in the
@@ -72,7 +72,9 @@ _TOKEN = re.compile(
     rb"|<PMID(?=[\s>])[^<>]{0,4096}>([^<]{0,4096})</PMID\s*>"
     rb"|(<PMID)(?=[\s/>])"
 )
-_UNSURE = re.compile(rb"<!--|<!\[CDATA\[|<\?(?!xml[\s?])|<!DOCTYPE[^<>\[]*\[|<!ENTITY|xmlns|<\x00|\x00<")
+# A default namespace (`xmlns="..."`) renames every element for the parser; a prefixed one (MathML's
+# `xmlns:mml`, found in real abstracts) renames only its own elements, so it is no reason to parse.
+_UNSURE = re.compile(rb"<!--|<!\[CDATA\[|<\?(?!xml[\s?])|<!DOCTYPE[^<>\[]*\[|<!ENTITY|xmlns\s*=|<\x00|\x00<")
 _SCAN_CHUNK = 4 << 20
 _TAIL = 1 << 16  # longer than any token: what a round leaves unscanned for the next, with the next bytes
 _DELETE_POSITION = 2**32 - 1

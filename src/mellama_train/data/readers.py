@@ -281,11 +281,13 @@ def _record_bytes(value: object) -> bytes:
 class ByteTap:
     """Hashes and counts the raw bytes a reader pulls from a file (below any decompressor)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int | None = None) -> None:
         self._hash = xxhash.xxh3_128()
         self.count = 0
         self.attached = False
         """True once a reader opened the file through this tap (arrow formats and unowned text files never do)."""
+        self.limit = limit
+        """Bytes after which the file reads as ended (None: its real end): `data inspect`'s sample of a prefix."""
 
     def wrap(self, raw: IO[bytes]) -> io.RawIOBase:
         self.attached = True
@@ -315,6 +317,8 @@ class _TappedFile(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
+        if self._tap.limit is not None:
+            buffer = memoryview(buffer)[: max(self._tap.limit - self._tap.count, 0)]
         n = self._raw.readinto(buffer)
         if n:
             self._tap.update(memoryview(buffer)[:n])
@@ -582,13 +586,22 @@ def _as_text(value: object, where: str) -> str | Skip:
 _ABSENT = object()
 
 
+_MAX_NESTED_JSON = 1 << 20
+
+
 def field_value(record: dict, name: str) -> object:
     """A record's value of a field: a key of its own, else a dotted path into nested objects
-    (`meta.redpajama_set_name`); _ABSENT when it has neither."""
+    (`meta.redpajama_set_name`), also through an object stored as a JSON string (RedPajama's `meta` as the
+    Hugging Face copies hold it); _ABSENT when it has neither."""
     if name in record:
         return record[name]
     value: object = record
     for part in name.split("."):
+        if isinstance(value, str) and value.lstrip().startswith("{") and len(value) <= _MAX_NESTED_JSON:
+            try:
+                value = json.loads(value)
+            except (ValueError, RecursionError):
+                return _ABSENT
         if not isinstance(value, dict) or part not in value:
             return _ABSENT
         value = value[part]

@@ -85,6 +85,8 @@ class Selection:
 
     files: list[str] = field(default_factory=list)
     excluded: list[tuple[str, str]] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    """include/exclude globs that matched no file found (a typo, or a layout other than expected)."""
 
 
 def not_data_reason(name: str) -> str | None:
@@ -197,6 +199,7 @@ def select(
     chosen: dict[str, str] = {}  # real path -> the path relative to where it was found
     excluded: dict[str, str] = {}
     named: set[str] = set()  # files the user spelled out: no by-name rule applies to them
+    unused = {f"include {p!r}": p for p in include} | {f"exclude {p!r}": p for p in exclude}
     for pattern in patterns:
         path = os.path.expandvars(os.path.expanduser(pattern))
         literal = os.path.exists(path) or not any(char in path for char in "*?[")  # `[2024]/` can be a name
@@ -237,6 +240,9 @@ def select(
                 f" (accepted: {_ACCEPTED})"
             )
         for unit, rel in found:
+            for label, glob_pattern in list(unused.items()):
+                if _matches(rel, [glob_pattern]) is not None:
+                    del unused[label]
             real = os.path.realpath(unit)  # one file reached by two paths (a link) is read once
             if real in chosen:
                 continue
@@ -256,7 +262,7 @@ def select(
             " name the files in paths, or take them with the source's include globs (docs/DATA.md;"
             " `--dry-run` lists each file and why)"
         )
-    return Selection(sorted(chosen), sorted(excluded.items()))
+    return Selection(sorted(chosen), sorted(excluded.items()), list(unused))
 
 
 def _normalise(pattern: str) -> str:
@@ -352,12 +358,14 @@ def describe_left_out(chosen: Selection) -> str:
     return f"{len(chosen.files)} files read, {len(chosen.excluded)} left out ({counts}); --dry-run lists them"
 
 
-def of_source(src: SourceConfig, key: str = "paths", *, records: bool = False) -> Selection:
-    """`select` for a configured source's `paths` or `eval_paths`; `records`: instruction data (no column
-    rule)."""
+def of_source(
+    src: SourceConfig, key: str = "paths", *, records: bool = False, patterns: list[str] | None = None
+) -> Selection:
+    """`select` for a configured source's `paths` or `eval_paths` (`patterns`: others, named as `key`);
+    `records`: instruction data (no column rule)."""
     text_field = None if records else (src.text_field or "text")
     return select(
-        getattr(src, key),
+        getattr(src, key) if patterns is None else patterns,
         src.name,
         include=src.include,
         exclude=src.exclude,

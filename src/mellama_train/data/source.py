@@ -76,7 +76,7 @@ from mellama_train.data.readers import (
     short_digest,
 )
 from mellama_train.data.reasons import FILTER_REASONS, REASONS
-from mellama_train.data.selection import declared_format, describe_left_out, of_source, select
+from mellama_train.data.selection import declared_format, describe_left_out, of_source
 
 log = logging.getLogger(__name__)
 
@@ -233,18 +233,12 @@ class SourceStream:
         self.records = records
         self.filters = source_filters(cfg)
         self.format = declared_format(cfg)
-        chosen = select(
-            paths if paths is not None else cfg.paths,
-            cfg.name,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            text_field=None if records else (cfg.text_field or "text"),
-            key="paths" if paths is None else "eval_paths",
-            declared=self.format,
-        )
+        chosen = of_source(cfg, "paths" if paths is None else "eval_paths", records=records, patterns=paths)
         self.files = chosen.files
         if chosen.excluded and rank == 0:
             log.info("source %s: %s", cfg.name, describe_left_out(chosen))
+        for glob in chosen.unmatched if rank == 0 else []:
+            log.warning("source %s: %s matched no file found; check the glob", cfg.name, glob)
         if all(_unit_size(f) == 0 for f in self.files):  # caught here, before a model is built, not at step 1
             raise ValueError(
                 f"data.sources[{cfg.name}]: its {len(self.files)} file(s) are all empty ({self.files[0]}, ...);"

@@ -1,0 +1,144 @@
+"""A data directory prepared for LLaMA-Factory (dataset_info.json + its files) trains here unchanged."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from mellama_train.config import SOURCE_FORMATS, ConfigError, resolve, validate
+from mellama_train.data.instruct import to_messages
+from mellama_train.data.pipeline import count_examples
+from mellama_train.data.readers import FORMATS, iter_records
+
+
+@pytest.fixture
+def factory_dir(tmp_path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "qa.json").write_text(
+        json.dumps(
+            [
+                {"q": "Which drug?", "ctx": "A case.", "a": "Metformin.", "hist": [["Hello", "Hi."]]},
+                {"q": "Dose?", "ctx": "", "a": "500 mg.", "hist": []},
+            ]
+        )
+    )
+    dialog = [
+        {"speaker": "SYS", "text": "Be brief."},
+        {"speaker": "USER", "text": "Fever?"},
+        {"speaker": "BOT", "text": "Check it."},
+        {"speaker": "USER", "text": "And then?"},
+        {"speaker": "BOT", "text": "Call a doctor."},
+    ]
+    (data / "chat.jsonl").write_text(json.dumps({"dialog": dialog}) + "\n")
+    info = {
+        "medqa": {
+            "file_name": "qa.json",
+            "columns": {"prompt": "q", "query": "ctx", "response": "a", "history": "hist"},
+        },
+        "chat": {
+            "file_name": "chat.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "dialog"},
+            "tags": {
+                "role_tag": "speaker",
+                "content_tag": "text",
+                "user_tag": "USER",
+                "assistant_tag": "BOT",
+                "system_tag": "SYS",
+            },
+        },
+        "hub": {"hf_hub_url": "someone/medical-qa"},
+        "prefs": {"file_name": "qa.json", "ranking": True},
+        "pics": {"file_name": "qa.json", "columns": {"prompt": "q", "images": "img"}},
+        "escape": {"file_name": "../../secrets.jsonl"},
+    }
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    return data
+
+
+def recipe(tmp_path: Path, sources: str) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(f"data:\n  sources:\n{sources}")
+    return str(path)
+
+
+def test_entries_give_the_files_columns_and_speaker_names(factory_dir, tmp_path):
+    path = recipe(
+        tmp_path,
+        f"""    - {{name: medqa, paths: [{factory_dir}], dataset: medqa}}
+    - {{name: chat, paths: [{factory_dir}/dataset_info.json], dataset: chat}}
+""",
+    )
+    cfg = resolve("tiny", path, task="tune")
+    medqa, chat = cfg.data.sources
+    assert medqa.paths == [str(factory_dir / "qa.json")]
+    assert medqa.columns == {"instruction": "q", "input": "ctx", "output": "a", "history": "hist"}
+    assert validate(cfg)[0] == []
+    records = [r for _, r in iter_records(medqa.paths[0])]
+    assert to_messages(records[0], medqa.columns) == [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "Which drug?\n\nA case."},
+        {"role": "assistant", "content": "Metformin."},
+    ]
+    (record,) = [r for _, r in iter_records(chat.paths[0])]
+    assert [m["role"] for m in to_messages(record, chat.columns)] == [
+        "system",
+        "user",
+        "assistant",
+        "user",
+        "assistant",
+    ]
+    assert count_examples(cfg) == 3
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("hub", r"entry 'hub': it is read from a hub \(hf_hub_url\): download it, and give file_name"),
+        ("prefs", r"entry 'prefs': preference data \(ranking: true\) is not instruction tuning data"),
+        ("pics", r"entry 'pics': images \(images\) cannot be trained here"),
+        (
+            "nope",
+            r"no entry 'nope' \(entries: chat, escape, hub, medqa, pics, prefs\); set the source's dataset",
+        ),
+        (
+            "escape",
+            r"entry 'escape': file_name '\.\./\.\./secrets\.jsonl' leaves the directory of dataset_info",
+        ),
+    ],
+)
+def test_what_cannot_be_trained_is_refused_naming_the_entry(factory_dir, tmp_path, entry, message):
+    path = recipe(tmp_path, f"    - {{name: x, paths: [{factory_dir}], dataset: {entry}}}\n")
+    with pytest.raises(ConfigError) as err:
+        resolve("tiny", path, task="tune")
+    assert any(p.startswith("data.sources[x].dataset: ") for p in err.value.problems)
+    assert re.search(message, "\n".join(err.value.problems))
+
+
+def test_source_formats_match_the_readers():
+    assert SOURCE_FORMATS == ("auto", *FORMATS)
+
+
+def test_a_recipe_source_with_its_own_files_does_not_inherit_the_profiles_columns(factory_dir, tmp_path):
+    """The tiny tune profile's `qa` source renames question/context/answer for ITS parquet file."""
+    cfg = resolve(
+        "tiny", recipe(tmp_path, f"    - {{name: qa, paths: [{factory_dir}], dataset: medqa}}\n"), task="tune"
+    )
+    assert cfg.data.sources[0].columns == {
+        "instruction": "q",
+        "input": "ctx",
+        "output": "a",
+        "history": "hist",
+    }
+    plain = recipe(tmp_path, f"    - {{name: qa, paths: [{factory_dir}/qa.json]}}\n")
+    assert resolve("tiny", plain, task="tune").data.sources[0].columns == {}
+    kept = tmp_path / "kept.yaml"
+    kept.write_text(
+        "data:\n  sources:\n    - {name: qa, weight: 3}\n"
+    )  # no paths: the profile's files, and columns
+    assert resolve("tiny", str(kept), task="tune").data.sources[0].columns["instruction"] == "question"
