@@ -148,11 +148,16 @@ def main() -> None:
         "--pubmed-mb", type=int, default=200, help="MB of PubMed XML for the scan case (default 200)"
     )
     p.add_argument("--workers", type=int, default=None, help="inspect processes (default: cores)")
+    p.add_argument(
+        "--case", choices=["all", "pubmed", "inspect"], default="all", help="which case (default all)"
+    )
     args = p.parse_args()
     root = Path(tempfile.mkdtemp(prefix="bench-inspect-"))
     try:
-        print(json.dumps({"pubmed_scan": pubmed_case(root, args.pubmed_mb)}, indent=2))
-        print(json.dumps({"inspect": inspect_case(root, args.gb, args.workers)}, indent=2))
+        if args.case in ("all", "pubmed"):
+            print(json.dumps({"pubmed_scan": pubmed_case(root, args.pubmed_mb)}, indent=2))
+        if args.case in ("all", "inspect"):
+            print(json.dumps({"inspect": inspect_case(root, args.gb, args.workers)}, indent=2))
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -117,3 +117,64 @@ def test_dry_run_inspect_and_refusals(downloads, tmp_path, capsys):
     assert "# data inspect (seq_len" in capsys.readouterr().out
     assert main(["data", "inspect", "--config", path, "--set", "data.sources.rp.format=tsv"]) == 2
     assert "data.sources[rp].format: unknown 'tsv'" in capsys.readouterr().err
+
+
+def test_inspect_drops_what_decontamination_drops(tmp_path):
+    from test_decontam import leaked_corpus
+
+    from mellama_train.data import decontam
+
+    corpus, bench = leaked_corpus(tmp_path, leaked=[3, 7, 11])
+    index, info = decontam.build_index([bench])
+    decontam.write_index(tmp_path / "idx", index, info)
+    cfg = resolve(
+        "tiny",
+        recipe(tmp_path, f"    - {{name: notes, paths: [{corpus}]}}\n"),
+        [f"data.decontamination={tmp_path / 'idx'}"],
+    )
+    (report,) = inspection.inspect(cfg, None, workers=1)
+    assert dict(report.counts.reasons) == {"contaminated": 3} and report.counts.documents == 37
+
+
+def test_what_stops_inspect_is_one_line(downloads, tmp_path, capsys):
+    from mellama_train.cli import pretrain_main
+
+    path = recipe(tmp_path, f"    - {{name: rp, paths: [{downloads}/redpajama]}}\n")
+    assert main(["data", "inspect", "--config", path, "--set", "model.tokenizer=/no/such/tokenizer"]) == 2
+    assert "model.tokenizer: /no/such/tokenizer cannot be loaded" in capsys.readouterr().err
+    assert main(["data", "inspect", "--config", path, "--json", str(tmp_path / "no" / "dir" / "x.json")]) == 2
+    assert "--json: " in capsys.readouterr().err
+    assert main(["data", "inspect", "--config", path, "--sample-mb", "0"]) == 2
+    assert "the sample must be larger than 0 bytes" in capsys.readouterr().err
+    assert pretrain_main(["--config", path, "--inspect"]) == 2  # not a training run
+    assert "--inspect goes with --dry-run" in capsys.readouterr().err
+    assert pretrain_main(["--config", path, "--dry-run", "--inspect", "--set", "model.tokenizer=/nope"]) == 0
+    assert "# data inspect unavailable: model.tokenizer: /nope cannot be loaded" in capsys.readouterr().out
+
+
+def test_a_tiny_sample_still_reads_something_and_tables_and_one_document_files_are_capped_right(
+    tmp_path, monkeypatch
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "t").mkdir()
+    pq.write_table(
+        pa.table({"text": [f"row {i} " + "word " * 40 for i in range(2000)]}), tmp_path / "t" / "a.parquet"
+    )
+    cfg = resolve("tiny", recipe(tmp_path, f"    - {{name: t, paths: [{tmp_path}/t]}}\n"))
+    size = (tmp_path / "t" / "a.parquet").stat().st_size
+    (report,) = inspection.inspect(cfg, size // 4, workers=1)  # parquet is read by rows: its first quarter
+    assert not report.exact and report.counts.records == 500
+    assert report.total(report.counts.records) == pytest.approx(2000, rel=0.01)
+    (report,) = inspection.inspect(cfg, 100, workers=1)  # 100 bytes: still one file's first rows, not nothing
+    assert report.counts.records >= 1 and report.total(report.counts.records) > 0
+    (tmp_path / "docs").mkdir()
+    for i in range(4):
+        (tmp_path / "docs" / f"r{i}.txt").write_text(f"report {i} " + "finding " * 400)
+    cfg = resolve("tiny", recipe(tmp_path, f"    - {{name: d, paths: [{tmp_path}/docs]}}\n", "d.yaml"))
+    one = (tmp_path / "docs" / "r0.txt").stat().st_size
+    monkeypatch.setattr(inspection, "_PREFIX_MIN", 0)  # (real prefixes are 1 MiB or more)
+    (report,) = inspection.inspect(cfg, int(2.5 * one), workers=1)  # the third file is read whole, not cut
+    assert report.counts.documents == report.files_read == 3
+    assert report.total(report.counts.documents) == 4

@@ -142,3 +142,53 @@ def test_a_recipe_source_with_its_own_files_does_not_inherit_the_profiles_column
         "data:\n  sources:\n    - {name: qa, weight: 3}\n"
     )  # no paths: the profile's files, and columns
     assert resolve("tiny", str(kept), task="tune").data.sources[0].columns["instruction"] == "question"
+
+
+def test_hostile_dataset_info_files_are_refused_in_one_line(factory_dir, tmp_path):
+    import os
+
+    def problems(entry: str, paths: str) -> str:
+        path = recipe(tmp_path, f"    - {{name: x, paths: [{paths}], dataset: {entry}}}\n")
+        with pytest.raises(ConfigError) as err:
+            resolve("tiny", path, task="tune")
+        return "\n".join(err.value.problems)
+
+    info = json.loads((factory_dir / "dataset_info.json").read_text())
+    os.symlink(tmp_path, factory_dir / "up")  # a link out of the directory
+    (tmp_path / "secret.jsonl").write_text('{"instruction": "x", "output": "y"}\n')
+    info.update(
+        linked={"file_name": "up/secret.jsonl"},
+        typo={"file_name": "qa.json", "tags": {"assitant_tag": "BOT"}},
+        listed=["qa.json"],
+        numbered={"file_name": 5},
+    )
+    (factory_dir / "dataset_info.json").write_text(json.dumps(info))
+    assert "entry 'linked': file_name 'up/secret.jsonl' leaves the directory" in problems(
+        "linked", factory_dir
+    )
+    assert "entry 'typo': unknown tag 'assitant_tag' (known: role_tag" in problems("typo", factory_dir)
+    assert "entry 'listed' is not a mapping of settings" in problems("listed", factory_dir)
+    assert "entry 'numbered': file_name must be a path (got 5)" in problems("numbered", factory_dir)
+    fifo = tmp_path / "pipe"
+    fifo.mkdir()
+    os.mkfifo(fifo / "dataset_info.json")  # would block a reader forever
+    assert "dataset_info.json: not a regular file" in problems("medqa", fifo)
+
+
+def test_a_declared_format_the_bytes_contradict_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mellama_train.data.readers import DataFileError, detect_format
+
+    pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.data")
+    with pytest.raises(
+        DataFileError, match=r"t\.data: its bytes show a parquet file, and the source's format says csv"
+    ):
+        detect_format(str(tmp_path / "t.data"), "csv")
+    (tmp_path / "n.data").write_text("text\nhello\n")
+    with pytest.raises(DataFileError, match=r"n\.data: its bytes show a non-parquet file, .* says parquet"):
+        detect_format(str(tmp_path / "n.data"), "parquet")
+    with pytest.raises(DataFileError, match=r"n\.data: is a file, and the source's format hf_dataset reads"):
+        detect_format(str(tmp_path / "n.data"), "hf_dataset")
+    assert detect_format(str(tmp_path / "n.data"), "text") == "text"  # bytes cannot contradict text or CSV

@@ -279,8 +279,18 @@ def test_a_table_without_a_header_never_puts_its_first_row_in_a_message(tmp_path
     cfg.data.sources = [SourceConfig(name="s", paths=[str(tmp_path / "t")])]
     (problem,) = check_sources(cfg)
     assert (
-        "no column 'text' (2 columns; is its first line a header?)" in problem
+        "no column 'text' (2 columns; is its first line a header, and is it CSV?)" in problem
         and METADATA_MARK not in problem
+    )
+    # A short row that reads like a header is not shown either: names must look like identifiers.
+    short = ["Smith John", "HIV positive", "2019-03-01"]
+    gz_csv(tmp_path / "u" / "e.csv.gz", short, [short])
+    cfg.data.sources = [SourceConfig(name="s", paths=[str(tmp_path / "u")])]
+    (problem,) = check_sources(cfg)
+    assert (
+        "(3 columns; is its first line a header" in problem
+        and "HIV" not in problem
+        and "Smith" not in problem
     )
 
 

@@ -21,6 +21,7 @@ import os
 import random
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Any
@@ -29,7 +30,15 @@ import numpy as np
 
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data import pubmed
-from mellama_train.data.readers import ByteTap, ReadOptions, Skip, UnreadableFile, iter_texts
+from mellama_train.data.readers import (
+    ByteTap,
+    ReadOptions,
+    Skip,
+    UnreadableFile,
+    count_records,
+    detect_format,
+    iter_texts,
+)
 from mellama_train.data.reasons import is_filter
 from mellama_train.data.selection import Selection, declared_format, of_source
 
@@ -101,27 +110,48 @@ class SourceReport:
 _WORKER: dict[str, Any] = {}
 
 
+@dataclass(frozen=True)
+class Cap:
+    """How much of a file larger than what is left of the sample to read: its first `bytes` (byte-stream
+    formats), or its first `rows` of `of_rows` (parquet, save_to_disk: read by rows)."""
+
+    bytes: int
+    rows: int | None = None
+    of_rows: int | None = None
+
+
+Job = tuple[str, int, Any, Cap | None]
+"""(file, source number, its PubMed update index entry or None, its cap or None)."""
+
+
 def _start_worker(cfg: Config) -> None:
+    from mellama_train.data.decontam import load_index
     from mellama_train.model import load_tokenizer
 
     _WORKER["tokenizer"] = load_tokenizer(cfg)
     _WORKER["cfg"] = cfg
+    _WORKER["decontamination"] = load_index(cfg.data.decontamination)
 
 
-def _read_file(job: tuple[str, int, Any, int | None]) -> tuple[Counts, int]:
-    """Read one file of source number `index` as a run would (its first `cap` raw bytes when capped), and
-    tokenize what it would train on. Returns the counts and the file bytes they came from."""
+def _read_file(job: Job) -> tuple[Counts, int]:
+    """Read one file of source number `index` as a run would (only its first part when capped), and tokenize
+    what it would train on. Returns the counts and the file bytes they stand for."""
+    from mellama_train.data.decontam import screened
     from mellama_train.data.pipeline import document_encoder
     from mellama_train.data.source import source_filters
 
     path, index, update, cap = job
     cfg: Config = _WORKER["cfg"]
     src = cfg.data.sources[index]
-    encode = document_encoder(_WORKER["tokenizer"], src.cleaners, src.min_chars)
-    tap = ByteTap(limit=cap)  # a capped file reads as ending after its first `cap` bytes
+    encode = screened(
+        document_encoder(_WORKER["tokenizer"], src.cleaners, src.min_chars), _WORKER["decontamination"]
+    )
+    byte_cap = cap.bytes if cap is not None and cap.rows is None else None
+    tap = ByteTap(limit=byte_cap)  # a byte-capped file reads as ending after its first bytes
     options = ReadOptions(cfg.data.max_record_bytes, tap=tap, pubmed=update, **source_filters(src))
     counts, lengths = Counts(), []
     last: str | None = None  # what the last record gave: a reason, or "" for a document
+    cut_short = False
     try:
         for _, text in iter_texts(path, src.text_field, options=options):
             counts.records += 1
@@ -131,50 +161,70 @@ def _read_file(job: tuple[str, int, Any, int | None]) -> tuple[Counts, int]:
                 counts.reasons[item.reason] += 1
             else:
                 lengths.append(len(item))
-        cut_short = False
+            if cap is not None and cap.rows is not None and counts.records >= cap.rows:
+                break
     except UnreadableFile as err:
         cut_short = True  # a compressed or XML prefix ends in an error, after its last whole record
-        if not (cap is not None and tap.count >= cap):
+        if not (byte_cap is not None and tap.count >= byte_cap):
             counts.reasons["unreadable_remainder"] += max(err.lost, 1)
     size = _size(path)
-    prefix = cap is not None and tap.attached and tap.count < size
-    if prefix and not cut_short and last is not None:
-        # A plain prefix ends inside its last record, which was read cut: it is not counted.
-        counts.records -= 1
-        if last:
-            counts.reasons[last] -= 1
-            counts.reasons += Counter()  # drops a reason whose count fell to 0
-        else:
-            lengths.pop()
+    read = size
+    if byte_cap is not None and tap.attached and tap.count < size:
+        read = tap.count
+        if not cut_short and last is not None:
+            # A plain prefix ends inside its last record, which was read cut: it is not counted.
+            counts.records -= 1
+            if last:
+                counts.reasons[last] -= 1
+                counts.reasons += Counter()  # drops a reason whose count fell to 0
+            else:
+                lengths.pop()
+    elif cap is not None and cap.rows is not None and cap.of_rows:
+        read = round(size * min(counts.records, cap.of_rows) / cap.of_rows)
     array = np.asarray(lengths, dtype=np.int64)
     counts.documents, counts.tokens = len(array), int(array.sum())
     counts.longer = int(np.sum(array > cfg.data.seq_len))
     counts.lengths = [array]
-    return counts, tap.count if prefix else size
+    return counts, read
 
 
 # ---- the whole recipe -------------------------------------------------------------------------------------
 
 
-def _sample(files: list[str], budget: int | None, seed: int, name: str) -> list[tuple[str, int | None]]:
-    """Whole files in a seeded order until `budget` bytes (None: all of them), each with a cap: None, or for a
-    file larger than what is left of the budget, the bytes of it to read (a byte-stream file's prefix;
-    parquet and save_to_disk files are read whole)."""
+def _sample(
+    files: list[str], budget: int | None, seed: int, src: SourceConfig
+) -> list[tuple[str, Cap | None]]:
+    """Whole files in a seeded order until `budget` bytes (None: all of them), each with its cap: None, or for
+    a file larger than what is left of the budget, how much of it to read. A one-document text file is read
+    whole (a prefix of it is no document)."""
     if budget is None:
         return [(path, None) for path in files]
     order = list(files)
-    random.Random(f"inspect:{seed}:{name}").shuffle(order)
-    picked: list[tuple[str, int | None]] = []
+    random.Random(f"inspect:{seed}:{src.name}").shuffle(order)
+    picked: list[tuple[str, Cap | None]] = []
     size = 0
     for path in order:
         if size >= budget:
             break
         left, file_size = budget - size, _size(path)
-        if file_size > left and left < _PREFIX_MIN:
+        if file_size <= left:
+            picked.append((path, None))
+        elif picked and left < _PREFIX_MIN:
             break  # too little left for a prefix to say much: the sample ends here
-        picked.append((path, left if file_size > left else None))
+        else:
+            picked.append((path, _cap(path, left, file_size, declared_format(src))))
         size += min(file_size, left)
-    return sorted(picked)
+    return sorted(picked, key=lambda pair: pair[0])
+
+
+def _cap(path: str, left: int, file_size: int, declared: str | None) -> Cap | None:
+    fmt = detect_format(path, declared)
+    if fmt == "text":
+        return None
+    if fmt in ("parquet", "hf_dataset"):  # read by seeking, not as a byte stream: by rows
+        rows = count_records(path, declared)
+        return Cap(left, max(1, math.ceil(rows * left / file_size)), rows)
+    return Cap(left)
 
 
 def _size(path: str) -> int:
@@ -186,18 +236,21 @@ def _size(path: str) -> int:
 def inspect(
     cfg: Config, sample_bytes: int | None = DEFAULT_SAMPLE_BYTES, workers: int | None = None
 ) -> list[SourceReport]:
-    """Read every pretraining source of `cfg` (`sample_bytes` None: every file) and count what it holds."""
+    """Read every pretraining source of `cfg` (`sample_bytes` None: every file) and count what it holds.
+    Raises ValueError with one line for what stops it (the tokenizer, a reading process that died)."""
     if cfg.task == "tune":
         raise ValueError("data inspect counts pretraining corpora; for instruction data use --dry-run")
+    if sample_bytes is not None and sample_bytes <= 0:
+        raise ValueError(f"the sample must be larger than 0 bytes (got {sample_bytes})")
+    _check_tokenizer(cfg)
     planned = cfg.derived().get("tokens_per_source", {})
     shares = cfg.source_fractions()
-    jobs: list[tuple[str, int, Any, int | None]] = []
+    jobs: list[Job] = []
     reports = []
     for index, src in enumerate(cfg.data.sources):
         selection = of_source(src)
         files = selection.files
-        budget = None if sample_bytes is None else sample_bytes
-        picked = _sample(files, budget, cfg.data.seed, src.name)
+        picked = _sample(files, sample_bytes, cfg.data.seed, src)
         total = sum(_size(path) for path in files)
         whole = len(picked) == len(files) and all(cap is None for _, cap in picked)
         update, rule = _update_rule(src, files, exact=whole)
@@ -213,6 +266,24 @@ def inspect(
     return reports
 
 
+def _check_tokenizer(cfg: Config) -> None:
+    """The run's tokenizer loads (here, before any worker starts), or one line naming the setting."""
+    from mellama_train.model import load_tokenizer
+
+    path = cfg.model.tokenizer or cfg.model.path
+    if not path:
+        raise ValueError(
+            "data inspect counts tokens with the run's tokenizer: set model.path or model.tokenizer"
+        )
+    try:
+        load_tokenizer(cfg)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"model.tokenizer: {path} cannot be loaded ({type(err).__name__}); give a local tokenizer directory"
+            " (model.path or model.tokenizer)"
+        ) from None
+
+
 def _update_rule(src: SourceConfig, files: list[str], exact: bool) -> tuple[Any, str | None]:
     if not pubmed.ordered(files, declared_format(src)):
         return None, None
@@ -223,18 +294,22 @@ def _update_rule(src: SourceConfig, files: list[str], exact: bool) -> tuple[Any,
     return index, index.describe()
 
 
-def _run(
-    cfg: Config, jobs: list[tuple[str, int, Any, int | None]], workers: int | None
-) -> list[tuple[Counts, int]]:
+def _run(cfg: Config, jobs: list[Job], workers: int | None) -> list[tuple[Counts, int]]:
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1, 16))
     if workers == 1:
         _start_worker(cfg)
         return [_read_file(job) for job in jobs]
     # Spawned, not forked: the parent may hold tokenizer threads. Each worker loads the tokenizer once.
-    with ProcessPoolExecutor(
-        workers, get_context("spawn"), initializer=_start_worker, initargs=(cfg,)
-    ) as pool:
-        return list(pool.map(_read_file, jobs, chunksize=1))
+    try:
+        with ProcessPoolExecutor(
+            workers, get_context("spawn"), initializer=_start_worker, initargs=(cfg,)
+        ) as pool:
+            return list(pool.map(_read_file, jobs, chunksize=1))
+    except BrokenProcessPool:
+        raise ValueError(
+            f"a reading process died (killed, or out of memory) with {workers} workers; rerun with fewer"
+            " --workers or a smaller --sample-mb"
+        ) from None
 
 
 # ---- output -----------------------------------------------------------------------------------------------
@@ -291,6 +366,9 @@ def render(reports: list[SourceReport], cfg: Config, repeat_warning: float = REP
         lines.append(
             f"  files       {len(r.selection.files):,} read, {len(r.selection.excluded):,} left out{sample}"
         )
+        lines += [
+            f"  warning     {glob} matched no file found; check the glob" for glob in r.selection.unmatched
+        ]
         per_doc = f", {c.tokens / c.documents:,.1f} per document" if c.documents else ""
         lines.append(
             f"  records     {r.total(c.records):,} -> {r.total(c.documents):,} documents,"
@@ -325,4 +403,5 @@ def render(reports: list[SourceReport], cfg: Config, repeat_warning: float = REP
 
 
 def sample_size(mebibytes: float | None) -> int | None:
-    return None if mebibytes is None else max(1, math.ceil(mebibytes * 2**20))
+    """--sample-mb as bytes (None: every file); zero or less stays so, for inspect() to refuse."""
+    return None if mebibytes is None else math.ceil(mebibytes * 2**20)

@@ -33,6 +33,7 @@ _ALPACA = {
 _SHAREGPT = {"messages": "conversations", "system": "system"}
 TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "system_tag")
 """LLaMA-Factory's tag names, also accepted as `columns` keys of any tuning source (instruct.py reads them)."""
+_UNUSED_TAGS = ("observation_tag", "function_tag")  # tool turns: such turns are counted skips (bad_messages)
 _HUB = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
 _UNSUPPORTED_COLUMNS = {
     "chosen": "preference data",
@@ -55,12 +56,14 @@ def _info_file(paths: list[str]) -> str:
 
 def _load(info: str) -> dict[str, Any]:
     try:
-        if os.path.getsize(info) > _MAX_INFO_BYTES:
+        if not os.path.isfile(info):  # a pipe or a device would hang or never end: a regular file only
+            what = "not found" if not os.path.exists(info) else "not a regular file"
+            raise ValueError(f"{info}: {what}; point paths at the directory holding {INFO_FILE}")
+        with open(info, "rb") as fh:
+            raw = fh.read(_MAX_INFO_BYTES + 1)
+        if len(raw) > _MAX_INFO_BYTES:
             raise ValueError(f"{info}: larger than 16 MiB; is it LLaMA-Factory's {INFO_FILE}?")
-        with open(info, encoding="utf-8") as fh:
-            entries = json.load(fh)
-    except FileNotFoundError:
-        raise ValueError(f"{info}: not found; point paths at the directory holding {INFO_FILE}") from None
+        entries = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(
             f"{info}: cannot be read as JSON ({type(err).__name__}); fix or re-create it"
@@ -70,19 +73,28 @@ def _load(info: str) -> dict[str, Any]:
     return entries
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def resolve_entry(paths: list[str], name: str, columns: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """(the source's paths, its columns) from entry `name`; ValueError with one line naming the fix."""
     info = _info_file(paths)
     entries = _load(info)
-    entry = entries.get(name)
-    if not isinstance(entry, dict):
-        known = ", ".join(sorted(str(k) for k in entries)[:12])
+    if name not in entries:
+        known = ", ".join(sorted(_short(k).strip("'") for k in entries)[:12])
         raise ValueError(
             f"{info}: no entry {name!r} (entries: {known}); set the source's dataset to one of them"
         )
+    entry = entries[name]
     where = f"{info}: entry {name!r}"
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not a mapping of settings (file_name, formatting, columns, tags)")
     file_name = entry.get("file_name")
-    if not isinstance(file_name, str) or not file_name:
+    if file_name is not None and not isinstance(file_name, str):
+        raise ValueError(f"{where}: file_name must be a path (got {_short(file_name)})")
+    if not file_name:
         hub = next((key for key in _HUB if entry.get(key)), None)
         fix = (
             f"it is read from a hub ({hub}): download it, and give file_name"
@@ -96,7 +108,7 @@ def resolve_entry(paths: list[str], name: str, columns: dict[str, str]) -> tuple
         raise ValueError(f"{where}: num_samples would train a different number of examples; drop it")
     formatting = entry.get("formatting", "alpaca")
     if formatting not in ("alpaca", "sharegpt"):
-        raise ValueError(f"{where}: formatting {formatting!r} is neither alpaca nor sharegpt")
+        raise ValueError(f"{where}: formatting {_short(formatting)} is neither alpaca nor sharegpt")
     ours = _ALPACA if formatting == "alpaca" else _SHAREGPT
     given = entry.get("columns") or {}
     tags = entry.get("tags") or {}
@@ -107,18 +119,25 @@ def resolve_entry(paths: list[str], name: str, columns: dict[str, str]) -> tuple
         if theirs in _UNSUPPORTED_COLUMNS:
             raise ValueError(f"{where}: {_UNSUPPORTED_COLUMNS[theirs]} ({theirs}) cannot be trained here")
         if theirs not in ours:
-            raise ValueError(f"{where}: column {theirs!r} has no meaning for {formatting} data")
+            raise ValueError(f"{where}: column {_short(theirs)} has no meaning for {formatting} data")
         if not isinstance(field_name, str):
-            raise ValueError(f"{where}: column {theirs!r} must name a field")
+            raise ValueError(f"{where}: column {theirs!r} must name a field (got {_short(field_name)})")
         mapped[ours[theirs]] = field_name
     if formatting == "sharegpt" and "conversations" not in mapped:
         mapped["conversations"] = "conversations"  # LLaMA-Factory's default messages column
     for tag, value in tags.items():
-        if tag in TAGS and isinstance(value, str):
+        if tag not in (*TAGS, *_UNUSED_TAGS):
+            raise ValueError(
+                f"{where}: unknown tag {_short(tag)} (known: {', '.join((*TAGS, *_UNUSED_TAGS))})"
+            )
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: tag {tag} must be a name (got {_short(value)})")
+        if tag in TAGS:
             mapped[tag] = value
-    base = os.path.dirname(os.path.abspath(info))
-    data = os.path.normpath(os.path.join(base, file_name))
-    if os.path.isabs(file_name) or os.path.commonpath([base, data]) != base:
+    base = os.path.realpath(os.path.dirname(os.path.abspath(info)))
+    data = os.path.join(base, file_name)
+    # Links resolved: a link inside the directory to a file outside it leaves the directory too.
+    if os.path.isabs(file_name) or os.path.commonpath([base, os.path.realpath(data)]) != base:
         # dataset_info.json often comes with downloaded data: it must not point training at any file on disk
         raise ValueError(
             f"{where}: file_name {file_name!r} leaves the directory of {INFO_FILE}; give a path inside it"

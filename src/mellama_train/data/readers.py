@@ -479,6 +479,22 @@ def detect_format(path: str, declared: str | None = None) -> str:
         raise DataFileError(
             f"{path}: is a directory but not a datasets save_to_disk directory; give a glob for its files"
         )
+    if declared is not None and os.path.isfile(path):
+        if declared == "hf_dataset":
+            raise DataFileError(
+                f"{path}: is a file, and the source's format hf_dataset reads save_to_disk directories;"
+                " fix the source's format"
+            )
+        # Only bytes that cannot be anything else count: parquet's magic, a PubMed root element (a text
+        # document may well begin with `{`).
+        shown = sniff_format(path)
+        if (shown in ("parquet", "pubmed_xml") and shown != declared) or (
+            declared == "parquet" and shown is None
+        ):
+            raise DataFileError(
+                f"{path}: its bytes show a {shown or 'non-parquet'} file, and the source's format says"
+                f" {declared}; fix the source's format, or leave the file out with exclude"
+            )
     if declared is not None:
         return declared
     fmt = _format_of_name(os.path.basename(path))
@@ -639,14 +655,18 @@ def _value(
     return _as_text(obj.get(field), where)
 
 
+_COLUMN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+
+
 def describe_columns(columns: list[str]) -> str:
-    """A table's column names for a message: at most 8, each cut to 40 characters. A first line that is data,
-    not a header (a CSV exported without one), is a note: then only the count is shown, never the values."""
+    """A table's column names for a message: at most 8. Names are shown only when every one looks like an
+    identifier (`note_id`, `meta.set`): a first line that is data, not a header (a CSV exported without one, a
+    JSON line read as CSV), could be a patient's note, and is then only counted, never shown."""
     if not columns:
         return "no columns"
-    if any(len(name) > 64 or not name.isprintable() for name in columns) or len(", ".join(columns)) > 400:
-        return f"{len(columns)} columns; is its first line a header?"
-    shown = ", ".join(name[:40] for name in columns[:8])
+    if len(columns) > 512 or not all(_COLUMN_NAME.fullmatch(name) for name in columns):
+        return f"{len(columns)} columns; is its first line a header, and is it CSV?"
+    shown = ", ".join(columns[:8])
     return f"columns: {shown}{', ...' if len(columns) > 8 else ''}"
 
 

@@ -295,6 +295,8 @@ def _rule(
         if by_name not in (None, declared):
             return f"a {by_name} file by its name, and the source reads {declared} (its format)"
         return None
+    if by_name is None and not os.access(unit, os.R_OK):
+        return "cannot be read (permission denied)"
     if by_name is None and sniff_format(unit) is None:
         return (
             f"not a format a source reads ({ascii(os.path.splitext(name)[1] or 'no extension')});"

@@ -237,7 +237,7 @@ class SourceStream:
         self.files = chosen.files
         if chosen.excluded and rank == 0:
             log.info("source %s: %s", cfg.name, describe_left_out(chosen))
-        for glob in chosen.unmatched if rank == 0 else []:
+        for glob in chosen.unmatched if rank == 0 and paths is None else []:
             log.warning("source %s: %s matched no file found; check the glob", cfg.name, glob)
         if all(_unit_size(f) == 0 for f in self.files):  # caught here, before a model is built, not at step 1
             raise ValueError(
