@@ -92,7 +92,7 @@ echo "rank logs:  $rank_logs"
 # `--signal=B:USR2@300` signals only this batch shell. srun passes the USR2 it receives on to every task of
 # its step (checked on this cluster: the same as `scancel --signal=USR2 <job>.<step>`, without the round
 # trip through slurmctld). The ranks agree on it at the next step boundary, save a complete checkpoint and
-# exit 75 (src/mellama_train/preemption.py). The job is then requeued under the same job id, so the same
+# exit 75 (src/mellama_train/exit_codes.py). The job is then requeued under the same job id, so the same
 # output dir and `--resume auto` continue the run exactly there. (USR2, not USR1: some NCCL builds use USR1.)
 step_pid=""
 warned=0

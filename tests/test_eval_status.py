@@ -18,7 +18,8 @@ from test_train_e2e import LAUNCH, REPO, TINY, clean_env, run
 
 from mellama_train.cli import report_main, status_main
 from mellama_train.data.mixture import drift
-from mellama_train.evaluation import EXIT_FORGETTING, ForgettingMonitor
+from mellama_train.evaluation import ForgettingMonitor
+from mellama_train.exit_codes import EXIT_FORGETTING
 from mellama_train.metrics import read_metrics
 
 FAULT_LAUNCH = str(REPO / "tests" / "fault_launch.py")

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_train_e2e import LAUNCH, REPO, TINY, clean_env
 
-from mellama_train.guard import EXIT_DIVERGED, SPIKE_MIN_GOOD_STEPS, StepGuard
+from mellama_train.exit_codes import EXIT_DIVERGED, EXIT_HUNG
+from mellama_train.guard import SPIKE_MIN_GOOD_STEPS, StepGuard
 from mellama_train.metrics import read_metrics
 from mellama_train.single_device import SingleDeviceEngine
-from mellama_train.watchdog import EXIT_HUNG
 
 FAULT_LAUNCH = str(REPO / "tests" / "fault_launch.py")
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mellama_train.preemption import EXIT_PREEMPTED, SUPERVISOR_LOST, exit_code
+from mellama_train.exit_codes import EXIT_PREEMPTED
+from mellama_train.preemption import SUPERVISOR_LOST, exit_code
 
 REPO = Path(__file__).resolve().parents[1]
 DEADLINE_S = 120  # a guard against a test that would otherwise wait forever, not a timing assertion
@@ -68,7 +69,8 @@ sys.exit(1 if any(codes) else 0)  # like torchrun: any failure becomes 1
 FAKE_RANK = """
 import os, sys, time
 from pathlib import Path
-from mellama_train.preemption import EXIT_PREEMPTED, StopFlag, report_exit
+from mellama_train.exit_codes import EXIT_PREEMPTED
+from mellama_train.preemption import StopFlag, report_exit
 out, rank = Path(sys.argv[1]), os.environ["RANK"]
 give_up = time.monotonic() + 300  # a rank left behind by a failed test must not spin forever
 def wait(condition):

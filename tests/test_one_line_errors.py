@@ -121,3 +121,22 @@ def test_bad_paths_given_to_every_subcommand_are_one_line(tmp_path, capsys):
         assert main(argv) == 2, what
         line = one_line(capsys.readouterr().err)
         assert line.startswith(("error: ", "invalid configuration")) or "--model" in line, (what, line)
+
+
+def test_a_ranks_closing_line_is_one_write_so_ranks_never_run_together(monkeypatch):
+    """Ranks run unbuffered (PYTHONUNBUFFERED) and end at the same moment: print() writes the text and its
+    newline separately, and two ranks' lines ran together in CI. One write per line cannot interleave."""
+    from mellama_train import cli
+
+    writes = []
+
+    class Recorder:
+        def write(self, text):
+            writes.append(text)
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(cli.sys, "stderr", Recorder())
+    cli._rank_line("error (rank 1): writing step_00000004 failed\n(second line of a message)")
+    assert writes == ["error (rank 1): writing step_00000004 failed (second line of a message)\n"]

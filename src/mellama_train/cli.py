@@ -24,9 +24,7 @@ from typing import Any
 import yaml
 
 from mellama_train.config import NULL, Config, ConfigError, profile_names, resolve, validate
-
-EXIT_CONFIG = 2
-
+from mellama_train.exit_codes import EXIT_CONFIG
 
 DESCRIPTIONS = {
     "pretrain": "Continual pretraining of a LLaMA model on a weighted mixture of corpora (DeepSpeed ZeRO).",
@@ -268,14 +266,14 @@ def _run(task: str, argv: list[str] | None) -> int:
     try:
         run_dir = train(cfg)
     except Preempted as exc:
-        print(f"preempted (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _rank_line(f"preempted (rank {os.environ.get('RANK', '0')}): {exc}")
         _exit_together(EXIT_PREEMPTED)
     except (Diverged, Forgetting) as exc:  # not requeued: repeating the same steps would end the same way
-        print(f"stopped (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _rank_line(f"stopped (rank {os.environ.get('RANK', '0')}): {exc}")
         _exit_together(exc.exit_code)
     except ValueError as exc:  # our input errors (data files, resume refusals): one line naming the fix
         _traceback_if(args.debug)
-        print(f"error (rank {os.environ.get('RANK', '0')}): {exc}", file=sys.stderr)
+        _rank_line(f"error (rank {os.environ.get('RANK', '0')}): {exc}")
         return EXIT_CONFIG
     if _is_rank0():
         print(f"done: {run_dir}")
@@ -742,6 +740,13 @@ def _traceback_if(debug: bool) -> None:
     locations and the message only: no error of this project quotes record content (data/readers.py)."""
     if debug:
         traceback.print_exc(file=sys.stderr)
+
+
+def _rank_line(line: str) -> None:
+    """One line to stderr in ONE write: every rank prints its line at the same moment to the same terminal or
+    log, and print()'s separate write of the newline let two ranks' lines run together (seen in CI)."""
+    sys.stderr.write(line.replace("\n", " ") + "\n")
+    sys.stderr.flush()
 
 
 def _fail(problems: list[str]) -> int:

@@ -659,13 +659,20 @@ def _drop_orphan_probe(tree: dict[str, Any], profile: str, given: set[str]) -> N
     )
 
 
+PACKAGE_DIR = Path(__file__).resolve().parent
+"""This package's directory: in a checkout src/mellama_train, in a regular install site-packages/mellama_train."""
+
+
 def _find_ds_config(path: str) -> str:
     """`ds_configs/zero3.json` is relative to the repo root in every documented command; accept it from any
-    working directory by falling back to the checkout this package lives in."""
+    working directory, and from a regular (non-editable) install, by falling back to the copies this package
+    carries (package data: ds_configs/ inside the package is the repo's ds_configs/)."""
     if Path(path).exists() or Path(path).is_absolute():
         return path
-    repo_copy = Path(__file__).resolve().parents[2] / path
-    return str(repo_copy) if repo_copy.exists() else path
+    parts = Path(path).parts
+    if parts and parts[0] == "ds_configs" and (packaged := PACKAGE_DIR.joinpath(*parts)).exists():
+        return str(packaged)
+    return path
 
 
 def _expand_sample_paths(cfg: Config) -> None:

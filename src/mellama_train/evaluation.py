@@ -15,12 +15,10 @@ import torch
 
 from mellama_train import engine as ds_engine
 from mellama_train.data.packing import IGNORE_INDEX
+from mellama_train.exit_codes import EXIT_FORGETTING
 from mellama_train.loss import forward_loss
 
 log = logging.getLogger(__name__)
-
-EXIT_FORGETTING = 4
-"""Exit code of a run stopped by the forgetting monitor (train.stop_on_forgetting); not requeued."""
 
 
 def _empty_batch(pad_id: int) -> dict[str, torch.Tensor]:

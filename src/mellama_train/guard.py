@@ -26,10 +26,10 @@ from typing import Any
 
 import torch
 
+from mellama_train.exit_codes import EXIT_DIVERGED
+
 log = logging.getLogger(__name__)
 
-EXIT_DIVERGED = 3
-"""Exit code of a run stopped after too many consecutive skipped steps (not requeued: it needs a person)."""
 SPIKE_MIN_GOOD_STEPS = 10
 """Good steps needed before the running mean is trusted for spike detection (the first steps move fast)."""
 EMA_BETA = 0.95

@@ -49,7 +49,11 @@ def package_versions() -> dict[str, str]:
 
 
 def git_revision() -> str | None:
+    """The commit of the checkout this package runs from; None for a regular install (site-packages may well
+    sit inside some other repository, whose commit would be a lie)."""
     repo = Path(__file__).resolve().parents[2]
+    if not (repo / "pyproject.toml").is_file() or not (repo / "src" / "mellama_train").is_dir():
+        return None
     try:
         out = subprocess.run(
             ["git", "-C", str(repo), "describe", "--always", "--dirty", "--abbrev=12"],

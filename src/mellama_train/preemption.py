@@ -46,10 +46,10 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from mellama_train.exit_codes import EXIT_PREEMPTED
+
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75
-"""EX_TEMPFAIL ("try again later"): a checkpoint was saved on request; slurm/launch.sh requeues on it."""
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 LAUNCH_DIR_VAR = "MELLAMA_LAUNCH_DIR"
 """Set by `mellama-train launch` for the launcher and so for every rank: where ranks leave their pid and code."""

@@ -40,9 +40,8 @@ import time
 from pathlib import Path
 
 from mellama_train import preemption
+from mellama_train.exit_codes import EXIT_HUNG
 
-EXIT_HUNG = 76
-"""Exit code of a rank ended by the watchdog (slurm/launch.sh requeues on its dump files)."""
 HEARTBEAT = "heartbeat.json"
 """Rank 0's liveness file in the run directory (read by `mellama-train status`)."""
 HEARTBEAT_EVERY_S = 10.0

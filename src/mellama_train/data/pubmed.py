@@ -14,7 +14,7 @@ the PubMed XML files of one source, in that order:
   followed by a later citation brings the PMID back). Both are counted per source like every filter.
 
 The events come from a scan of every file at start-up (`build_index`): a byte-level scan for the record and
-PMID tags, about 5x faster than parsing the XML (107 against 19 MB/s of XML here, gzip included;
+PMID tags, about 6x faster than parsing the XML (129 against 22 MB/s of XML here, gzip included;
 docs/PERFORMANCE.md), run over the files in parallel processes. It is checked, not trusted: as a file is trained on, the reader's own parse
 gives each citation's PMID, and at the file's end the count and digest of that sequence must equal the
 scan's, or the run stops naming the file (it changed during the run, or it holds XML the scan reads
@@ -22,9 +22,9 @@ otherwise: a PMID written with a character reference, an entity, a comment insid
 
 Memory: building the index holds 16 bytes per event plus an 8-byte sort order, about 0.9 GB for the ~36M
 citations of a full baseline; the index kept for training holds only the citations to skip (a few hundred
-thousand PMIDs a year: a few MB). The index is saved in the run directory (`data_index/<source>.npz`, plain
-arrays, loaded without pickle) with the size and modification time of every file it covers, and reused on
-resume when they match.
+thousand PMIDs a year: a few MB). Rank 0 builds the index at every start and saves it in the run directory
+(`data_index/<source>.npz`, plain arrays, loaded without pickle, with the size and modification time of every
+file it covers) for the other ranks of the same start; a saved index is never trusted across starts.
 
 Held-out files (eval_paths) are read as they are: they are not part of the training corpus's history.
 """

@@ -1,0 +1,80 @@
+"""Walls the code keeps, read from the imports (tools/arch_metrics.py): a change that breaks one fails here."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+import arch_metrics  # noqa: E402
+
+BACKEND_SIDE = {"engine", "train", "checkpoint", "single_device", "lora", "export", "hf_export", "guard"}
+KNOWN_CYCLE = {
+    # config's validation reaches into data, ds_config and plan (lazily); issue 16 breaks this up. It may shrink,
+    # never grow, and no other cycle may appear.
+    "mellama_train.config",
+    "mellama_train.data.decontam",
+    "mellama_train.data.instruct",
+    "mellama_train.data.mixture",
+    "mellama_train.data.packing",
+    "mellama_train.data.selection",
+    "mellama_train.data.source",
+    "mellama_train.ds_config",
+    "mellama_train.plan",
+}
+
+
+def test_only_the_engine_imports_deepspeed():
+    assert arch_metrics.measure()["import_deepspeed"] == ["mellama_train.engine"]
+
+
+def test_the_data_pipeline_never_reaches_into_the_training_backend():
+    figures = arch_metrics.measure()
+    graph = {}
+    for path in sorted((arch_metrics.PACKAGE / "data").glob("*.py")):
+        name = arch_metrics.module_name(path)
+        graph[name] = arch_metrics.imports_of(ast.parse(path.read_text()), name)
+    reached = {
+        (name, dep)
+        for name, deps in graph.items()
+        for dep in deps
+        if dep.split(".")[1:2] and dep.split(".")[1] in BACKEND_SIDE
+    }
+    assert not reached, reached
+    assert figures["modules"] > 30  # the reader found the package
+
+
+def test_no_import_cycle_but_the_known_one_which_may_only_shrink():
+    cycles = arch_metrics.measure()["import_cycles"]
+    assert all(set(cycle) <= KNOWN_CYCLE for cycle in cycles), cycles
+
+
+def test_the_entry_points_use_the_public_cli_only():
+    for path in (REPO / "launch").glob("*.py"):
+        imported = {
+            m
+            for m in arch_metrics.imports_of(ast.parse(path.read_text()), "launch")
+            if m.startswith("mellama")
+        }
+        assert imported <= {
+            "mellama_train.cli",
+            "mellama_train.cli.pretrain_main",
+            "mellama_train.cli.tune_main",
+        }, path
+
+
+def test_the_cycle_finder_finds_cycles_and_nothing_else():
+    graph = {"a": ["b"], "b": ["c"], "c": ["a", "d"], "d": [], "e": ["d"], "f": ["g"], "g": ["f"]}
+    assert arch_metrics.cycles(graph) == [["a", "b", "c"], ["f", "g"]]
+    tree = ast.parse(
+        "import os\ndef f():\n    from mellama_train.data import source\n    from . import engine\n"
+    )
+    found = arch_metrics.imports_of(tree, "mellama_train.cli")
+    assert {
+        "mellama_train.data.source",
+        "mellama_train.engine",
+        "os",
+    } <= found  # lazy and relative imports count
