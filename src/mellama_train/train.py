@@ -263,7 +263,8 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         progress.close()
 
     watchdog.enter("final export")
-    probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1))  # the same batch on every rank
+    # The same batch on every rank; the PubMed update index built at start-up is read back, not built again.
+    probe = next(build_train_batches(cfg, tokenizer, rank=0, world_size=1, index_dir=run_dir / INDEX_DIR))
     metrics.log(
         state.step, {"export/probe_loss": export.probe_loss(eng, probe, len(names), env.device, chunk)}
     )

@@ -317,8 +317,10 @@ class SourceStream:
                 self._digest.count,
                 err.cause,
             )
-            for _ in range(max(err.lost, 1)):  # PubMed: the citations the scan saw past the damage
-                self._count_skip(Skip("unreadable_remainder", f"{where} ({err.cause})"), logged=True)
+            # PubMed: as many records as the update scan saw past the damage (else one: the remainder)
+            self._count_skip(
+                Skip("unreadable_remainder", f"{where} ({err.cause})"), logged=True, count=max(err.lost, 1)
+            )
             return None
 
     def _finish_file(self) -> None:
@@ -374,9 +376,9 @@ class SourceStream:
             s.documents += 1
             return item
 
-    def _count_skip(self, skip: Skip, logged: bool = False) -> None:
+    def _count_skip(self, skip: Skip, logged: bool = False, count: int = 1) -> None:
         s = self.state
-        s.skipped[skip.reason] = s.skipped.get(skip.reason, 0) + 1
+        s.skipped[skip.reason] = s.skipped.get(skip.reason, 0) + count
         if skip.reason in CHOSEN_SKIPS:  # the recipe's choice: counted in the metrics, not a warning each
             return
         if self._warned < MAX_SKIP_WARNINGS and not logged:
