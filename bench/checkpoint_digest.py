@@ -34,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
 
-from mellama_train import checkpoint, engine, integrity  # noqa: E402
+from mellama_train import checkpoint, integrity  # noqa: E402
+from mellama_train.backends import collectives  # noqa: E402
+from mellama_train.backends.deepspeed import engine, files  # noqa: E402
 from mellama_train.config import resolve  # noqa: E402
 from mellama_train.ds_config import resolve_ds_config  # noqa: E402
 from mellama_train.model import build_model, load_tokenizer, param_groups  # noqa: E402
@@ -86,7 +88,7 @@ def main() -> None:
     ds_config = resolve_ds_config(cfg.train.ds_config, cfg)
     with engine.model_construction(ds_config):
         model = build_model(cfg, tokenizer)
-    eng = engine.Engine(model, ds_config, param_groups(model, 0.0), lambda step: 1.0)
+    eng = engine.DeepSpeedBackend(model, ds_config, param_groups(model, 0.0), lambda step: 1.0, env)
     ids = torch.randint(0, len(tokenizer), (1, 32))
     out = eng(input_ids=ids, labels=ids)
     eng.backward(out.loss)
@@ -138,7 +140,7 @@ def main() -> None:
         assert problem is None, problem
         t0 = time.perf_counter()
         for name in integrity_pt_files(path):
-            engine.safe_load(str(path / name), mmap=True)
+            files.safe_load(str(path / name), mmap=True)
         times.setdefault("safe_unpickle", []).append(time.perf_counter() - t0)
         if last is not None:
             shutil.rmtree(last)
@@ -169,7 +171,7 @@ def main() -> None:
         f"{(med['verify_deep'] + med['safe_unpickle']) / load_s:.3f}"
     )
     print(f"hash rate at resume: {gib / med['verify_deep']:.2f} GiB/s")
-    engine.shutdown()
+    collectives.shutdown()
 
 
 def integrity_pt_files(path: Path) -> list[str]:

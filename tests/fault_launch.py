@@ -9,7 +9,7 @@ making progress there, as on a stuck device or a dead peer). KIND `forget` count
 of forward passes: in those, every source's held-out loss reads 1 nat higher (as if the model had forgotten).
 CALLS are 1-based indices of the training loop's forward passes, comma-separated (step s, micro-batch m of
 accumulation a is call (s - 1) * a + m). With MELLAMA_FAULT_RESTART=N the fault happens only in SLURM restart N
-of the job (a requeued job then runs clean). The product code has no fault hooks: this wraps its loss function.
+of the job (a requeued job then runs clean). The product code has no fault hooks: this wraps the backends' loss method.
 
 Planted hangs, one per phase the watchdog covers outside the loop (the rank sleeps there, as on a hung filesystem
 or a peer that never comes; CALLS is 1): `hang_load` in the model's construction, `hang_eval` in held-out
@@ -19,6 +19,7 @@ base of a merge. A rendezvous that never completes needs no plant: start one ran
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -39,13 +40,17 @@ def _install() -> None:
     restart = os.environ.get("MELLAMA_FAULT_RESTART")
     if not faults or (restart is not None and os.environ.get("SLURM_RESTART_COUNT", "0") != restart):
         return
-    real = train_module.forward_loss
+    from mellama_train.backends.deepspeed.engine import DeepSpeedBackend
+    from mellama_train.backends.single import SingleDeviceBackend
+
     count = 0
 
-    def faulty(*args, **kwargs):
+    def faulty(backend, real, *args, **kwargs):
         nonlocal count
+        loss_sum, sums, counts = real(backend, *args, **kwargs)
+        if not backend.module.training:  # held-out evaluation: not a training forward pass
+            return loss_sum, sums, counts
         count += 1
-        loss_sum, sums, counts = real(*args, **kwargs)
         kind = faults.get(count)
         if kind == "sleep":
             time.sleep(3600)
@@ -54,7 +59,8 @@ def _install() -> None:
             loss_sum, sums = loss_sum * factor, sums * factor
         return loss_sum, sums, counts
 
-    train_module.forward_loss = faulty
+    for cls in (DeepSpeedBackend, SingleDeviceBackend):
+        cls.forward_loss = functools.partialmethod(faulty, cls.forward_loss)
 
     real_evaluate = train_module.evaluate
     evaluations = 0

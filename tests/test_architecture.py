@@ -11,7 +11,20 @@ sys.path.insert(0, str(REPO / "tools"))
 
 import arch_metrics  # noqa: E402
 
-BACKEND_SIDE = {"engine", "train", "checkpoint", "single_device", "lora", "export", "hf_export", "guard"}
+# The training loop and the parts it calls: none may import a concrete backend.
+LOOP = {
+    "train",
+    "step",
+    "accounting",
+    "checkpointing",
+    "startup",
+    "checkpoint",
+    "evaluation",
+    "export",
+    "lora",
+}
+# What data/ may never import: the loop (except evaluation, above data), the backends, the guard, the exporter.
+BACKEND_SIDE = (LOOP - {"evaluation"}) | {"backends", "hf_export", "guard"}
 KNOWN_CYCLE = {
     # config's validation reaches into data, ds_config and plan (lazily); issue 16 breaks this up. It may shrink,
     # never grow, and no other cycle may appear.
@@ -27,8 +40,39 @@ KNOWN_CYCLE = {
 }
 
 
-def test_only_the_engine_imports_deepspeed():
-    assert arch_metrics.measure()["import_deepspeed"] == ["mellama_train.engine"]
+def _imports(module: str) -> set[str]:
+    path = arch_metrics.PACKAGE / (module.replace(".", "/") + ".py")
+    return arch_metrics.imports_of(ast.parse(path.read_text()), f"mellama_train.{module}")
+
+
+def test_only_the_deepspeed_backend_imports_deepspeed():
+    importers = arch_metrics.measure()["import_deepspeed"]
+    assert importers and all(m.startswith("mellama_train.backends.deepspeed.") for m in importers), importers
+
+
+def test_the_loop_and_its_parts_import_no_concrete_backend():
+    for module in sorted(LOOP):
+        concrete = {m for m in _imports(module) if m.startswith(arch_metrics.CONCRETE_BACKENDS)}
+        assert not concrete, (module, concrete)
+    # Only the export command (reading ZeRO files offline) and the planner (DeepSpeed's estimator) may.
+    assert set(arch_metrics.measure()["import_concrete_backend"]) <= {
+        "mellama_train.hf_export",
+        "mellama_train.plan",
+    }
+
+
+def test_metrics_receive_numbers_only(tmp_path):
+    """The metrics writer imports nothing that holds text of the data, and keeps numbers only: a text value
+    handed to it never reaches metrics.jsonl or TensorBoard."""
+    from mellama_train.metrics import MetricsLogger
+
+    assert not {m for m in _imports("metrics") if m.startswith("mellama_train.data")}
+    logger = MetricsLogger(tmp_path, True)
+    logger.log(3, {"train/loss": 1.5, "leak": "Pt is a 67 yo woman", "other": b"bytes", "nan": float("nan")})
+    logger.close()
+    written = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert b"67 yo" not in written and b"bytes" not in written
+    assert b'"train/loss": 1.5' in (tmp_path / "metrics.jsonl").read_bytes()
 
 
 def test_the_data_pipeline_never_reaches_into_the_training_backend():
@@ -70,11 +114,11 @@ def test_the_cycle_finder_finds_cycles_and_nothing_else():
     graph = {"a": ["b"], "b": ["c"], "c": ["a", "d"], "d": [], "e": ["d"], "f": ["g"], "g": ["f"]}
     assert arch_metrics.cycles(graph) == [["a", "b", "c"], ["f", "g"]]
     tree = ast.parse(
-        "import os\ndef f():\n    from mellama_train.data import source\n    from . import engine\n"
+        "import os\ndef f():\n    from mellama_train.data import source\n    from . import step\n"
     )
     found = arch_metrics.imports_of(tree, "mellama_train.cli")
     assert {
         "mellama_train.data.source",
-        "mellama_train.engine",
+        "mellama_train.step",
         "os",
     } <= found  # lazy and relative imports count

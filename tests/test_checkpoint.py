@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mellama_train import checkpoint, engine, integrity
+from mellama_train import checkpoint, integrity
+from mellama_train.backends.deepspeed import files as ds_files
 from mellama_train.checkpoint import (
     COMPLETE,
     CheckpointWriteError,
@@ -37,7 +38,7 @@ MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 
 
 class StubEngine:
-    """What checkpoint.save/load need of the engine, writing files shaped like DeepSpeed's ZeRO-3 ones."""
+    """What checkpoint.save/load need of a backend, writing files shaped like DeepSpeed's ZeRO-3 ones."""
 
     def __init__(self, steps: int = 0, shard_bytes: int = 4000, fail_load: bool = False):
         self.steps, self.shard_bytes, self.fail_load = steps, shard_bytes, fail_load
@@ -55,7 +56,10 @@ class StubEngine:
         }
 
     def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
-        return engine.step_counters(step_dir, rank)  # the real reader of DeepSpeed's counters
+        return ds_files.step_counters(step_dir, rank)  # the real reader of DeepSpeed's counters
+
+    def read_file(self, path: str, mmap: bool = False):
+        return ds_files.safe_load(path, mmap=mmap)  # the DeepSpeed backend's own reader
 
     def load(self, checkpoints_dir: str, tag: str) -> None:
         if self.fail_load:
@@ -162,7 +166,7 @@ def test_save_writes_last_a_manifest_of_every_file_with_its_size_digest_and_writ
 
 def test_the_rank_file_holds_coordinates_and_counters_not_tokens(tmp_path):
     path = saved(tmp_path, 4)
-    state = engine.safe_load(str(path / "rank_00000.pt"))
+    state = integrity.safe_load(str(path / "rank_00000.pt"))
     assert state["step"] == 4 and state["rank"] == 0 and state["world_size"] == 1
     assert state["tokens_by_source"] == {"pubmed": 256} and state["data"]["position"] == 4
 
@@ -206,7 +210,7 @@ def _edit_trainer_step_and_reseal(path: Path) -> None:
 
 
 def _edit_rank_file_step_and_reseal(path: Path) -> None:
-    state = engine.safe_load(str(path / "rank_00000.pt"))
+    state = integrity.safe_load(str(path / "rank_00000.pt"))
     state["step"] = 40
     torch.save(state, path / "rank_00000.pt")
     reseal(path)
@@ -218,7 +222,7 @@ def _edit_deepspeed_steps_and_reseal(path: Path) -> None:
 
 
 def _edit_token_counts_and_reseal(path: Path) -> None:
-    state = engine.safe_load(str(path / "rank_00000.pt"))
+    state = integrity.safe_load(str(path / "rank_00000.pt"))
     state["tokens_by_source"] = {"pubmed": 1}
     torch.save(state, path / "rank_00000.pt")
     reseal(path)
@@ -303,7 +307,7 @@ def test_a_payload_planted_in_a_shard_never_runs(tmp_path, caplog):
     assert not witness.exists()
     assert f"a file of {newest} cannot be loaded safely (UnpicklingError" in caplog.text
     with pytest.raises(Exception):  # noqa: B017 (sanity: the planted file is a working payload)
-        engine.safe_load(str(newest / SHARD))
+        ds_files.safe_load(str(newest / SHARD))
     assert not witness.exists()
 
 

@@ -18,10 +18,10 @@ import pytest
 import torch
 from test_train_e2e import LAUNCH, REPO, TINY, clean_env
 
+from mellama_train.backends.single import SingleDeviceBackend
 from mellama_train.exit_codes import EXIT_DIVERGED, EXIT_HUNG
 from mellama_train.guard import SPIKE_MIN_GOOD_STEPS, StepGuard
 from mellama_train.metrics import read_metrics
-from mellama_train.single_device import SingleDeviceEngine
 
 FAULT_LAUNCH = str(REPO / "tests" / "fault_launch.py")
 
@@ -68,11 +68,11 @@ def test_guard_refuses_to_continue_when_the_engine_applied_a_rejected_step():
         StepGuard(2.0, False, 5).after_step(3, math.nan, applied=True)
 
 
-def test_single_device_engine_skips_a_non_finite_step_leaving_everything_unchanged():
+def test_single_device_backend_skips_a_non_finite_step_leaving_everything_unchanged():
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     groups = [{"params": list(model.parameters()), "weight_decay": 0.1}]
-    eng = SingleDeviceEngine(
+    eng = SingleDeviceBackend(
         model,
         groups,
         lambda step: 1.0 / (step + 1),

@@ -4,7 +4,7 @@
 
 Rank 0 writes {"per_step": [all-gathers of each training step this process ran, in order]}. With
 MELLAMA_KEEP_EVAL_TRACE=1 the engine keeps a parameter trace that an evaluation pass recorded (DeepSpeed's own
-behaviour), to see what `Engine._forget_forward_only_trace` prevents. The product code has no counting hooks:
+behaviour), to see what `DeepSpeedBackend._forget_forward_only_trace` prevents. The product code has no counting hooks:
 this wraps torch.distributed's all-gather and the loop's step function.
 """
 
@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mellama_train import engine as engine_module  # noqa: E402
 from mellama_train import train as train_module  # noqa: E402
+from mellama_train.backends.deepspeed import engine as engine_module  # noqa: E402
 from mellama_train.cli import pretrain_main  # noqa: E402
 
 PER_STEP: list[int] = []
@@ -36,7 +36,7 @@ def _install() -> None:
         return all_gather(*args, **kwargs)
 
     dist.all_gather_into_tensor = counting_all_gather
-    step = train_module._train_step
+    step = train_module.train_step
 
     def counting_step(*args, **kwargs):
         PER_STEP.append(0)
@@ -48,9 +48,9 @@ def _install() -> None:
             if os.environ.get("RANK", "0") == "0":
                 Path(os.environ["MELLAMA_GATHER_LOG"]).write_text(json.dumps({"per_step": PER_STEP}))
 
-    train_module._train_step = counting_step
+    train_module.train_step = counting_step
     if os.environ.get("MELLAMA_KEEP_EVAL_TRACE"):
-        engine_module.Engine._forget_forward_only_trace = lambda self: None
+        engine_module.DeepSpeedBackend._forget_forward_only_trace = lambda self: None
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 - the longest functions and modules (lines, docstrings included);
 - import cycles between the package's modules, counting imports inside functions too (a lazy import hides a
   cycle from Python, not from a reader);
-- which modules import the DeepSpeed boundary (`engine`) and which import `deepspeed` itself.
+- which modules import `deepspeed` itself, which import a concrete backend (backends/single.py,
+  backends/deepspeed/) from outside backends/, and which import the backends package at all;
+- upward imports: a module importing one of a higher layer (LAYERS: foundation < config < data < backends and
+  model < training < command line).
 Modules are read with `ast`; nothing is imported or run.
 """
 
@@ -20,6 +23,41 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mellama_train"
 ROOT = "mellama_train"
+CONCRETE_BACKENDS = (
+    f"{ROOT}.backends.single",
+    f"{ROOT}.backends.deepspeed",
+    f"{ROOT}.engine",
+    f"{ROOT}.single_device",
+)
+LAYERS = [
+    # foundation: imports nothing above it
+    {
+        "exit_codes",
+        "schedule",
+        "integrity",
+        "leftovers",
+        "watchdog",
+        "metrics",
+        "data.reasons",
+        "sample_data",
+    },
+    {"config", "ds_config"},  # the recipe and its resolution
+    {"data"},  # every data.* module
+    {"backends", "engine", "single_device", "model", "plan", "loss", "guard"},
+    set(),  # the training side: every module not named (the default)
+    {"cli", "status", "report", "__main__"},  # the command line
+]
+TRAINING = 4
+
+
+def layer_of(name: str) -> int:
+    """The layer of module `name` (LAYERS); a package's submodules share its layer unless named themselves."""
+    rel = name.removeprefix(f"{ROOT}.")
+    for candidate in (rel, rel.split(".")[0]):
+        for i, names in enumerate(LAYERS):
+            if candidate in names:
+                return i
+    return TRAINING
 
 
 def module_name(path: Path) -> str:
@@ -65,7 +103,16 @@ def measure() -> dict:
     deepspeed = sorted(
         n for n, t in modules.items() if any(m.split(".")[0] == "deepspeed" for m in imports_of(t, n))
     )
-    engine = sorted(n for n, deps in graph.items() if f"{ROOT}.engine" in deps)
+    outside = {n: deps for n, deps in graph.items() if not n.startswith(f"{ROOT}.backends")}
+    concrete = sorted(n for n, deps in outside.items() if any(d.startswith(CONCRETE_BACKENDS) for d in deps))
+    backends = sorted(
+        n
+        for n, deps in outside.items()
+        if any(d.startswith((f"{ROOT}.backends", *CONCRETE_BACKENDS)) for d in deps)
+    )
+    upward = sorted(
+        f"{n} -> {d}" for n, deps in graph.items() for d in deps if layer_of(d) > layer_of(n) and d != ROOT
+    )
     return {
         "longest_functions": [{"lines": n, "function": f} for n, f in sorted(functions, reverse=True)[:5]],
         "longest_modules": [
@@ -73,7 +120,9 @@ def measure() -> dict:
         ],
         "import_cycles": cycles(graph),
         "import_deepspeed": deepspeed,
-        "import_engine": engine,
+        "import_concrete_backend": concrete,
+        "import_backends": backends,
+        "upward_imports": upward,
         "modules": len(modules),
     }
 
@@ -138,7 +187,12 @@ def main() -> None:
     for cycle in figures["import_cycles"]:
         print(f"cycle    {' <-> '.join(cycle)}")
     print(f"import deepspeed: {', '.join(figures['import_deepspeed'])}")
-    print(f"import engine ({len(figures['import_engine'])}): {', '.join(figures['import_engine'])}")
+    print(f"import a concrete backend ({len(figures['import_concrete_backend'])}):", end=" ")
+    print(", ".join(figures["import_concrete_backend"]))
+    print(f"import backends/ at all: {len(figures['import_backends'])}")
+    print(f"upward imports ({len(figures['upward_imports'])}):")
+    for edge in figures["upward_imports"]:
+        print(f"    {edge}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ How a resume stays trustworthy (`load`, collective): the newest checkpoint is us
 1. its manifest is intact (its own digest), names its directory, and lists exactly the files present;
 2. every rank finds the files it reads with their recorded sizes and digests (each rank hashes its own files,
    in parallel), and their pickles hold nothing but tensors and plain data (nothing is ever unpickled that could
-   run code: engine.safe_load);
+   run code: integrity.safe_load, and the backend's read_file for its own files);
 3. its counters agree: the directory's step, trainer.json, DeepSpeed's global and scheduler steps, and every
    rank's data position (its step, and the ranks' token counts summed against trainer.json).
 Otherwise it is named as damaged with the reason, and the previous checkpoint is tried. When none is intact the run
@@ -48,8 +48,8 @@ from typing import Any
 
 import torch
 
-from mellama_train import engine as ds_engine
 from mellama_train import integrity
+from mellama_train.backends import Backend, collectives
 from mellama_train.watchdog import progress
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def _write_failure(what: str, exc: OSError, path: Path, needed: int | None) -> s
 
 
 def save(
-    engine: Any,
+    backend: Backend,
     checkpoints_dir: Path,
     trainer: TrainerState,
     data_state: dict[str, Any],
@@ -200,12 +200,12 @@ def save(
             partial.mkdir(parents=True)
         except OSError as exc:
             problem = _write_failure(f"creating {partial}", exc, partial, needed)
-    if problem := ds_engine.broadcast_object(problem):
+    if problem := collectives.broadcast_object(problem):
         raise CheckpointWriteError(problem)
 
     written: dict[str, integrity.FileDigest] = {}
     try:
-        written.update(engine.save(str(checkpoints_dir), partial.name))
+        written.update(backend.save(str(checkpoints_dir), partial.name))
         rank_state = {
             "step": trainer.step,
             "rank": rank,
@@ -218,7 +218,7 @@ def save(
         written[str(rank_file)] = integrity.save_torch(rank_state, rank_file)
     except OSError as exc:
         problem = _write_failure(f"writing {tag} on rank {rank}", exc, partial, needed)
-    reports = ds_engine.gather_objects((_relative(written, partial, rank), problem))
+    reports = collectives.gather_objects((_relative(written, partial, rank), problem))
     if failures := [p for _, p in reports if p]:
         raise CheckpointWriteError(failures[0])
 
@@ -238,7 +238,7 @@ def save(
                 _prune(checkpoints_dir, keep_last, just_written=final)
             except OSError as exc:
                 log.warning("could not remove an old checkpoint (%s); it is kept", exc)
-    if outcome := ds_engine.broadcast_object(outcome):
+    if outcome := collectives.broadcast_object(outcome):
         raise CheckpointWriteError(outcome)
     return final
 
@@ -589,11 +589,11 @@ class _Verdict:
     """This rank's tokens per source, summed over ranks against trainer.json."""
 
 
-def _examine(engine: Any, path: Path, rank: int, world_size: int) -> _Verdict:
+def _examine(backend: Backend, path: Path, rank: int, world_size: int) -> _Verdict:
     """One rank's checks of one checkpoint before anything of it is loaded: its files, then its counters. Never
     raises: a rank that raised here alone would leave the others waiting in the verdicts' collective."""
     try:
-        return _examine_or_raise(engine, path, rank, world_size)
+        return _examine_or_raise(backend, path, rank, world_size)
     except Exception as exc:  # noqa: BLE001 (a crafted file of any shape: damaged, not a traceback)
         return _Verdict(f"{path.name} cannot be checked ({type(exc).__name__})")
 
@@ -618,7 +618,7 @@ def _rank_state_problem(state: Any, rank_file: Path) -> str | None:
     return None
 
 
-def _examine_or_raise(engine: Any, path: Path, rank: int, world_size: int) -> _Verdict:
+def _examine_or_raise(backend: Backend, path: Path, rank: int, world_size: int) -> _Verdict:
     if problem := verify(path, deep=True, rank=rank):
         return _Verdict(problem)
     try:
@@ -642,9 +642,9 @@ def _examine_or_raise(engine: Any, path: Path, rank: int, world_size: int) -> _V
         # back, and never runs (an attacker who also rewrote the manifest's digests gets this far).
         for name, entry in read_manifest(path).files.items():
             if entry["rank"] == rank and name.endswith(".pt"):
-                ds_engine.safe_load(str(path / name), mmap=True)
-        rank_state = ds_engine.safe_load(str(rank_file))
-        counters = engine.saved_counters(str(path), rank)
+                backend.read_file(str(path / name), mmap=True)
+        rank_state = integrity.safe_load(str(rank_file))
+        counters = backend.saved_counters(str(path), rank)
     except Exception as exc:  # noqa: BLE001 (whatever torch.load raises on a crafted or damaged pickle)
         return _Verdict(f"a file of {path} cannot be loaded safely ({_load_error(exc)})")
     if problem := _rank_state_problem(rank_state, rank_file):
@@ -670,7 +670,7 @@ def _examine_or_raise(engine: Any, path: Path, rank: int, world_size: int) -> _V
 
 
 def load(
-    engine: Any, candidates: list[Path], rank: int, world_size: int
+    backend: Backend, candidates: list[Path], rank: int, world_size: int
 ) -> tuple[Path, TrainerState, dict[str, Any]]:
     """Collective. The newest of `candidates` that every rank finds intact and consistent (module docstring):
     its model, optimizer and scheduler states, then this rank's data position and RNG. A damaged one is named
@@ -678,7 +678,7 @@ def load(
     cannot be resumed by this run at all."""
     damaged = []
     for path in candidates:
-        verdicts: list[_Verdict] = ds_engine.gather_objects(_examine(engine, path, rank, world_size))
+        verdicts: list[_Verdict] = collectives.gather_objects(_examine(backend, path, rank, world_size))
         progress(f"checked {path.name}")
         if refusal := next((v.refusal for v in verdicts if v.refusal), None):
             raise ValueError(refusal)
@@ -701,16 +701,16 @@ def load(
             damaged.append(problem)
             continue
         try:
-            engine.load(str(path.parent), path.name)
+            backend.load(str(path.parent), path.name)
         except Exception as exc:  # whatever DeepSpeed raises on a file that passed every check above
             raise ValueError(_unloadable(path, exc)) from exc
         progress(f"loaded {path.name}")
-        if engine.optimizer_steps != trainer.step:
+        if backend.optimizer_steps != trainer.step:
             raise ValueError(
-                f"{path}: DeepSpeed restored {engine.optimizer_steps} optimizer steps but the checkpoint is of step"
+                f"{path}: the backend restored {backend.optimizer_steps} optimizer steps but the checkpoint is of step"
                 f" {trainer.step}; resume from the previous checkpoint with --resume PATH"
             )
-        rank_state = ds_engine.safe_load(str(_rank_file(path, rank)))
+        rank_state = integrity.safe_load(str(_rank_file(path, rank)))
         _set_rng_state(rank_state["rng"])
         if damaged and rank == 0:
             log.warning(

@@ -724,14 +724,14 @@ def _exit_together(code: int) -> None:
     rank exits non-zero, so a rank still tearing down the interpreter would be killed and the step's status
     would read 143 instead of `code`. After a last barrier every rank exits at once, skipping the teardown
     (the checkpoint, metrics and logs are already closed and flushed)."""
-    from mellama_train import engine
+    from mellama_train.backends import collectives
     from mellama_train.preemption import report_exit
 
     report_exit(code)  # before the barrier: a launcher may kill this rank as soon as a peer has exited
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
-    engine.barrier()
+    collectives.barrier()
     os._exit(code)
 
 

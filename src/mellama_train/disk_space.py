@@ -13,7 +13,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from mellama_train import checkpoint, engine
+from mellama_train import checkpoint
+from mellama_train.backends import collectives
 from mellama_train.config import Config
 
 GIB = 2**30
@@ -65,6 +66,6 @@ def ensure_room(checkpoints_dir: Path, cfg: Config, is_main: bool) -> None:
     """Collective, before each save: rank 0 measures and tells every rank, so all stop together (a rank that
     stopped alone would leave the others waiting in the save's collectives until the timeout)."""
     problem = room_problem(checkpoints_dir, cfg) if is_main else None
-    problem = engine.broadcast_object(problem)
+    problem = collectives.broadcast_object(problem)
     if problem:
         raise ValueError(problem)

@@ -13,10 +13,9 @@ import math
 
 import torch
 
-from mellama_train import engine as ds_engine
+from mellama_train.backends import Backend, collectives
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.exit_codes import EXIT_FORGETTING
-from mellama_train.loss import forward_loss
 
 log = logging.getLogger(__name__)
 
@@ -32,26 +31,20 @@ def _empty_batch(pad_id: int) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(
-    eng: ds_engine.Engine,
-    batches: list[dict[str, torch.Tensor]],
-    passes: int,
-    names: list[str],
-    pad_id: int,
-    device: torch.device,
-    chunk_tokens: int = 0,
+    backend: Backend, batches: list[dict[str, torch.Tensor]], passes: int, names: list[str], pad_id: int
 ) -> dict[str, float]:
     """Collective: `passes` forward passes on every rank (this rank's batches, then label-free padding)."""
-    n = len(names)
+    n, device = len(names), backend.env.device
     sums = torch.zeros(n, dtype=torch.float64, device=device)
     counts = torch.zeros(n, dtype=torch.float64, device=device)
-    eng.eval()
+    backend.eval()
     for i in range(passes):
         batch = batches[i] if i < len(batches) else _empty_batch(pad_id)
-        _, s, c = forward_loss(eng, batch, n, device, chunk_tokens)
+        _, s, c = backend.forward_loss(batch, n)
         sums += s
         counts += c
-    eng.train()
-    total = ds_engine.all_reduce_sum(torch.cat([sums, counts])).tolist()
+    backend.train()
+    total = collectives.all_reduce_sum(torch.cat([sums, counts])).tolist()
     sums_, counts_ = total[:n], total[n:]
     loss = sum(sums_) / max(sum(counts_), 1.0)
     values = {"eval/loss": loss, "eval/ppl": perplexity(loss), "eval/tokens": sum(counts_)}

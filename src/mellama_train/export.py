@@ -19,8 +19,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from mellama_train import engine as ds_engine
-from mellama_train.loss import mean_loss
+from mellama_train.backends import Backend, collectives
 from mellama_train.model_card import write_model_card
 
 HF_META = "hf"
@@ -72,22 +71,16 @@ def write_checkpoint_meta(
 
 
 @torch.no_grad()
-def probe_loss(
-    eng: ds_engine.Engine,
-    batch: dict[str, torch.Tensor],
-    num_sources: int,
-    device: torch.device,
-    chunk_tokens: int = 0,
-) -> float:
+def probe_loss(backend: Backend, batch: dict[str, torch.Tensor], num_sources: int) -> float:
     """Loss of a fixed batch with the training-time model: an export that loads must reproduce it."""
-    eng.eval()
-    loss = mean_loss(eng, batch, num_sources, device, chunk_tokens)
-    eng.train()
-    return loss
+    backend.eval()
+    total, _, counts = backend.forward_loss(batch, num_sources)
+    backend.train()
+    return float(total) / max(float(counts.sum()), 1.0)
 
 
 def write_hf_model(
-    eng: ds_engine.Engine, tokenizer: Any, out_dir: Path, is_main: bool, run_dir: Path | None = None
+    eng: Backend, tokenizer: Any, out_dir: Path, is_main: bool, run_dir: Path | None = None
 ) -> None:
     """Collective (every rank takes part in the gather); rank 0 writes, with a model card (README.md) made from
     `run_dir` (default: out_dir's parent, the run directory `final/` lives in)."""
@@ -101,4 +94,4 @@ def write_hf_model(
         module.config.use_cache = False
         tokenizer.save_pretrained(out_dir)
         write_model_card(out_dir, run_dir or out_dir.parent, "model")
-    ds_engine.barrier()
+    collectives.barrier()

@@ -8,11 +8,11 @@ the optimizer moments and the lr schedule bitwise unchanged; the data it consume
 How the skip happens: both backends skip an optimizer step whose global gradient norm is not finite (DeepSpeed
 ZeRO-2/3 from 0.19.8 discard such a step on every rank, zero the gradients and hold the lr schedule, hence the
 project's lower bound; earlier releases applied it in bf16/fp32 and the weights became NaN; the single-device
-backend does the same in single_device.py). DeepSpeed has no public "discard this step" call, so
+backend does the same in backends/single.py). DeepSpeed has no public "discard this step" call, so
 a step this guard rejects for another reason (a spike, or a non-finite loss whose gradients happen to be finite)
 is made to take that same path: the last micro-batch's backward is multiplied by NaN, on every rank, since the
-decision comes from an all-reduced loss. The engine then reports whether the step was applied, and the loop
-refuses to go on if a step it rejected was applied anyway (an engine without that protection).
+decision comes from an all-reduced loss. The backend then reports whether the step was applied, and the loop
+refuses to go on if a step it rejected was applied anyway (a backend without that protection).
 
 The decision is made on the device: no host sync is added before the optimizer step.
 """

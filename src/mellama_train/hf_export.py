@@ -1,9 +1,9 @@
 """`mellama-train export CHECKPOINT OUT_DIR`: one ZeRO checkpoint, of any step, becomes a verified Hugging Face
 model directory (sharded safetensors, config, tokenizer, model card).
 
-Reading (engine.lazy_zero_state_dict, behind the DeepSpeed boundary). DeepSpeed's own reader (zero_to_fp32,
+Reading (backends/deepspeed/offline.py, behind the DeepSpeed boundary). DeepSpeed's own reader (zero_to_fp32,
 lazy mode) maps each rank's fp32 optimizer partitions (torch.load with mmap) and hands back, per parameter, a
-view that joins that parameter's slices only when asked. It passes weights_only=False; the engine runs it with
+view that joins that parameter's slices only when asked. It passes weights_only=False; it is run with
 PyTorch's TORCH_FORCE_WEIGHTS_ONLY_LOAD set, allowing tensors, containers and the few plain DeepSpeed classes
 its checkpoints pickle, so a crafted checkpoint cannot run code on the exporting host.
 
@@ -190,11 +190,11 @@ def _expected_tensors(config: Any) -> dict[str, torch.Size]:
 
 
 def _lazy_state_dict(ckpt: Path) -> dict[str, Any]:
-    from mellama_train import engine
+    from mellama_train.backends.deepspeed.offline import lazy_zero_state_dict
 
     with contextlib.redirect_stdout(None):  # DeepSpeed's reader prints its progress to stdout
         try:
-            return engine.lazy_zero_state_dict(str(ckpt.parent), ckpt.name)
+            return lazy_zero_state_dict(str(ckpt.parent), ckpt.name)
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line naming the checkpoint
             lines = str(exc).splitlines() or [type(exc).__name__]
             # A weights-only refusal says which class it would not build; other errors say what broke first.

@@ -198,6 +198,12 @@ def save_torch_pending(obj: Any, path: Path) -> PendingDigest:
     return writer.pending
 
 
+def safe_load(path: str | Path, mmap: bool = False) -> Any:
+    """torch.load with weights-only unpickling: tensors and builtin containers only, so a crafted pickle is
+    refused instead of run. mmap: map the tensors instead of reading them (a cheap check of a large file)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def file_digest(path: Path) -> FileDigest:
     """Digest of a file already on disk (small files rank 0 writes, and every check at resume)."""
     hasher = hashlib.sha256()

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from mellama_train import engine as ds_engine
 from mellama_train import integrity, watchdog
+from mellama_train.backends import Backend, collectives
 from mellama_train.config import Config
 from mellama_train.model_card import carry_model_card, write_model_card
 
@@ -57,7 +57,7 @@ def trainable_count(model: torch.nn.Module) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
-def save_adapter(eng: ds_engine.Engine, out_dir: Path, base_path: str, tokenizer: Any, is_main: bool) -> None:
+def save_adapter(eng: Backend, out_dir: Path, base_path: str, tokenizer: Any, is_main: bool) -> None:
     """Collective: gather the adapter weights (only those) on rank 0, which writes the PEFT directory."""
     state = eng.trainable_state_dict()
     if is_main:
@@ -71,7 +71,7 @@ def save_adapter(eng: ds_engine.Engine, out_dir: Path, base_path: str, tokenizer
         tokenizer.save_pretrained(out_dir)  # with the chat template the adapter was tuned on
         # Our card (base, data licenses, tokens, steps) replaces the generic one PEFT writes.
         write_model_card(out_dir, out_dir.parent, "adapter")
-    ds_engine.barrier()
+    collectives.barrier()
 
 
 def merge_adapter(

@@ -86,7 +86,7 @@ def chunked_causal_lm_loss(
 
 def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The decoder stack (returns final hidden states) and the output layer of an HF causal LM, through a PEFT
-    wrapper or a single-device engine."""
+    wrapper or a backend."""
     module = getattr(model, "module", model)
     if hasattr(module, "get_base_model"):
         module = module.get_base_model()
@@ -100,7 +100,7 @@ def forward_loss(
     device: torch.device,
     chunk_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run a model (the engine, or a plain HF model) on a batch and return `causal_lm_loss` (a SUM).
+    """Run a model (a backend, or a plain HF model) on a batch and return `causal_lm_loss` (a SUM).
 
     chunk_tokens > 0: run the decoder and compute the output layer and loss in chunks (single-device backend;
     DeepSpeed's engine must run the whole module forward)."""

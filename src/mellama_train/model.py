@@ -69,9 +69,9 @@ def _keep_nf4_weights_unpacked(model: torch.nn.Module) -> None:
 def build_model(
     cfg: Config, tokenizer: Any, for_training: bool = True, device: torch.device | None = None
 ) -> torch.nn.Module:
-    """Build or load the model. DeepSpeed backend: call inside `engine.model_construction` so ZeRO-3 partitions
-    it as it loads. Single backend: pass `device`; with model.quantization nf4 the linear layers of the blocks
-    load in 4 bit straight onto it.
+    """Build or load the model, inside the backend's `building_model()`: under ZeRO-3 each parameter is
+    partitioned as it loads; on one device pass the `device` it yields, and with model.quantization nf4 the
+    linear layers of the blocks load in 4 bit straight onto it.
 
     PEFT's `prepare_model_for_kbit_training` is deliberately not called: it casts every parameter that is not
     quantised to fp32, which for Llama-3-8B adds ~2 GB (embeddings and head, 128k x 4096 each). Here they stay

@@ -251,7 +251,7 @@ def _ds_config_flags(cfg: Config) -> tuple[int, bool, bool]:
 
 
 def plan_deepspeed(cfg: Config, a: ArchConfig, gpus: int, gpus_per_node: int, gpu_gib: float) -> Plan:
-    from mellama_train import engine
+    from mellama_train.backends.deepspeed.offline import estimate_zero3_model_states
 
     lo = cfg.lora
     c = count(a, lo.r if lo.enabled else 0, lo.target_modules)
@@ -273,7 +273,7 @@ def plan_deepspeed(cfg: Config, a: ArchConfig, gpus: int, gpus_per_node: int, gp
         )
         cpu_states = 0.0
     elif stage == 3:
-        cpu_states, gpu_states = engine.estimate_zero3_model_states(
+        cpu_states, gpu_states = estimate_zero3_model_states(
             c.total, c.largest_module, min(gpus, gpus_per_node), nodes, offload_opt, offload_param
         )
         plan.add(

@@ -1,10 +1,6 @@
-"""The DeepSpeed boundary: the only module that imports deepspeed.
-
-Everything distributed goes through here: process-group start-up, ZeRO-3 partitioned model construction,
-the wrapped model's forward/backward/step, checkpoint save/load (every file hashed while DeepSpeed writes it, and
-read back with weights-only unpickling), gathering full weights for export, and the offline, weights-only read of
-a ZeRO checkpoint for `mellama-train export`.
-The training loop sees a small `Engine` object and never a DeepSpeed type.
+"""The DeepSpeed backend: process-group start-up, ZeRO-3 partitioned model construction, and the wrapped model's
+forward/backward/step, checkpoint save/load (through files.py: hashed while written, weights-only when read) and
+full-weight gathers for export. The loop sees it through the `Backend` verbs (backends/__init__.py) only.
 """
 
 from __future__ import annotations
@@ -16,30 +12,20 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mellama_train import integrity, leftovers
+from mellama_train.backends.base import DistEnv, LossParts
+from mellama_train.backends.deepspeed.files import CheckpointFiles, safe_load, safe_loading, step_counters
+from mellama_train.loss import forward_loss
 
 log = logging.getLogger(__name__)
 
 # DeepSpeed's comm layer calls torch.distributed functions that torch 2.13 deprecates, once per collective:
 # thousands of identical lines per run that a user can do nothing about.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 def _free_port() -> int:
@@ -91,11 +77,6 @@ def init_distributed(timeout_minutes: int) -> DistEnv:
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def shutdown() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
 @contextlib.contextmanager
 def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
     """Context in which transformers builds or loads the model.
@@ -124,8 +105,8 @@ def end_model_construction() -> None:
     _LIVE_HF_DS_CONFIGS.clear()
 
 
-class Engine:
-    """A DeepSpeed-wrapped model, seen by the loop through a few verbs."""
+class DeepSpeedBackend:
+    """A DeepSpeed-wrapped model behind the `Backend` verbs."""
 
     def __init__(
         self,
@@ -133,8 +114,11 @@ class Engine:
         ds_config: dict[str, Any],
         param_groups: list[dict[str, Any]],
         lr_lambda: Callable[[int], float],
+        env: DistEnv,
     ):
         import deepspeed
+
+        self.env = env
 
         def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
@@ -147,7 +131,7 @@ class Engine:
         )
         # Every file DeepSpeed saves or loads goes through its checkpoint engine: ours hashes what is written and
         # refuses to unpickle anything but tensors and plain data (DeepSpeed's own passes weights_only=False).
-        self._files = _CheckpointFiles(self._ds.checkpoint_engine)
+        self._files = CheckpointFiles(self._ds.checkpoint_engine)
         self._ds.checkpoint_engine = self._files
         # Rank 0 also copies DeepSpeed's zero_to_fp32.py beside the checkpoints at every save, outside the
         # checkpoint engine: on a full disk that copy must not raise out of save_checkpoint either (the other
@@ -183,6 +167,10 @@ class Engine:
         if coordinator.is_record_trace():
             coordinator._invalidate_trace()
 
+    def forward_loss(self, batch: dict[str, torch.Tensor], num_sources: int) -> LossParts:
+        # The whole module's forward: DeepSpeed's hooks (ZeRO-3 gathers) run around it, so no chunked head here.
+        return forward_loss(self, batch, num_sources, self.env.device)
+
     def backward(self, loss: torch.Tensor) -> None:
         # DeepSpeed divides by gradient_accumulation_steps here: the loop passes the micro-batch mean.
         self._ds.backward(loss)
@@ -211,10 +199,18 @@ class Engine:
     def optimizer_steps(self) -> int:
         return self._ds.global_steps
 
+    @property
+    def exportable(self) -> bool:
+        """Full-weight ZeRO checkpoints are what `mellama-train export` reads; a LoRA run's are not."""
+        return not any(not p.requires_grad for p in self._ds.module.parameters())
+
     def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
         """What this rank's DeepSpeed files of a checkpoint say about its step (checkpoint.py's consistency
         check), read before anything is loaded."""
         return step_counters(step_dir, rank)
+
+    def read_file(self, path: str, mmap: bool = False) -> Any:
+        return safe_load(path, mmap=mmap)
 
     @property
     def step_applied(self) -> bool:
@@ -251,7 +247,7 @@ class Engine:
         import deepspeed
 
         named = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
-        is_main = torch.distributed.get_rank() == 0
+        is_main = self.env.is_main
         gathered = contextlib.nullcontext()
         if self._ds.zero_optimization_partition_weights():
             gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
@@ -263,194 +259,31 @@ class Engine:
         if self._ds.zero_optimization_partition_weights():
             return self._ds._zero3_consolidated_16bit_state_dict()
         state = self._ds.module.state_dict()
-        return state if torch.distributed.get_rank() == 0 else None
+        return state if self.env.is_main else None
 
 
-def estimate_zero3_model_states(
-    total_params: int,
-    largest_module_params: int,
-    gpus_per_node: int,
-    nodes: int,
-    offload_optimizer: bool,
-    offload_params: bool,
-) -> tuple[float, float]:
-    """(host bytes per node, bytes per GPU) of ZeRO-3 model states: DeepSpeed's own estimator (it assumes every
-    parameter is trained: 16-bit weights and grads, fp32 master weights and two Adam moments)."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+class DeepSpeedMaker:
+    """`BackendMaker` for DeepSpeed: the launcher's process group, ZeRO-3 construction, `deepspeed.initialize`."""
 
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        total_params,
-        largest_module_params,
-        num_gpus_per_node=gpus_per_node,
-        num_nodes=nodes,
-        cpu_offload=offload_optimizer,
-        cpu_offload_params=offload_params,
-        zero_init=True,
-    )
-    return float(cpu), float(gpu)
+    def __init__(self, ds_config: dict[str, Any]):
+        self.ds_config = ds_config
 
+    def start(self, timeout_minutes: int) -> DistEnv:
+        return init_distributed(timeout_minutes)
 
-# ---- collectives the loop needs, kept here so the loop never touches the process group itself ----------
+    @contextlib.contextmanager
+    def building_model(self) -> Iterator[torch.device | None]:
+        with model_construction(self.ds_config):
+            yield None  # DeepSpeed moves the partitions to the device
 
+    def wrap(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict[str, Any]],
+        lr_lambda: Callable[[int], float],
+        env: DistEnv,
+    ) -> DeepSpeedBackend:
+        return DeepSpeedBackend(model, self.ds_config, param_groups, lr_lambda, env)
 
-def _deepspeed_safe_globals() -> list[Any]:
-    """The plain data classes DeepSpeed pickles into its checkpoints: an enum, the loss scalers and ZeRO-1/2's
-    `fragment_address` (numel, start) in its parameter slice mappings. Attributes only: no code of theirs runs to
-    build them. Everything else must be tensors and builtin containers."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextlib.contextmanager
-def safe_loading() -> Iterator[None]:
-    """Every torch.load inside is forced to weights_only=True (DeepSpeed's readers pass weights_only=False),
-    with DeepSpeed's plain data classes allowed: a pickle that would build any other object (os.system, a
-    class with a __reduce__) is refused with an UnpicklingError instead of running."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
-
-
-def safe_load(path: str, mmap: bool = False) -> Any:
-    """torch.load of a checkpoint file with weights-only unpickling (DeepSpeed's classes allowed). mmap: map the
-    tensors instead of reading them, to check a large shard's pickle and read its counters cheaply."""
-    with safe_loading():
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-
-
-class _CheckpointFiles:
-    """Stands in for DeepSpeed's checkpoint engine (TorchCheckpointEngine): saves hash while writing, loads
-    are weights-only, everything else is delegated. Write errors are kept, not raised, until end_save()."""
-
-    def __init__(self, inner: Any):
-        self._inner = inner
-        self._written: dict[str, integrity.PendingDigest] = {}
-        self._error: OSError | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def begin_save(self) -> None:
-        self._written, self._error = {}, None
-
-    def end_save(self) -> dict[str, integrity.FileDigest]:
-        digests = {}
-        for path, pending in self._written.items():  # every hash thread is joined, whatever failed
-            try:
-                digests[path] = pending.result()
-            except OSError as exc:
-                self._error = self._error or exc
-        if self._error is not None:
-            raise self._error
-        return digests
-
-    def guarded(self, write: Callable[..., None]) -> Callable[..., None]:
-        """`write`, with an OSError kept for end_save() instead of raised inside DeepSpeed's save."""
-
-        def call(*args: Any, **kwargs: Any) -> None:
-            if self._error is not None:
-                return
-            try:
-                write(*args, **kwargs)
-            except OSError as exc:
-                self._error = exc
-
-        return call
-
-    def makedirs(self, path: str, exist_ok: bool = False) -> None:
-        self.guarded(self._inner.makedirs)(path, exist_ok=exist_ok)
-
-    def save(self, state_dict: Any, path: str) -> None:
-        if self._error is not None:
-            return  # this save has failed already: write nothing more, let DeepSpeed reach its barriers
-        try:
-            self._written[os.path.abspath(path)] = integrity.save_torch_pending(state_dict, path)
-        except OSError as exc:
-            self._error = exc
-
-    def load(self, path: str, map_location: Any = None) -> Any:
-        with safe_loading():
-            return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def step_counters(step_dir: str, rank: int) -> dict[str, int] | None:
-    """What DeepSpeed's own files of a checkpoint say about its step, for the consistency check at resume:
-    {"global_steps", "skipped_steps", "scheduler_steps"} from the model-states file this rank loads, or None
-    when there is none (a single-device checkpoint). Read weights-only, tensors mapped, not loaded."""
-    names = [f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "mp_rank_00_model_states.pt"]
-    found = [os.path.join(step_dir, name) for name in names if os.path.isfile(os.path.join(step_dir, name))]
-    if not found:
-        return None
-    state = safe_load(found[0], mmap=True)
-    scheduler = state.get("lr_scheduler") or {}
-    return {
-        "global_steps": int(state["global_steps"]),
-        "skipped_steps": int(state.get("skipped_steps", 0)),
-        "scheduler_steps": int(scheduler.get("last_epoch", -1)),
-    }
-
-
-def lazy_zero_state_dict(checkpoints_dir: str, tag: str) -> dict[str, Any]:
-    """A ZeRO-2/3 checkpoint's full fp32 state dict, offline and lazily (DeepSpeed's zero_to_fp32 reader: each
-    value joins a parameter's slices from the mapped rank partitions when `.contiguous()` is called), read with
-    weights-only loads so that a checkpoint from elsewhere cannot run code. No process group needed."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    with safe_loading():
-        return get_fp32_state_dict_from_zero_checkpoint(checkpoints_dir, tag=tag, lazy_mode=True)
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    """Sum a small tensor over ranks (a host sync on GPU: call it only when logging)."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-    return values
-
-
-def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
-    """The element-wise smallest of a small tensor over ranks."""
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MIN)
-    return values
-
-
-def all_reduce_max(value: int) -> int:
-    """The largest of one integer over ranks (e.g. a batch count every rank must match)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return value
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    box = torch.tensor([value], dtype=torch.long, device=device)
-    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
-    return int(box.item())
-
-
-def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order, on every rank (small things: file digests, problems found)."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
+    def release_model_construction(self) -> None:
+        end_model_construction()

@@ -1,24 +1,27 @@
-"""The single-device backend: the `Engine` verbs without DeepSpeed, for one GPU (the 8gb QLoRA profile).
+"""The single-device backend: the `Backend` verbs without DeepSpeed, for one GPU (the 8gb QLoRA profile).
 
 The training loop, checkpoint layout, metrics and outputs are the same code as on the DeepSpeed path; only the
 object behind the verbs changes. No process group, no launcher: `train.backend: single` refuses WORLD_SIZE > 1.
 
 Semantics kept equal to DeepSpeed's so the loop needs no branch: `backward` divides by the accumulation steps,
 `step` is called after every micro-batch and steps the optimizer and the lr schedule at accumulation ends, and
-`grad_norm` is the norm before clipping.
+`grad_norm` is the norm before clipping. It alone can run the output layer and loss in chunks
+(`train.loss_chunk_tokens`): DeepSpeed's engine must run the whole module forward for its hooks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mellama_train import integrity
-from mellama_train.engine import DistEnv, safe_load
+from mellama_train.backends.base import DistEnv, LossParts
+from mellama_train.loss import forward_loss
 
 STATE_FILE = "engine_state.pt"
 
@@ -40,7 +43,7 @@ def make_optimizer(name: str, param_groups: list[dict[str, Any]], lr: float, bet
     return torch.optim.AdamW(param_groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-class SingleDeviceEngine:
+class SingleDeviceBackend:
     def __init__(
         self,
         model: torch.nn.Module,
@@ -53,7 +56,11 @@ class SingleDeviceEngine:
         eps: float,
         grad_clip: float,
         accum_steps: int,
+        chunk_tokens: int = 0,
+        env: DistEnv | None = None,
     ):
+        self.env = env or local_env()
+        self.chunk_tokens = chunk_tokens
         self._module = model
         self.optimizer = make_optimizer(optimizer, param_groups, lr, betas, eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
@@ -72,6 +79,9 @@ class SingleDeviceEngine:
 
     def __call__(self, **inputs: torch.Tensor) -> Any:
         return self._module(**inputs)
+
+    def forward_loss(self, batch: dict[str, torch.Tensor], num_sources: int) -> LossParts:
+        return forward_loss(self, batch, num_sources, self.env.device, self.chunk_tokens)
 
     def backward(self, loss: torch.Tensor) -> None:
         (loss / self.accum_steps).backward()
@@ -107,6 +117,13 @@ class SingleDeviceEngine:
     def grad_norm(self) -> float | None:
         return self._grad_norm
 
+    @property
+    def exportable(self) -> bool:
+        return False  # `mellama-train export` reads ZeRO checkpoints; this one's weights are in final/ or adapter/
+
+    def read_file(self, path: str, mmap: bool = False) -> Any:
+        return integrity.safe_load(path, mmap=mmap)
+
     # ---- checkpoints: trainable weights + optimizer + schedule in one file of the step directory ----------
     def save(self, checkpoints_dir: str, tag: str) -> dict[str, integrity.FileDigest]:
         """The state file, hashed while written (checkpoint.py): {path: digest}."""
@@ -126,7 +143,7 @@ class SingleDeviceEngine:
         path = Path(step_dir) / STATE_FILE
         if not path.is_file():
             return None
-        state = safe_load(str(path), mmap=True)
+        state = integrity.safe_load(str(path), mmap=True)
         steps = int(state["optimizer_steps"])
         return {
             "global_steps": steps,
@@ -141,7 +158,7 @@ class SingleDeviceEngine:
                 f"{path.parent}: no {STATE_FILE}; it was not written by train.backend single (resume it with the"
                 " backend that wrote it)"
             )
-        state = safe_load(str(path))
+        state = integrity.safe_load(str(path))
         missing, unexpected = self._module.load_state_dict(state["trainable"], strict=False)
         trainable = {n for n, p in self._module.named_parameters() if p.requires_grad}
         if unexpected or trainable - set(state["trainable"]):
@@ -160,3 +177,44 @@ class SingleDeviceEngine:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self._module.state_dict()
+
+
+class SingleDeviceMaker:
+    """`BackendMaker` for one device: no process group; the model is built on the device directly."""
+
+    def __init__(self, optim: Any, accum_steps: int, chunk_tokens: int):
+        self.optim, self.accum_steps, self.chunk_tokens = optim, accum_steps, chunk_tokens
+        self._env: DistEnv | None = None
+
+    def start(self, timeout_minutes: int) -> DistEnv:
+        self._env = local_env()
+        return self._env
+
+    @contextlib.contextmanager
+    def building_model(self) -> Iterator[torch.device | None]:
+        yield self._env.device if self._env else None
+
+    def wrap(
+        self,
+        model: torch.nn.Module,
+        param_groups: list[dict[str, Any]],
+        lr_lambda: Callable[[int], float],
+        env: DistEnv,
+    ) -> SingleDeviceBackend:
+        o = self.optim
+        return SingleDeviceBackend(
+            model,
+            param_groups,
+            lr_lambda,
+            optimizer=o.optimizer,
+            lr=o.lr,
+            betas=o.betas,
+            eps=o.eps,
+            grad_clip=o.grad_clip,
+            accum_steps=self.accum_steps,
+            chunk_tokens=self.chunk_tokens,
+            env=env,
+        )
+
+    def release_model_construction(self) -> None:
+        pass
