@@ -34,15 +34,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from mellama_train.data.readers import (  # noqa: E402
-    ByteTap,
-    ReadOptions,
-    RecordDigest,
-    byte_digest,
-    check_unit,
-    iter_texts,
-    prefix_digest,
-)
+from mellama_train.data.digests import ByteTap, RecordDigest  # noqa: E402
+from mellama_train.data.files import ReadOptions  # noqa: E402
+from mellama_train.data.readers import byte_digest, check_unit, iter_texts, prefix_digest  # noqa: E402
 
 SHARD = 256 * 2**20
 WORLD = 8

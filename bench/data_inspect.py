@@ -35,7 +35,8 @@ import zstandard  # noqa: E402
 
 from mellama_train.config import resolve  # noqa: E402
 from mellama_train.data import inspection, pubmed  # noqa: E402
-from mellama_train.data.readers import _options, pubmed_records  # noqa: E402
+from mellama_train.data.files import _options  # noqa: E402
+from mellama_train.data.pubmed_xml import pubmed_records  # noqa: E402
 
 WORDS = "patients treatment outcome cohort trial dose response risk ratio interval analysis clinical".split()
 

@@ -82,7 +82,7 @@ def planted_hang(*args, **kwargs):
 
 
 def _plant_hangs(faults: dict[int, str]) -> None:
-    from mellama_train import export
+    from mellama_train.export import final as export
 
     kinds = set(faults.values())
     if "hang_load" in kinds:

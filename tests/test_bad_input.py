@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from mellama_train.config import ConfigError, SourceConfig, resolve, validate
+from mellama_train.config import ConfigError, SourceConfig, resolve
 from mellama_train.data.pipeline import build_train_batches
 from mellama_train.model import build_model
+from mellama_train.preflight import validate
 from mellama_train.sample_data import TOKENIZER_DIR
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from mellama_train.cli import pretrain_main
-from mellama_train.config import ConfigError, profile_names, resolve, validate
+from mellama_train.config import ConfigError, profile_names, resolve
 from mellama_train.ds_config import check_ds_config, resolve_ds_config
+from mellama_train.preflight import validate
 
 REPO = Path(__file__).resolve().parents[1]
 DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))

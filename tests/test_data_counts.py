@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from mellama_train.config import SourceConfig, resolve, validate
+from mellama_train.config import SourceConfig, resolve
 from mellama_train.data import reasons
 from mellama_train.data.pipeline import document_encoder
 from mellama_train.data.source import SkipLimit, SourceStream, check_sources, data_counts, reason_counts
+from mellama_train.preflight import validate
 from mellama_train.sample_data import TOKENIZER_DIR
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mellama_train"

@@ -30,12 +30,14 @@ import torch
 from test_data_pipeline import KEYS, make_cfg, make_docs, take, write_jsonl
 from transformers import AutoTokenizer
 
-from mellama_train.config import SourceConfig, resolve, validate
+from mellama_train.config import SourceConfig, resolve
 from mellama_train.data import decontam
 from mellama_train.data import source as source_module
+from mellama_train.data.files import Skip
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, document_encoder
-from mellama_train.data.readers import Skip, iter_texts
+from mellama_train.data.readers import iter_texts
 from mellama_train.data.source import CheckShare, SourceStream, check_sources, finished_claim
+from mellama_train.preflight import validate
 from mellama_train.sample_data import TOKENIZER_DIR
 
 SECRET = "PATIENT_SECRET_9931"
@@ -652,7 +654,8 @@ MEMORY_LIMIT = textwrap.dedent(
 )
 IMPORTS = textwrap.dedent(
     """
-    from mellama_train.data.readers import ReadOptions, check_unit, iter_texts
+    from mellama_train.data.files import ReadOptions
+    from mellama_train.data.readers import check_unit, iter_texts
     from mellama_train.data.source import SourceStream
     from mellama_train.config import SourceConfig
     """

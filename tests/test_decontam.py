@@ -120,7 +120,7 @@ def test_a_run_drops_overlapping_documents_and_counts_them_per_source(tmp_path, 
 
 
 def test_a_missing_index_is_a_start_up_error_naming_the_command(tmp_path):
-    from mellama_train.config import validate
+    from mellama_train.preflight import validate
 
     cfg = resolve("tiny", overrides=[f"data.decontamination={tmp_path / 'nowhere'}"])
     problems, _ = validate(cfg)

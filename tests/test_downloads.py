@@ -10,9 +10,10 @@ import pytest
 from test_train_e2e import LAUNCH, TINY, run
 
 from mellama_train.cli import main
-from mellama_train.config import SourceConfig, resolve, validate
+from mellama_train.config import SourceConfig, resolve
 from mellama_train.data.source import Exhausted, SourceStream
 from mellama_train.metrics import read_metrics
+from mellama_train.preflight import validate
 from mellama_train.sample_data.downloads import write_all
 
 

@@ -19,8 +19,8 @@ from test_checkpoint import reseal
 from test_train_e2e import REPO, clean_env, single
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mellama_train import hf_export
 from mellama_train.cli import main
+from mellama_train.export import verified as hf_export
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from mellama_train.config import SourceConfig, resolve
+from mellama_train.data.files import Skip
 from mellama_train.data.instruct import (
     DEFAULT_CHAT_TEMPLATE,
     Example,
@@ -20,7 +21,6 @@ from mellama_train.data.instruct import (
 )
 from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.data.pipeline import build_eval_batches, build_train_batches, count_examples
-from mellama_train.data.readers import Skip
 from mellama_train.sample_data import TOKENIZER_DIR
 
 SECRET = "PATIENT-SECRET-4711"
@@ -163,7 +163,7 @@ def test_a_layout_matching_no_format_is_refused_with_the_formats_and_the_nearest
     (problem,) = check_sources(cfg)
     assert problem.endswith("e.g. {instruction: prompt, output: response}")
     # A mapping whose key is not one of our field names (a typo, or the two sides swapped) is named at start-up.
-    from mellama_train.config import validate
+    from mellama_train.preflight import validate
 
     cfg.data.sources = [SourceConfig(name="chats", paths=[path], columns={"dialogue": "conversations"})]
     problems, _ = validate(cfg)

@@ -116,6 +116,7 @@ def start_supervised(tmp_path: Path) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR2], ids=lambda s: s.name)
 def test_a_stop_reaches_every_rank_even_one_still_starting_and_the_ranks_code_is_the_exit_code(tmp_path, sig):
     proc = start_supervised(tmp_path)
@@ -135,6 +136,7 @@ def test_a_stop_reaches_every_rank_even_one_still_starting_and_the_ranks_code_is
     assert "the launcher exited 1: exit 75" in stderr
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_ends_every_process_at_once(tmp_path):
     (tmp_path / "keep-saving").write_text("")
     proc = start_supervised(tmp_path)
@@ -160,6 +162,7 @@ def test_a_second_ctrl_c_ends_every_process_at_once(tmp_path):
     assert "SIGINT again: ending every process now" in proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_ranks_stop_and_save_when_the_supervisor_is_killed(tmp_path):
     """SIGKILL (or the OOM killer) ends the supervisor without a word; the ranks, in a session of their own, would
     train on with no one to pass them a stop. They watch its lock and stop as on a signal: saved, exit 75."""
@@ -189,6 +192,7 @@ def test_ranks_stop_and_save_when_the_supervisor_is_killed(tmp_path):
             shutil.rmtree(link, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_a_stop_while_the_launcher_is_being_started_is_held_and_passed_on(tmp_path):
     """The supervisor's handlers are installed before the launcher starts: a SIGTERM in between is a stop passed
     to every rank, not the default action that would kill the supervisor and leave the ranks unattended."""
@@ -223,6 +227,7 @@ def test_a_stop_while_the_launcher_is_being_started_is_held_and_passed_on(tmp_pa
     assert "SIGTERM: every rank saves a checkpoint at its next step" in proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_a_second_ctrl_c_ends_a_rank_at_once_without_the_supervisor_too(tmp_path):
     """Without a launcher (python launch/pretrain.py in a terminal): the first SIGINT only sets the flag; the
     second is the kernel's default action, which needs no Python code to run."""

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mellama_train.config import SOURCE_FORMATS, ConfigError, resolve, validate
+from mellama_train.config import SOURCE_FORMATS, ConfigError, resolve
+from mellama_train.data.files import FORMATS
 from mellama_train.data.instruct import to_messages
 from mellama_train.data.pipeline import count_examples
-from mellama_train.data.readers import FORMATS, iter_records
+from mellama_train.data.readers import iter_records
+from mellama_train.preflight import validate
 
 
 @pytest.fixture
@@ -179,7 +181,7 @@ def test_a_declared_format_the_bytes_contradict_is_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mellama_train.data.readers import DataFileError, detect_format
+    from mellama_train.data.files import DataFileError, detect_format
 
     pq.write_table(pa.table({"text": ["a"]}), tmp_path / "t.data")
     with pytest.raises(

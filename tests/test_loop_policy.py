@@ -10,6 +10,7 @@ discarded when its backward carried a non-finite value, which is how the guard r
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ from mellama_train.data.packing import IGNORE_INDEX
 from mellama_train.evaluation import Forgetting
 from mellama_train.guard import Diverged
 from mellama_train.preemption import Preempted
+from mellama_train.preflight import preflight
 
 STATE = "fake_state.pt"
 
@@ -160,8 +162,10 @@ def run(monkeypatch, out: Path, script: Script, *overrides: str) -> Path:
             *overrides,
         ],
     )
+    checked = preflight(cfg)
+    assert checked.ok, checked.problems + checked.missing
     monkeypatch.setattr(train_module, "open_backend", lambda *args: FakeMaker(script, cfg.grad_accum_steps))
-    return train_module.train(cfg)
+    return train_module.train(checked.config)
 
 
 def steps_kept(out: Path) -> list[int]:
@@ -216,3 +220,25 @@ def test_forgetting_stops_after_saving_when_asked_and_only_logs_when_not(monkeyp
     logged = Script(eval_loss=lambda n: 2.0 if n == 0 else 3.0)
     run(monkeypatch, tmp_path / "log", logged, *knobs, "train.stop_on_forgetting=false")
     assert logged.saves == [6]  # the alarm was logged (eval/forgetting_alarm), the run went on
+
+
+def test_train_takes_only_the_config_preflight_returns(tmp_path):
+    """A config changed after its checks (or never checked) cannot reach the loop: a tuning run's epochs would
+    otherwise never become steps."""
+    cfg = resolve("tiny", overrides=[f"train.output_dir={tmp_path}", "train.backend=single"])
+    with pytest.raises(TypeError, match="preflight"):
+        train_module.train(cfg)
+    ready = preflight(cfg).config
+    with pytest.raises(dataclasses.FrozenInstanceError, match="frozen after preflight"):
+        ready.train.max_steps = 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ready.data.sources[0].weight = 2.0
+
+
+def test_preflight_turns_tuning_epochs_into_steps_on_a_copy():
+    cfg = resolve("tiny", overrides=["train.epochs=2", "train.max_steps=null"], task="tune")
+    checked = preflight(cfg)
+    assert checked.ok and checked.examples
+    per_step = cfg.train.global_batch_size
+    assert checked.config.train.max_steps == math.ceil(2 * checked.examples / per_step)
+    assert cfg.train.max_steps is None  # the config given is left as it was

@@ -9,7 +9,7 @@ import pytest
 from test_checkpoint import seal
 
 from mellama_train.config import resolve
-from mellama_train.model_card import carry_model_card, write_model_card
+from mellama_train.export.model_card import carry_model_card, write_model_card
 from mellama_train.outputs import source_licenses
 
 SYNTHETIC = "synthetic sample data, no patient information"

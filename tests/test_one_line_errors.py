@@ -138,5 +138,5 @@ def test_a_ranks_closing_line_is_one_write_so_ranks_never_run_together(monkeypat
             pass
 
     monkeypatch.setattr(cli.sys, "stderr", Recorder())
-    cli._rank_line("error (rank 1): writing step_00000004 failed\n(second line of a message)")
+    cli.rank_line("error (rank 1): writing step_00000004 failed\n(second line of a message)")
     assert writes == ["error (rank 1): writing step_00000004 failed (second line of a message)\n"]

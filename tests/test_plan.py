@@ -10,8 +10,9 @@ import sys
 import pytest
 from test_train_e2e import REPO
 
-from mellama_train.config import ArchConfig, resolve, validate
+from mellama_train.config import ArchConfig, resolve
 from mellama_train.plan import GIB, count, make_plan, plan_single
+from mellama_train.preflight import validate
 
 SMALL = ArchConfig(
     vocab_size=1000, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2

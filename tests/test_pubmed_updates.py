@@ -12,7 +12,7 @@ import pytest
 
 from mellama_train.config import SourceConfig
 from mellama_train.data import pubmed
-from mellama_train.data.readers import DataFileError
+from mellama_train.data.files import DataFileError
 from mellama_train.data.source import Exhausted, SourceStream
 
 

@@ -14,17 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from mellama_train.data import readers
+from mellama_train.data import files, pubmed_xml, readers
 from mellama_train.data.cleaners import get_cleaner, mimic_deid
-from mellama_train.data.readers import (
-    DataFileError,
-    ReadOptions,
-    Skip,
-    count_records,
-    detect_format,
-    iter_records,
-    iter_texts,
-)
+from mellama_train.data.files import DataFileError, ReadOptions, Skip, detect_format
+from mellama_train.data.readers import count_records, iter_records, iter_texts
 from mellama_train.data.selection import expand_paths
 
 SENTINEL = "PATIENT-SECRET-4711"
@@ -152,7 +145,7 @@ def test_a_json_array_is_decoded_item_by_item_whatever_the_read_boundaries(tmp_p
 
 
 def test_json_array_items_over_the_size_limit_are_located_skips(tmp_path):
-    from mellama_train.data.readers import ReadOptions
+    from mellama_train.data.files import ReadOptions
 
     path = tmp_path / "alpaca_data.json"
     path.write_text(
@@ -457,7 +450,7 @@ def test_pubmed_as_shipped_books_scripts_placeholders_and_require_abstract(tmp_p
         Skip("no_abstract", f"{path}:article 6"),
     ]
     deleted: list[int] = []
-    records = list(readers.pubmed_records(str(path), readers._options(None), deleted))
+    records = list(pubmed_xml.pubmed_records(str(path), files._options(None), deleted))
     assert [r.pmid for r in records] == [101, 102, 103, 104, 105, 106]  # never a cited PMID (999)
     assert [r.book for r in records] == [False] * 4 + [True] * 2
     assert deleted == [7, 8]
@@ -578,7 +571,7 @@ def test_get_cleaner_composes_in_order_and_rejects_unknown_names():
 
 
 def test_records_over_the_size_limit_are_located_skips_in_every_format(tmp_path):
-    from mellama_train.data.readers import ReadOptions
+    from mellama_train.data.files import ReadOptions
 
     small = ReadOptions(max_record_bytes=100)
     big = "x " * 200
@@ -695,6 +688,6 @@ def test_where_over_arrow_batches_where_no_row_is_kept_and_exceptions_cross_proc
     ]
     odd_rows = read(tmp_path / "t.parquet", "text", want=lambda i: i % 2 == 1, options=keep_y)  # rank 1 of 2
     assert [v.reason for _, v in odd_rows] == ["not_selected", "not_selected"]
-    err = readers.UnreadableFile("f.xml: malformed", "malformed XML", 3)
+    err = files.UnreadableFile("f.xml: malformed", "malformed XML", 3)
     back = pickle.loads(pickle.dumps(err))
     assert (str(back), back.cause, back.lost) == ("f.xml: malformed", "malformed XML", 3)

@@ -15,7 +15,7 @@ from test_train_e2e import LAUNCH, REPO, TINY
 
 from mellama_train import cli, disk_space, outputs
 from mellama_train.config import SourceConfig, resolve
-from mellama_train.data.readers import Skip
+from mellama_train.data.files import Skip
 from mellama_train.data.source import SkipLimit, SourceStream
 
 SECRET = "PATIENT_SECRET_4711"
@@ -101,7 +101,7 @@ def test_the_limit_fields_come_from_the_config_and_are_validated():
     cfg = resolve("tiny")
     assert (cfg.data.max_skip_fraction, cfg.data.skip_allowance) == (0.001, 10)
     assert SkipLimit.of(cfg.data) == SkipLimit(0.001, 10)
-    from mellama_train.config import validate
+    from mellama_train.preflight import validate
 
     bad = resolve("tiny", overrides=["data.max_skip_fraction=2", "data.skip_allowance=-1"])
     assert any("data.max_skip_fraction must be in [0, 1]" in p for p in validate(bad)[0])
@@ -214,6 +214,7 @@ def test_the_newest_run_record_is_compared_and_source_lists_are_named(tmp_path):
         outputs.check_same_run(run_dir, fewer, ckpt)
 
 
+@pytest.mark.slow
 def test_the_refusal_reaches_the_entry_point_as_one_line_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
     fake_run(run_dir, [*[o.split(" ")[0] for o in TINY[1::2]], "train.max_steps=3"])
@@ -298,6 +299,7 @@ def test_input_errors_are_one_line_unless_debug(monkeypatch, capsys, tmp_path, d
     assert ("in refuse" in err) is debug
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_refused_at_start_through_the_entry_point(tmp_path):
     # The real entry point in a fresh process, with the filesystem reporting 1 KB free.
     script = (

@@ -19,10 +19,12 @@ import pytest
 import yaml
 
 from mellama_train import cli
-from mellama_train.config import SourceConfig, resolve, validate
-from mellama_train.data.readers import DataFileError, iter_texts
+from mellama_train.config import SourceConfig, resolve
+from mellama_train.data.files import DataFileError
+from mellama_train.data.readers import iter_texts
 from mellama_train.data.selection import of_source, select
 from mellama_train.data.source import check_sources
+from mellama_train.preflight import validate
 
 METADATA_MARK = "dicom_id_MARK"  # only in the metadata tables: must never reach a document
 

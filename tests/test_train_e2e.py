@@ -153,6 +153,7 @@ def test_single_process_run_learns_and_writes_every_output(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_start_over_partial_checkpoints(tmp_path):
     out = tmp_path / "run"
     (out / "checkpoints" / "step_00000004.partial").mkdir(parents=True)  # a save that never completed

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIG_PY = REPO / "src" / "mellama_train" / "config.py"
+CONFIG_PY = REPO / "src" / "mellama_train" / "config" / "schema.py"
 OUT = REPO / "docs" / "CONFIG.md"
 # Section name in YAML -> dataclass, in the order a recipe reads.
 SECTIONS = [
@@ -59,7 +59,7 @@ def render() -> str:
     lines = [
         "# Configuration reference",
         "",
-        "Generated from `src/mellama_train/config.py` by `python tools/gen_config_docs.py`; do not edit by hand.",
+        "Generated from `src/mellama_train/config/schema.py` by `python tools/gen_config_docs.py`; do not edit by hand.",
         "",
         "Resolution (later wins): dataclass defaults ← profile (`--profile`, `src/mellama_train/profiles/<task>/*.yaml`)"
         " ← recipe (`--config`) ← flags (`--output-dir`, `--max-steps`, ...) ← `--set key.sub=value`.",

@@ -6,7 +6,7 @@
                               and RNG state
         trainer.json          step, tokens per source, world size, ledger (rank 0)
         hf/                   full-weight DeepSpeed runs: config.json, tokenizer and the probe logits that
-                              `mellama-train export` checks its output against (export.py)
+                              `mellama-train export` checks its output against (export/final.py)
         COMPLETE              the manifest, written last: every other file with its size, its SHA-256 and the
                               rank that wrote it, and the manifest's own digest
 

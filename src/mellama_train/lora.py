@@ -18,7 +18,7 @@ import torch
 from mellama_train import integrity, watchdog
 from mellama_train.backends import Backend, collectives
 from mellama_train.config import Config
-from mellama_train.model_card import carry_model_card, write_model_card
+from mellama_train.export.model_card import carry_model_card, write_model_card
 
 log = logging.getLogger(__name__)
 

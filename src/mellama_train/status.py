@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mellama_train import checkpoint
+from mellama_train.config import KINDS, PRETRAIN
 from mellama_train.data.mixture import drift
 from mellama_train.data.reasons import is_filter
 from mellama_train.metrics import finite_number, read_metric_lines
@@ -315,7 +316,7 @@ def report(run_dir: Path, verify: bool = False) -> tuple[list[str], list[str]]:
     read back untrusted: a number that is not a finite one of its type is passed over, never a traceback."""
     record = read_run_record(run_dir)
     total_steps = record.total_steps
-    unit = "examples" if record.task == "tune" else "tokens"
+    unit = KINDS.get(record.task, PRETRAIN).unit
     lines = [f"run         {run_dir} ({record.task}, profile {record.profile})"]
     alarms: list[str] = []
 

@@ -19,11 +19,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from mellama_train import checkpoint, export, lora
+from mellama_train import checkpoint, lora
 from mellama_train.accounting import Window, window_metrics
 from mellama_train.backends import Backend, BackendMaker, collectives, open_backend
 from mellama_train.checkpointing import CheckpointManager, StopPolicy
-from mellama_train.config import Config
+from mellama_train.config import Config, is_frozen, replaced
 from mellama_train.data.pipeline import (
     build_eval_batches,
     build_train_batches,
@@ -33,6 +33,7 @@ from mellama_train.data.pipeline import (
 from mellama_train.data.pubmed import INDEX_DIR
 from mellama_train.ds_config import resolve_ds_config
 from mellama_train.evaluation import ForgettingMonitor, evaluate
+from mellama_train.export import final as export
 from mellama_train.guard import StepGuard
 from mellama_train.metrics import MetricsLogger
 from mellama_train.model import (
@@ -55,7 +56,11 @@ log = logging.getLogger(__name__)
 
 def train(cfg: Config) -> Path:
     """The whole run, under the hang watchdog and the stop flag from its first line to its last: start-up
-    (rendezvous, model load, resume), the step-0 evaluation, the loop, the final export and merge."""
+    (rendezvous, model load, resume), the step-0 evaluation, the loop, the final export and merge.
+
+    `cfg` is the frozen config `preflight()` returns: checked, with tuning epochs already turned into steps."""
+    if not is_frozen(cfg):
+        raise TypeError("train() takes the config preflight() returns: preflight(cfg).config, once .ok")
     rank = int(os.environ.get("RANK", "0"))  # the launcher's; the process group does not exist yet
     # A default output dir is decided on rank 0 after the rendezvous: until then a dump goes to stderr only.
     given = Path(cfg.train.output_dir) if cfg.train.output_dir else None
@@ -76,6 +81,8 @@ def train(cfg: Config) -> Path:
 class Run:
     """What start-up built: the loop's inputs."""
 
+    cfg: Config
+    """The run's config, with what start-up decided: its output directory, the demo's random base as its base."""
     backend: Backend
     maker: BackendMaker
     run_dir: Path
@@ -91,6 +98,7 @@ class Run:
 
 def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
     run = _build(cfg, watchdog)
+    cfg = run.cfg
     b, t, data, state = run.backend, cfg.train, run.data, run.state
     names, env = data.source_names, run.backend.env
     metrics = MetricsLogger(run.run_dir, env.is_main)
@@ -189,7 +197,7 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
             " drop train.world_size (it only sizes a --dry-run)"
         )
     run_dir = Path(collectives.broadcast_object(t.output_dir or str(default_output_dir(cfg))))
-    t.output_dir = str(run_dir)
+    cfg = replaced(cfg, {"train.output_dir": str(run_dir)})
     resume_from = start_point(cfg, run_dir, env.is_main)
     watchdog.set_run_dir(run_dir)  # dumps go there; rank 0's heartbeat starts (the start point was accepted)
     record = None
@@ -210,7 +218,7 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
         if env.is_main:
             lora.write_random_base(cfg, tokenizer, run_dir / "base")
         collectives.barrier()
-        cfg.model.init, cfg.model.path = "pretrained", str(run_dir / "base")
+        cfg = replaced(cfg, {"model.init": "pretrained", "model.path": str(run_dir / "base")})
     with maker.building_model() as device:
         model = build_model(cfg, tokenizer, device=device)
     watchdog.beat("model loaded")
@@ -236,12 +244,12 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
     if resume_from:
         state = resume(backend, data, resume_from, record)
     state.data_licenses = source_licenses(cfg)  # the recipe's notes, into each checkpoint's trainer.json
-    return Run(backend, maker, run_dir, tokenizer, data, eval_batches, eval_passes, state, flops_tok)
+    return Run(cfg, backend, maker, run_dir, tokenizer, data, eval_batches, eval_passes, state, flops_tok)
 
 
 def _probe_meta(run: Run, precision: str) -> Any:
     """What each checkpoint of an exportable backend carries for `mellama-train export`'s check: the logits of a
-    fixed probe sequence (export.py). Called at each save; collective (every rank takes part in the forward)."""
+    fixed probe sequence (export/final.py). Called at each save; collective (every rank takes part in the forward)."""
     b = run.backend
     probe_ids = export.probe_input(min(len(run.tokenizer), b.module.config.vocab_size))
 

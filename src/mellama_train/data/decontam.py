@@ -215,7 +215,7 @@ def screened(encode: Any, index: Index | None, text_of: Any = None) -> Any:
     Skip("contaminated"), counted per source like other skips but never limited (source.CHOSEN_SKIPS)."""
     if index is None:
         return encode
-    from mellama_train.data.readers import Skip
+    from mellama_train.data.files import Skip
 
     text_of = text_of or (lambda record: record if isinstance(record, str) else record_text(record))
 
@@ -230,7 +230,8 @@ def screened(encode: Any, index: Index | None, text_of: Any = None) -> Any:
 def scan(index: Index, paths: list[str], text_field: str = "text") -> dict[str, tuple[int, int]]:
     """{file: (records read, records overlapping)} for training files, read as a run reads them. Records a
     run would skip are skipped here too, counted and located in the log (never quoted)."""
-    from mellama_train.data.readers import Skip, iter_texts
+    from mellama_train.data.files import Skip
+    from mellama_train.data.readers import iter_texts
     from mellama_train.data.selection import expand_paths
 
     counts = {}

@@ -30,15 +30,9 @@ import numpy as np
 
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data import pubmed
-from mellama_train.data.readers import (
-    ByteTap,
-    ReadOptions,
-    Skip,
-    UnreadableFile,
-    count_records,
-    detect_format,
-    iter_texts,
-)
+from mellama_train.data.digests import ByteTap
+from mellama_train.data.files import ReadOptions, Skip, UnreadableFile, detect_format
+from mellama_train.data.readers import count_records, iter_texts
 from mellama_train.data.reasons import is_filter
 from mellama_train.data.selection import Selection, declared_format, of_source
 
@@ -238,7 +232,7 @@ def inspect(
 ) -> list[SourceReport]:
     """Read every pretraining source of `cfg` (`sample_bytes` None: every file) and count what it holds.
     Raises ValueError with one line for what stops it (the tokenizer, a reading process that died)."""
-    if cfg.task == "tune":
+    if cfg.kind.records:
         raise ValueError("data inspect counts pretraining corpora; for instruction data use --dry-run")
     if sample_bytes is not None and sample_bytes <= 0:
         raise ValueError(f"the sample must be larger than 0 bytes (got {sample_bytes})")

@@ -30,33 +30,14 @@ from jinja2 import TemplateError, TemplateSyntaxError
 from mellama_train.config import Config, SourceConfig
 from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
-from mellama_train.data.llamafactory import TAGS
+from mellama_train.data.digests import short_digest
+from mellama_train.data.files import Skip, is_valid_text
+from mellama_train.data.instruction_format import ROLE_NAMES
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import IGNORE_INDEX
-from mellama_train.data.readers import Skip, is_valid_text, short_digest
 from mellama_train.data.source import CheckShare, Exhausted, SkipLimit, SourceStream
 
 ROLES = ("system", "user", "assistant")
-FIELDS = ("instruction", "input", "output", "system", "history", "messages", "conversations", *TAGS)
-"""Our names of a record's fields (a source's `columns` maps them to the file's), and the speaker tags."""
-ROLE_NAMES = {
-    "system": "system",
-    "user": "user",
-    "human": "user",
-    "assistant": "assistant",
-    "gpt": "assistant",
-    "chatgpt": "assistant",
-    "bard": "assistant",
-    "bing": "assistant",
-    "model": "assistant",
-}
-"""Speaker names as published data sets spell them (OpenAI `role`; ShareGPT/Vicuna `from`: human, gpt, and the
-names of the assistants their conversations were collected from) -> our three roles."""
-FORMATS = (
-    "alpaca (instruction, input, output; optional system and history: earlier [instruction, response] pairs)",
-    "ShareGPT (conversations: [{from: human|gpt|system, value}])",
-    "OpenAI messages (messages: [{role: system|user|assistant, content}])",
-)
 
 # The built-in format (for base models whose tokenizer has no chat template): alpaca-style headers, BOS once,
 # EOS after every answer. Literal text sits in {{ '...' }} because transformers compiles templates with

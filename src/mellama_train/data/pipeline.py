@@ -16,10 +16,11 @@ from mellama_train.config import Config
 from mellama_train.data import pubmed
 from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
+from mellama_train.data.files import Skip
 from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
 from mellama_train.data.packing import PackedBatches
-from mellama_train.data.readers import Skip, count_records
+from mellama_train.data.readers import count_records
 from mellama_train.data.selection import declared_format, of_source
 from mellama_train.data.source import Exhausted, SkipLimit, SourceStream, check_sources
 
@@ -84,7 +85,7 @@ def build_train_batches(
 ) -> Any:
     """The endless, resumable micro-batch stream of one rank: packed documents (pretrain) or examples (tune).
     `index_dir`: where prepare_indexes kept the sources' PubMed update indexes (None: built in memory)."""
-    if cfg.task == "tune":
+    if cfg.kind.records:
         return build_instruct_batches(cfg, tokenizer, rank, world_size)
     index = load_index(cfg.data.decontamination)
     streams = [
@@ -109,7 +110,7 @@ def build_train_batches(
 def prepare_indexes(cfg: Config, index_dir: Path) -> None:
     """Build (or check) the PubMed update index of every pretraining source that has PubMed XML files, once,
     on one rank before the others build their streams from it (data/pubmed.py)."""
-    if cfg.task == "tune":
+    if cfg.kind.records:  # instruction records are never PubMed citations
         return
     for src in cfg.data.sources:
         pubmed.prepare(of_source(src).files, index_dir, src.name, declared_format(src), reuse=False)
@@ -125,7 +126,7 @@ def build_eval_batches(
     for index, src in enumerate(cfg.data.sources):
         if not src.eval_paths:
             continue
-        if cfg.task == "tune":
+        if cfg.kind.records:
             batches += build_instruct_eval_batches(
                 cfg, tokenizer, index, rank, world_size, cfg.train.eval_batches
             )
@@ -157,13 +158,13 @@ def count_examples(cfg: Config) -> int:
     return sum(
         count_records(path, declared_format(src))
         for src in cfg.data.sources
-        for path in of_source(src, records=cfg.task == "tune").files
+        for path in of_source(src, records=cfg.kind.records).files
     )
 
 
 def plan_epochs(cfg: Config) -> int | None:
     """Tuning by epochs: set train.max_steps from the example count; returns the count (None: not by epochs)."""
-    if cfg.task != "tune" or not cfg.train.epochs or cfg.train.max_steps:
+    if not cfg.kind.by_epochs or not cfg.train.epochs or cfg.train.max_steps:
         return None
     examples = count_examples(cfg)
     cfg.train.max_steps = max(1, math.ceil(cfg.train.epochs * examples / cfg.train.global_batch_size))
@@ -175,7 +176,7 @@ def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     manifest = {}
     for src in cfg.data.sources:
         entries = []
-        for path in of_source(src, records=cfg.task == "tune").files:
+        for path in of_source(src, records=cfg.kind.records).files:
             stat = os.stat(path)
             entries.append(
                 {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}

@@ -43,16 +43,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mellama_train.data.readers import (
-    PmidDigest,
-    _format_of_name,
-    _open_binary,
-    _options,
-    _reading,
-    pmid_number,
-    pubmed_records,
-    sniff_format,
-)
+from mellama_train.data.files import _format_of_name, _open_binary, _options, _reading, sniff_format
+from mellama_train.data.pubmed_xml import PmidDigest, pmid_number, pubmed_records
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +77,7 @@ _PARALLEL_BYTES = 256 << 20  # below this in all, the files are scanned in this 
 
 
 def as_pmid(raw: bytes) -> int:
-    """A PMID element's raw text as the reader's parse reads it (readers.pmid_number)."""
+    """A PMID element's raw text as the reader's parse reads it (pubmed_xml.pmid_number)."""
     return pmid_number(raw.decode("utf-8", "replace"))
 
 

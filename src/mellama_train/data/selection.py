@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from mellama_train.config import SourceConfig
-from mellama_train.data.readers import (
+from mellama_train.data.fields import describe_columns
+from mellama_train.data.files import (
     _ACCEPTED,
     DataFileError,
     _format_of_name,
     _is_hf_dir,
     _open_text,
-    describe_columns,
     detect_format,
     sniff_format,
 )

@@ -20,7 +20,7 @@ exact same token; its saved length and short digest of its token ids catch a dif
 Data changes are detected by content, and cost one read of what the position has passed in this epoch:
 - the file list: the files' names (relative to their common directory, so a corpus moved as a whole is the
   same corpus) define each epoch's order, so a list with a file added, removed or renamed is a change;
-- the current file: an order-dependent digest of its records before the position (readers.RecordDigest,
+- the current file: an order-dependent digest of its records before the position (digests.RecordDigest,
   fed every record while streaming: every rank reads every record anyway) is recomputed while the resumed
   reader reads up to the position, and compared at load time, before step 1;
 - files finished earlier in this epoch: a digest of the raw bytes the reader pulled from the file (below any
@@ -60,21 +60,16 @@ import numpy as np
 from mellama_train import watchdog
 from mellama_train.config import Config, DataConfig, SourceConfig
 from mellama_train.data import pubmed
-from mellama_train.data.readers import (
+from mellama_train.data.digests import ByteTap, RecordDigest, short_digest
+from mellama_train.data.files import (
     DEFAULT_MAX_RECORD_BYTES,
-    ByteTap,
     DataFileError,
     ReadOptions,
-    RecordDigest,
     Skip,
     UnreadableFile,
-    byte_digest,
-    check_unit,
-    iter_records,
-    iter_texts,
-    prefix_digest,
-    short_digest,
 )
+from mellama_train.data.instruction_format import not_an_instruction
+from mellama_train.data.readers import byte_digest, check_unit, iter_records, iter_texts, prefix_digest
 from mellama_train.data.reasons import FILTER_REASONS, REASONS
 from mellama_train.data.selection import declared_format, describe_left_out, of_source
 
@@ -666,12 +661,12 @@ def check_sources(cfg: Config) -> list[str]:
             if not patterns:
                 continue
             try:
-                units = of_source(src, key, records=cfg.task == "tune").files
+                units = of_source(src, key, records=cfg.kind.records).files
             except DataFileError as err:
                 problems.append(str(err))
                 continue
             jobs += [(f"data.sources[{src.name}].{key}", unit, src) for unit in units]
-    record_mode = cfg.task == "tune"
+    record_mode = cfg.kind.records
 
     def check(job: tuple[str, str, SourceConfig]) -> str | None:
         label, unit, src = job
@@ -680,7 +675,7 @@ def check_sources(cfg: Config) -> list[str]:
             unit,
             src.text_field,
             record_mode=record_mode,
-            is_record=lambda record: _not_an_instruction(record, src.columns, label),
+            is_record=lambda record: not_an_instruction(record, src.columns, label),
             max_record_bytes=cfg.data.max_record_bytes,
             where=filters["where"],
             require_abstract=filters["require_abstract"],
@@ -717,36 +712,3 @@ def _collapsed(found: list[tuple[str, str]]) -> list[str]:
                 f"{label}: and {len(problems) - SAME_PROBLEM_SHOWN} more file(s) with the same problem"
             )
     return out
-
-
-_PROMPT_NAMES = {"question", "prompt", "query", "instruction", "input_text", "context", "problem", "q"}
-_ANSWER_NAMES = {"answer", "response", "output", "completion", "target", "output_text", "solution", "a"}
-"""Field names published QA sets use for the two sides of an example: the nearest `columns` mapping names them."""
-
-
-def _not_an_instruction(record: dict[str, Any], columns: dict[str, str], label: str) -> str | None:
-    """Why a record cannot be an instruction example (none of instruct.FORMATS), or None: the formats that
-    exist, the nearest match and the `columns` mapping that would take it. Field names only: they are the
-    file's schema, not its content."""
-    from mellama_train.data.instruct import FORMATS
-
-    def has(name: str) -> bool:
-        return record.get(columns.get(name, name)) is not None
-
-    if has("messages") or has("conversations") or (has("instruction") and has("output")):
-        return None
-    names = sorted(map(str, record))
-    fields = ", ".join(names[:12])
-    lists = [name for name in names if isinstance(record.get(name), list)]
-    asks = [n for n in names if n.lower() in _PROMPT_NAMES]
-    answers = [n for n in names if n.lower() in _ANSWER_NAMES]
-    if asks and answers:  # a question/answer table: the alpaca layout under other names
-        nearest = f"{{instruction: {asks[0]}, output: {answers[0]}}}"
-    elif lists:  # a list of turns under another name: the ShareGPT/OpenAI layouts
-        nearest = f"{{conversations: {lists[0]}}} (ShareGPT turns) or {{messages: {lists[0]}}}"
-    else:
-        nearest = "{instruction: question, output: answer}"
-    return (
-        f"it matches none of the instruction formats ({'; '.join(FORMATS)}): its fields are {fields}; map"
-        f" them with {label.rsplit('.', 1)[0]}.columns, e.g. {nearest}"
-    )

@@ -1,5 +1,5 @@
 """Write the trained model as a Hugging Face directory (`final/`): config, safetensors shards, tokenizer; and
-what each checkpoint carries so that `mellama-train export` (hf_export.py) can turn it into one later.
+what each checkpoint carries so that `mellama-train export` (export/verified.py) can turn it into one later.
 
 `final/`: the full 16-bit weights are gathered on rank 0 (ZeRO-3 partitions them over ranks), which holds the
 whole model in rank 0's host memory once. `mellama-train export` streams instead, shard by shard, from any step.
@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from mellama_train.backends import Backend, collectives
-from mellama_train.model_card import write_model_card
+from mellama_train.export.model_card import write_model_card
 
 HF_META = "hf"
 """The directory inside a checkpoint with its config, tokenizer and probe logits."""

@@ -19,7 +19,7 @@ under pressure, so they add to RSS but not to the memory the export needs.
 Verification (any failure: exit 1, the output left in OUT_DIR.partial for inspection, never in OUT_DIR):
 - names, shapes and parameter count equal those of the model its config.json describes;
 - no tensor is empty, non-finite, or all zero after the dtype cast where the checkpoint's fp32 value was not;
-- the logits of the checkpoint's probe sequence (computed by the training-time model at save time, export.py)
+- the logits of the checkpoint's probe sequence (computed by the training-time model at save time, export/final.py)
   are reproduced by the written model, loaded back by transformers from OUT_DIR in fp32, within the tolerance of
   the two precisions involved (PROBE_TOLERANCE). This load holds the model once in fp32 (4 bytes/parameter) on
   `--device` (cpu, cuda, or auto: accelerate spreads it over GPUs, host and disk); `--skip-probe` verifies the
@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from mellama_train import checkpoint, watchdog
-from mellama_train.export import HF_META, PROBE_FILE
+from mellama_train.export.final import HF_META, PROBE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +408,7 @@ def export_checkpoint(
         _check_probe(partial, ckpt, dtype, device, result)
     elif not probe:
         result.probe = {"skipped": True}
-    from mellama_train.model_card import write_model_card
+    from mellama_train.export.model_card import write_model_card
 
     write_model_card(partial, ckpt.parent.parent, "export", checkpoint=ckpt)
     result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,56 @@
+"""`mellama-train merge --base B --adapter A --out O`: fold a LoRA adapter into its base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from mellama_train.cli.common import error, os_error, traceback_if, watchdog_flag, watched
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="mellama-train merge",
+        description="Merge a LoRA adapter into its base and write a Hugging Face model (runs on CPU). Base and"
+        " adapter are read from safetensors only: a pickle-only file (.bin) is refused, never unpickled.",
+    )
+    p.add_argument("--adapter", required=True, metavar="PATH", help="adapter directory (<run>/adapter)")
+    p.add_argument("--base", metavar="PATH", help="base model directory (default: the one the adapter names)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output directory for the merged model")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights dtype (default bf16)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the base")
+    watchdog_flag(p, "the merge")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    base = args.base
+    if base is None:
+        config = Path(args.adapter) / "adapter_config.json"
+        if not config.is_file():
+            return error(f"--adapter {args.adapter}: no adapter_config.json; pass a PEFT adapter directory")
+        try:
+            base = json.loads(config.read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):
+            return error(f"{config} is not a JSON object; pass the adapter directory PEFT wrote")
+        if not base:
+            return error(f"{config} names no base model; pass --base")
+
+    import torch
+
+    from mellama_train.lora import merge_adapter
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    try:
+        with watched(args.watchdog_minutes, "merge"):
+            out = merge_adapter(base, args.adapter, args.out, dtype, args.trust_remote_code)
+    except ValueError as exc:
+        traceback_if(args.debug)
+        return error(str(exc))
+    except OSError as exc:
+        traceback_if(args.debug)
+        return error(os_error(exc))
+    print(f"done: {out}")
+    return 0
