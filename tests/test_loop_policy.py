@@ -130,6 +130,8 @@ class Script:
 
 
 class FakeMaker:
+    ds_config: dict[str, Any] = {}
+
     def __init__(self, script: Script, accum: int):
         self.script, self.accum = script, accum
 

@@ -55,8 +55,10 @@ class StopPolicy:
             )
         if stop_votes > 0:
             # Ranks get signals at different moments: they stop after the same step by acting on the shared count.
-            reason = self.flag.reason or "a peer rank's stop signal"
-            return Stop("signal", lambda saved: Preempted(step, reason))
+            # The reason is read after the save: this rank's own signal may have come in the meantime.
+            return Stop(
+                "signal", lambda saved: Preempted(step, self.flag.reason or "a peer rank's stop signal")
+            )
         return None
 
 

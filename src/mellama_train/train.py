@@ -121,16 +121,16 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         state.eval_baseline = forgetting.baseline
         return values
 
+    progress = tqdm(
+        total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True
+    )
+    window = Window.new(len(names), env.device)
     watchdog.beat("start-up")
     if run.eval_passes and state.step == 0:  # the baseline: the model before any training step
         watchdog.enter("step-0 evaluation")
         metrics.log(0, held_out())
         watchdog.beat("step-0 evaluation")
     watchdog.enter("training")
-    progress = tqdm(
-        total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True
-    )
-    window = Window.new(len(names), env.device)
     b.train()
     try:
         while state.step < cfg.total_steps:
@@ -187,8 +187,13 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
     """Collective start-up: the ranks, the run directory and its record, the data, the model inside the backend,
     and the resume from the start point."""
     t = cfg.train
-    ds_config = {} if t.backend == "single" else resolve_ds_config(t.ds_config, cfg)
-    maker = open_backend(t.backend, ds_config, cfg.optim, cfg.grad_accum_steps, t.loss_chunk_tokens)
+    maker = open_backend(
+        t.backend,
+        lambda: resolve_ds_config(t.ds_config, cfg),
+        cfg.optim,
+        cfg.grad_accum_steps,
+        t.loss_chunk_tokens,
+    )
     env = maker.start(t.dist_timeout_minutes)
     watchdog.beat("process group start-up")
     if t.world_size and t.world_size != env.world_size:
@@ -204,7 +209,7 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = write_run_record(
-            run_dir, cfg, ds_config, data_manifest(cfg), str(resume_from[0]) if resume_from else None
+            run_dir, cfg, maker.ds_config, data_manifest(cfg), str(resume_from[0]) if resume_from else None
         )
         watchdog.beat("PubMed update index")
         prepare_indexes(cfg, run_dir / INDEX_DIR)  # once, before every rank's streams load it

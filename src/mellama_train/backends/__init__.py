@@ -16,6 +16,7 @@ backend (FSDP2, a fake one in tests) is a new module here and nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from mellama_train.backends.base import Backend, BackendMaker, DistEnv, LossParts
@@ -24,9 +25,14 @@ __all__ = ["Backend", "BackendMaker", "DistEnv", "LossParts", "open_backend"]
 
 
 def open_backend(
-    name: str, ds_config: dict[str, Any], optim: Any, accum_steps: int, chunk_tokens: int
+    name: str,
+    ds_config: Callable[[], dict[str, Any]],
+    optim: Any,
+    accum_steps: int,
+    chunk_tokens: int,
 ) -> BackendMaker:
-    """The maker of backend `name` ("deepspeed" or "single"); only the chosen implementation is imported."""
+    """The maker of backend `name` ("deepspeed" or "single"); only the chosen implementation is imported.
+    `ds_config` resolves the DeepSpeed JSON, called once the ranks have joined (DeepSpeed only)."""
     if name == "single":
         from mellama_train.backends.single import SingleDeviceMaker
 

@@ -101,6 +101,9 @@ class BackendMaker(Protocol):
     """The three moments a backend is involved in before training: joining the ranks, building the model
     (ZeRO-3 partitions it as it is built), and wrapping it with an optimizer and schedule."""
 
+    ds_config: dict[str, Any]
+    """The DeepSpeed JSON as resolved once the ranks have joined (for the run record); {} without DeepSpeed."""
+
     def start(self, timeout_minutes: int) -> DistEnv: ...
 
     def building_model(self) -> contextlib.AbstractContextManager[torch.device | None]:

@@ -185,6 +185,7 @@ class SingleDeviceMaker:
     def __init__(self, optim: Any, accum_steps: int, chunk_tokens: int):
         self.optim, self.accum_steps, self.chunk_tokens = optim, accum_steps, chunk_tokens
         self._env: DistEnv | None = None
+        self.ds_config: dict[str, Any] = {}  # no DeepSpeed: --ds is ignored
 
     def start(self, timeout_minutes: int) -> DistEnv:
         self._env = local_env()

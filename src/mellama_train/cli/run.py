@@ -135,7 +135,7 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
     lines.append(f"total steps:             {d['total_steps']:,}")
     lines.append(f"warmup steps:            {d['warmup_steps']:,} ({cfg.optim.warmup_ratio:.0%} of total)")
     unit = cfg.kind.unit
-    lines.append(f"total {unit}:{' ' * (17 - len(unit))}{d[f'total_{unit}']:,}")
+    lines.append(f"total {unit}:{' ' * (18 - len(unit))}{d[f'total_{unit}']:,}")
     lines.append(f"{unit} per source at target weights (weights count {unit}):")
     per_source = d[f"{unit}_per_source"]
     for name, amount in per_source.items():

@@ -265,11 +265,15 @@ class DeepSpeedBackend:
 class DeepSpeedMaker:
     """`BackendMaker` for DeepSpeed: the launcher's process group, ZeRO-3 construction, `deepspeed.initialize`."""
 
-    def __init__(self, ds_config: dict[str, Any]):
-        self.ds_config = ds_config
+    def __init__(self, resolve_ds_config: Callable[[], dict[str, Any]]):
+        self._resolve = resolve_ds_config
+        self.ds_config: dict[str, Any] = {}
 
     def start(self, timeout_minutes: int) -> DistEnv:
-        return init_distributed(timeout_minutes)
+        env = init_distributed(timeout_minutes)
+        # Resolved only now: its batch keys depend on the world size, which MPI discovery sets during init.
+        self.ds_config = self._resolve()
+        return env
 
     @contextlib.contextmanager
     def building_model(self) -> Iterator[torch.device | None]:
