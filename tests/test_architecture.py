@@ -99,6 +99,13 @@ def test_no_import_cycle():
     assert all(set(cycle) <= KNOWN_CYCLE for cycle in cycles), cycles
 
 
+def test_no_module_imports_one_of_a_higher_layer():
+    """Foundation < config < data < backends and model < the training side < the command line
+    (tools/arch_metrics.py LAYERS): a lower layer that reaches up is how the old config <-> plan circle began."""
+    assert arch_metrics.measure()["upward_imports"] == []
+    assert arch_metrics.layer_of("mellama_train.data.source") < arch_metrics.layer_of("mellama_train.train")
+
+
 def test_the_entry_points_use_the_public_cli_only():
     for path in (REPO / "launch").glob("*.py"):
         imported = {

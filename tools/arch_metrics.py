@@ -37,6 +37,7 @@ LAYERS = [
         "integrity",
         "leftovers",
         "watchdog",
+        "preemption",
         "metrics",
         "data.reasons",
         "sample_data",

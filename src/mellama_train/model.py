@@ -1,24 +1,25 @@
-"""Tokenizer and LLaMA model construction (from a Hugging Face directory or a profile's shape), parameter
-groups for weight decay, and the FLOP count behind MFU."""
+"""LLaMA model construction (from a Hugging Face directory or a profile's shape), parameter groups for weight
+decay, and the FLOP count behind MFU. The tokenizer is data/tokenizer.py's (re-exported here)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from mellama_train.config import Config
+from mellama_train.data.tokenizer import load_tokenizer
 
-
-def load_tokenizer(cfg: Config) -> Any:
-    path = cfg.model.tokenizer or cfg.model.path
-    # transformers 5 builds a LLaMA tokenizer from `tokenizer.model` only through from_pretrained(dir);
-    # constructing LlamaTokenizer(vocab_file=...) directly silently yields an empty vocabulary.
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-    if tok.eos_token_id is None:
-        raise ValueError(f"model.tokenizer: {path} defines no EOS token; documents could not be separated")
-    return tok
+__all__ = [
+    "build_model",
+    "count_params",
+    "device_peak_flops",
+    "flops_per_token",
+    "load_tokenizer",
+    "model_config",
+    "param_groups",
+]
 
 
 def model_config(cfg: Config, vocab_size: int) -> Any:

@@ -120,7 +120,7 @@ Job = tuple[str, int, Any, Cap | None]
 
 def _start_worker(cfg: Config) -> None:
     from mellama_train.data.decontam import load_index
-    from mellama_train.model import load_tokenizer
+    from mellama_train.data.tokenizer import load_tokenizer
 
     _WORKER["tokenizer"] = load_tokenizer(cfg)
     _WORKER["cfg"] = cfg
@@ -262,7 +262,7 @@ def inspect(
 
 def _check_tokenizer(cfg: Config) -> None:
     """The run's tokenizer loads (here, before any worker starts), or one line naming the setting."""
-    from mellama_train.model import load_tokenizer
+    from mellama_train.data.tokenizer import load_tokenizer
 
     path = cfg.model.tokenizer or cfg.model.path
     if not path:
