@@ -67,16 +67,8 @@ mkdir -p "$output_dir/logs"
 rank_logs=$output_dir/logs/rank-%t.restart-$restart.log
 
 # --- python and defaults (what the user exported wins) ---------------------------------------------------
-venv=${MELLAMA_VENV:-$REPO/.venv}
-if [[ -f $venv/bin/activate ]]; then
-    set +u # activate scripts read unset variables
-    # shellcheck disable=SC1091
-    source "$venv/bin/activate"
-    set -u
-elif [[ -n ${MELLAMA_VENV:-} ]]; then
-    fail "MELLAMA_VENV=$MELLAMA_VENV has no bin/activate; point it at a virtualenv, or unset it to use PATH"
-fi
-python=$(command -v python || command -v python3) || fail "no python on PATH; run make setup or set MELLAMA_VENV=/path/to/venv"
+# shellcheck source=slurm/python_env.sh
+source "$REPO/slurm/python_env.sh"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 export PYTHONUNBUFFERED=${PYTHONUNBUFFERED:-1}
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-5}

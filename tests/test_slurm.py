@@ -294,3 +294,22 @@ def test_a_hung_step_is_dumped_requeued_once_and_resumed(slurm_cluster, tmp_path
     (record,) = resumed_records(out)
     assert record["resumed_from"].endswith("step_00000004")
     assert max(read_metrics(out / "metrics.jsonl")) == 8 and (out / "final" / "model.safetensors").is_file()
+
+
+def test_prepare_as_an_array_job_tokenizes_every_file_once_and_writes_one_manifest(slurm_cluster, tmp_path):
+    """slurm/prepare.sh: two array tasks share the files (--part K/N); the one that finishes last writes the
+    manifest, which covers every file of every source."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("{}\n")  # the tiny profile's sources as they are
+    out = tmp_path / "corpus"
+    logs = tuple(tmp_path / f"prepare-{i}.log" for i in (0, 1))
+    args = ["--array=0-1", "--ntasks-per-node=1", f"--output={tmp_path}/prepare-%a.log"]
+    with slurm_job([*args, "slurm/prepare.sh", str(recipe), str(out)], tmp_path / "unused.log") as job_id:
+        wait_for(lambda: not sh("squeue", "-h", "-j", job_id).stdout.strip(), 600, f"array {job_id}", logs)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["sources"]) == {"pubmed", "mimic", "redpajama"}, tail(*logs)
+    shards = [f["shard"] for entry in manifest["sources"].values() for f in entry["files"]]
+    assert len(shards) == len(set(shards)) == len(list(out.glob("*/*.tokens.npy")))
+    texts = [log.read_text() for log in logs]
+    assert all("prepare part" in text for text in texts)
+    assert any("prepared: " in text for text in texts), tail(*logs)  # the last one to finish wrote it

@@ -3,6 +3,7 @@
     cli/
       run.py             pretrain and tune (launch/pretrain.py, launch/tune.py): parse -> resolve -> preflight -> train
       data.py            data inspect          plan.py       plan           merge.py        merge
+      prepare.py         prepare (tokenize once)
       launch.py          launch (signals, exit codes)        status.py     status, report
       export.py          export                eval_harness.py eval-harness  decontaminate.py decontaminate
       common.py          one-line failures, --debug, a rank's closing line, leaving every rank together
@@ -23,6 +24,7 @@ from mellama_train.cli.export import export_main
 from mellama_train.cli.launch import launch_main
 from mellama_train.cli.merge import merge_main
 from mellama_train.cli.plan import plan_main
+from mellama_train.cli.prepare import prepare_main
 from mellama_train.cli.run import pretrain_main, run_main, tune_main
 from mellama_train.cli.status import report_main, status_main
 from mellama_train.exit_codes import EXIT_CONFIG
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> Any:
         "eval-harness": eval_harness_main,
         "decontaminate": decontaminate_main,
         "data": data_main,
+        "prepare": prepare_main,
     }
     if not argv or argv[0] not in commands:
         print(
