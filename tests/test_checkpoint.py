@@ -40,8 +40,11 @@ MODEL = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 class StubEngine:
     """What checkpoint.save/load need of a backend, writing files shaped like DeepSpeed's ZeRO-3 ones."""
 
-    def __init__(self, steps: int = 0, shard_bytes: int = 4000, fail_load: bool = False):
+    def __init__(
+        self, steps: int = 0, shard_bytes: int = 4000, fail_load: bool = False, reshapes: bool = False
+    ):
         self.steps, self.shard_bytes, self.fail_load = steps, shard_bytes, fail_load
+        self.reshapes = reshapes
         self.loaded: list[str] = []
 
     def save(self, checkpoints_dir: str, tag: str) -> dict[str, integrity.FileDigest]:
@@ -61,10 +64,10 @@ class StubEngine:
     def read_file(self, path: str, mmap: bool = False):
         return ds_files.safe_load(path, mmap=mmap)  # the DeepSpeed backend's own reader
 
-    def load(self, checkpoints_dir: str, tag: str) -> None:
+    def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
         if self.fail_load:
             raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central")
-        self.loaded.append(tag)
+        self.loaded.append((tag, reshape) if reshape else tag)
         self.steps = int(tag.split("_")[1])
 
     @property
@@ -407,16 +410,45 @@ def test_a_shard_that_fails_to_load_after_every_check_is_one_line_naming_the_pre
     assert message.endswith(f"resume from the previous checkpoint with --resume {older}")
 
 
-def test_resume_on_another_world_size_is_refused_saying_the_data_position_cannot_be_remapped(tmp_path):
+def test_resume_on_another_world_size_moves_only_a_prepared_corpus_position(tmp_path, monkeypatch):
     saved(tmp_path, 2)
-    saved(tmp_path, 4)  # written by 1 rank
-    stub = StubEngine()
+    saved(tmp_path, 4)  # written by 1 rank, streaming its sources
+    stub = StubEngine()  # a backend that cannot re-partition its states
+    with pytest.raises(ValueError, match="written by 1 ranks but this run has 4; relaunch on 1 ranks"):
+        checkpoint.load(stub, resume_candidates(tmp_path, "auto"), rank=0, world_size=4)
+    stub.reshapes = True  # one that can (DeepSpeed's universal checkpoint)
     with pytest.raises(ValueError) as err:
         checkpoint.load(stub, resume_candidates(tmp_path, "auto"), rank=0, world_size=4)
     message = str(err.value)
-    assert "written by 1 data-parallel ranks but this run has 4" in message
-    assert "cannot be remapped exactly" in message and "relaunch on the original 1 ranks" in message
+    assert "written by 1 data-parallel ranks but this run has 4, and its sources are streamed" in message
+    assert "relaunch on 1 ranks, or train over a prepared corpus (`mellama-train prepare`" in message
     assert stub.loaded == []  # refused before anything was loaded, not passed over for an older one
+
+    # A prepared corpus's position is the step, the same on every rank: rank 3 of 4 reads rank 0's file.
+    trainer = TrainerState(step=6, tokens_by_source={"pubmed": 64 * 6})
+    data = {"tokens_by_source": {"pubmed": 64 * 6}, "prepared": {"step": 6}}
+    checkpoint.save(StubEngine(6), tmp_path / "checkpoints", trainer, data, 0, 5)
+    # A rank file whose prepared position is not the checkpoint's step (re-sealed by whoever planted it) is
+    # damaged: its sequences would repeat or be skipped.
+    planted = tmp_path / "planted"
+    data_wrong = {"tokens_by_source": {"pubmed": 64 * 6}, "prepared": {"step": 2}}
+    checkpoint.save(StubEngine(6), planted / "checkpoints", trainer, data_wrong, 0, 5)
+    with pytest.raises(ValueError, match="data position is at step 2"):
+        checkpoint.load(StubEngine(6), resume_candidates(planted, "auto"), 0, 1)
+
+    gather = checkpoint.collectives.gather_objects
+    for rank in (0, 3):
+        if rank:  # rank 0's verdict answers for the whole run's tokens (this process plays rank 3 alone)
+            rank0 = checkpoint._Verdict(tokens=dict(trainer.tokens_by_source))
+
+            def with_rank0(obj, rank0=rank0):
+                return [rank0, obj] if isinstance(obj, checkpoint._Verdict) else gather(obj)
+
+            monkeypatch.setattr(checkpoint.collectives, "gather_objects", with_rank0)
+        stub = StubEngine(reshapes=True)
+        path, state, position = checkpoint.load(stub, resume_candidates(tmp_path, "auto"), rank, 4)
+        assert (path.name, state.step, position["prepared"]) == ("step_00000006", 6, {"step": 6})
+        assert stub.loaded == [("step_00000006", True)]
 
 
 # ---- saving never destroys a complete checkpoint ----------------------------------------------------------
@@ -607,3 +639,60 @@ def test_status_verify_hashes_every_checkpoint_and_names_a_damaged_one(tmp_path,
     assert main(["status", str(tmp_path), "--verify"]) == 1
     out = capsys.readouterr().out
     assert f"step_00000002 (DAMAGED: {older / SHARD} changed after it was written" in out
+
+
+def test_weights_only_loading_survives_a_nested_use(tmp_path):
+    """DeepSpeed's loader calls our checkpoint engine's load inside our own safe_loading: leaving the inner one
+    must not disallow DeepSpeed's plain classes for the rest of the outer one."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    path = tmp_path / "optimizer_state.pt"
+    torch.save({"zero_stage": ZeroStageEnum.weights}, path)
+    with ds_files.safe_loading():
+        ds_files.safe_load(str(path))  # nested
+        assert torch.load(path, weights_only=False)["zero_stage"] == ZeroStageEnum.weights
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # and outside, refused again
+
+
+def test_a_kept_universal_conversion_is_used_only_for_the_checkpoint_it_was_made_from(tmp_path, monkeypatch):
+    """step_N.universal/ sits beside step_N/ for weeks: it is reused only while its seal names this very
+    checkpoint (a step retrained later is another checkpoint under the same name) and its files are intact."""
+    from mellama_train.backends.deepspeed import universal
+
+    step = saved(tmp_path, 2)
+    made = []
+
+    def fake_convert(step_dir, partial, workers):  # what the child process does, without DeepSpeed
+        partial.mkdir(parents=True)
+        (partial / "zero").mkdir()
+        (partial / "zero" / "optimizer_state.pt").write_bytes(b"states")
+        made.append(step_dir.name)
+        digests = integrity.digests_of(universal._files(partial))
+        files = {str(p.relative_to(partial)): [d.size, d.sha256] for p, d in digests.items()}
+        (partial / universal.SEAL).write_text(
+            json.dumps({"source": universal._source(step_dir), "files": files})
+        )
+
+    class Child:
+        def __init__(self, args, stdout=None):
+            fake_convert(Path(args[3]), Path(args[4]), int(args[5]))
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(universal.subprocess, "Popen", Child)
+
+    def convert_now() -> None:
+        job = universal.Conversion(step, 1)
+        assert job.poll(0.1) is None
+
+    convert_now()
+    convert_now()  # sealed and of this checkpoint: reused
+    assert made == [step.name]
+    (step.with_name(step.name + ".universal") / "zero" / "optimizer_state.pt").write_bytes(b"tampered")
+    convert_now()  # a file that no longer matches its seal: converted again
+    (step / COMPLETE).write_text((step / COMPLETE).read_text() + " ")  # the step written again since
+    convert_now()
+    assert made == [step.name] * 3
+    assert not (step.parent / "latest_universal").exists()

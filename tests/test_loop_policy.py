@@ -100,7 +100,9 @@ class FakeBackend:
         state = integrity.safe_load(str(Path(step_dir) / STATE))
         return {**state, "scheduler_steps": -1}
 
-    def load(self, checkpoints_dir: str, tag: str) -> None:
+    reshapes = False
+
+    def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
         state = integrity.safe_load(str(Path(checkpoints_dir) / tag / STATE))
         self.optimizer_steps, self.skipped = state["global_steps"], state["skipped_steps"]
         self.micro = self.optimizer_steps * self.accum

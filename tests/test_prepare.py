@@ -88,6 +88,7 @@ def test_a_killed_prepare_redoes_only_what_was_not_finished(downloads, prepared,
     assert rewritten == {
         copy / "pubmed" / f"{victim.stem}.tokens.npy",
         copy / "pubmed" / f"{victim.stem}.docs.npy",
+        copy / "pubmed" / f"{victim.stem}.index.npy",
     }
 
 
@@ -131,6 +132,16 @@ def _corrupt(out: Path, tmp_path: Path, plant) -> str:
     message = str(caught.value)
     assert "\n" not in message and "Traceback" not in message
     return message
+
+
+def _swap_for_file(directory: Path) -> None:
+    shutil.rmtree(directory)
+    directory.write_text("not a directory")
+
+
+def _link_loop(path: Path) -> None:
+    path.unlink()
+    path.symlink_to(path.name)
 
 
 def _replace(path: Path, content) -> None:
@@ -180,6 +191,19 @@ def _edit_manifest(change):
             "not token",
         ),
         (lambda root: _replace(root / "redpajama" / "00000.tokens.npy", None), "holds NpzFile"),
+        (
+            lambda root: _replace(root / "redpajama" / "00000.index.npy", np.zeros(99, np.int64)),
+            "does not index",
+        ),
+        (lambda root: (root / "mimic" / "00000.index.npy").unlink(), "missing"),
+        (lambda root: _replace(root / "mimic" / "00000.index.npy", np.array([10**12])), "does not index"),
+        (lambda root: (root / "pubmed" / "00000.tokens.npy").write_bytes(b""), "cannot be read"),
+        (lambda root: _swap_for_file(root / "mimic"), "cannot be read"),
+        (
+            _edit_manifest(lambda m: m["sources"]["mimic"]["files"][0].update(shard="m" * 5000)),
+            "cannot be read",
+        ),
+        (lambda root: _link_loop(root / "redpajama" / "00000.tokens.npy"), "prepare again"),
         (lambda root: _replace(root / "redpajama" / "00000.tokens.npy", "link"), "outside"),
         (lambda root: (root / MANIFEST).write_text("[" * 100_000), "not a readable manifest"),
         (lambda root: (root / MANIFEST).unlink(), "mellama-train prepare"),
@@ -201,7 +225,57 @@ def test_offsets_that_do_not_rise_are_refused(prepared, tmp_path):
         docs[1], docs[2] = docs[2], docs[1]
         np.save(path, docs)
 
-    assert "do not rise" in _corrupt(out, tmp_path, plant)
+    copy = tmp_path / "corpus"
+    shutil.copytree(out, copy)
+    plant(copy)
+    # Found where the offsets are read, not by a scan of every shard at start-up.
+    source = open_prepared(copy, load_tokenizer(resolve("tiny")))["redpajama"]
+    with pytest.raises(ValueError, match="redpajama shard 00000: document offsets do not rise"):
+        source.span(0, min(source.total_tokens, 4096))
+
+
+def test_an_index_that_disagrees_with_its_offsets_is_refused_where_it_is_read(tmp_path):
+    copy = tmp_path / "corpus"
+    prepare(resolve("tiny"), copy, workers=1)  # the sample PubMed files hold 900 documents each
+    # A shard with more than one page of offsets (over 512 documents).
+    path = next(p for p in sorted(copy.rglob("*.index.npy")) if np.load(p).size >= 2)
+    index = np.load(path)
+    index[1] += 1
+    np.save(path, index)
+    name, number = path.parent.name, int(path.name.split(".")[0])
+    tokenizer = load_tokenizer(resolve("tiny"))
+    source = open_prepared(copy, tokenizer)[name]
+    # A window whose documents are found through the damaged entry.
+    start = int(source.starts[number]) + int(source.offsets[number][512]) + 1
+    with pytest.raises(ValueError, match=f"{name} shard {number:05d}: its index disagrees with its offsets"):
+        source.span(start, 64)
+
+    # Offsets put out of order, with an index rewritten to match them: refused where they are read, not
+    # searched into wrong document starts.
+    docs_path = path.with_name(path.name.replace(".index.", ".docs."))
+    docs = np.load(docs_path)
+    docs[100:200] = docs[100:200][::-1].copy()
+    np.save(docs_path, docs)
+    np.save(path, docs[::512])
+    source = open_prepared(copy, tokenizer)[name]
+    start = int(source.starts[number]) + int(docs[150])
+    with pytest.raises(
+        ValueError, match="document offsets do not rise; the shard is damaged: delete its .json"
+    ):
+        source.span(start, 64)
+
+
+def test_prepare_again_redoes_a_shard_whose_arrays_no_longer_match_its_record(prepared, tmp_path, downloads):
+    out, manifest = prepared
+    _, recipe = downloads
+    copy = tmp_path / "corpus"
+    shutil.copytree(out, copy)
+    path = copy / "mimic" / "00000.tokens.npy"
+    np.save(path, np.load(path)[:10])  # truncated: its record still says the old count
+    with pytest.raises(ValueError, match="disagree with the manifest"):
+        open_prepared(copy, load_tokenizer(resolve("tiny")))
+    assert prepare(resolve("tiny", str(recipe)), copy, workers=1)["sources"] == manifest["sources"]
+    assert open_prepared(copy, load_tokenizer(resolve("tiny")))["mimic"].total_tokens > 10
 
 
 def test_the_command_prints_the_totals_and_refuses_instruction_data(downloads, tmp_path, capsys):

@@ -337,6 +337,8 @@ def _prune(checkpoints_dir: Path, keep_last: int, just_written: Path | None = No
         # damaged and passes over, never a "complete" husk.
         (old / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
+        for derived in checkpoints_dir.glob(f"{old.name}.*"):  # its universal conversion (backends/deepspeed)
+            shutil.rmtree(derived, ignore_errors=True)
     newest = _step_of(every[-1]) if every else None
     for partial in incomplete_checkpoints(checkpoints_dir):
         step = _step_of(partial)
@@ -627,24 +629,25 @@ def _examine_or_raise(backend: Backend, path: Path, rank: int, world_size: int) 
         return _Verdict(f"{path / TRAINER_STATE} cannot be read ({type(exc).__name__})")
     if type(trainer.step) is not int or type(trainer.world_size) is not int:
         return _Verdict(f"{path / TRAINER_STATE} is not a trainer state this trainer wrote")
-    if trainer.world_size != world_size:
-        return _Verdict(
-            refusal=f"{path} was written by {trainer.world_size} data-parallel ranks but this run has {world_size}:"
-            " each rank's position in the data cannot be remapped exactly to another number of ranks (documents"
-            f" would be repeated or skipped), so resuming is refused; relaunch on the original {trainer.world_size}"
-            " ranks"
-        )
+    reshaped = trainer.world_size != world_size
+    # On another world size, this rank reads the files of a rank that wrote the checkpoint: its own when there
+    # was one, else rank 0's. Only the position of a prepared-corpus run is the same on every rank.
+    reading = rank if rank < trainer.world_size else 0
+    if reshaped and (refusal := _reshape_refusal(backend, path, trainer.world_size, world_size)):
+        return _Verdict(refusal=refusal)
+    if reshaped and reading != rank and (problem := verify(path, deep=True, rank=reading)):
+        return _Verdict(problem)
     step = _step_of(path)
-    rank_file = _rank_file(path, rank)
+    rank_file = _rank_file(path, reading)
     try:
         # Every .pt file this rank reads is unpickled weights-only before DeepSpeed touches it, so a pickle that
         # would build anything but tensors and plain data fails here, where the ranks can still agree to fall
         # back, and never runs (an attacker who also rewrote the manifest's digests gets this far).
         for name, entry in read_manifest(path).files.items():
-            if entry["rank"] == rank and name.endswith(".pt"):
+            if entry["rank"] == reading and name.endswith(".pt"):
                 backend.read_file(str(path / name), mmap=True)
         rank_state = integrity.safe_load(str(rank_file))
-        counters = backend.saved_counters(str(path), rank)
+        counters = backend.saved_counters(str(path), reading)
     except Exception as exc:  # noqa: BLE001 (whatever torch.load raises on a crafted or damaged pickle)
         return _Verdict(f"a file of {path} cannot be loaded safely ({_load_error(exc)})")
     if problem := _rank_state_problem(rank_state, rank_file):
@@ -652,7 +655,12 @@ def _examine_or_raise(backend: Backend, path: Path, rank: int, world_size: int) 
     disagree = []
     if trainer.step != step:
         disagree.append(f"trainer.json says step {trainer.step}")
-    if rank_state.get("step") != step or rank_state.get("rank") != rank:
+    position = rank_state["data"].get("prepared")
+    if (
+        isinstance(position, dict) and position.get("step") != step
+    ):  # a prepared corpus's position is the step
+        disagree.append(f"{rank_file.name}'s data position is at step {str(position.get('step'))[:20]}")
+    if rank_state.get("step") != step or rank_state.get("rank") != reading:
         disagree.append(
             f"{rank_file.name} says step {rank_state.get('step')} of rank {rank_state.get('rank')}"
         )
@@ -666,7 +674,30 @@ def _examine_or_raise(backend: Backend, path: Path, rank: int, world_size: int) 
             )
     if disagree:
         return _Verdict(f"{path.name}'s counters disagree: {'; '.join(disagree)}")
+    if reshaped:
+        if "prepared" not in rank_state["data"]:
+            return _Verdict(refusal=_streamed_refusal(path, trainer.world_size, world_size))
+        # The ranks' split of the tokens is the old world size's: rank 0 answers for the whole run.
+        return _Verdict(tokens=dict(trainer.tokens_by_source) if rank == 0 else {})
     return _Verdict(tokens=dict(rank_state["tokens_by_source"]))
+
+
+def _streamed_refusal(path: Path, saved: int, now: int) -> str:
+    return (
+        f"{path} was written by {saved} data-parallel ranks but this run has {now}, and its sources are streamed:"
+        " each rank's position in them cannot be remapped to another number of ranks (documents would be"
+        f" repeated or skipped); relaunch on {saved} ranks, or train over a prepared corpus (`mellama-train"
+        " prepare`, docs/DATA.md), whose order does not depend on the number of ranks"
+    )
+
+
+def _reshape_refusal(backend: Backend, path: Path, saved: int, now: int) -> str | None:
+    """Why this checkpoint's states cannot move to `now` ranks, or None: the backend must be able to
+    re-partition them (DeepSpeed's universal checkpoint). Its data position is judged once its files are
+    verified: only a prepared corpus's moves."""
+    if not backend.reshapes:
+        return f"{path} was written by {saved} ranks but this run has {now}; relaunch on {saved} ranks"
+    return None
 
 
 def load(
@@ -701,7 +732,7 @@ def load(
             damaged.append(problem)
             continue
         try:
-            backend.load(str(path.parent), path.name)
+            backend.load(str(path.parent), path.name, reshape=trainer.world_size != world_size)
         except Exception as exc:  # whatever DeepSpeed raises on a file that passed every check above
             raise ValueError(_unloadable(path, exc)) from exc
         progress(f"loaded {path.name}")
@@ -710,7 +741,7 @@ def load(
                 f"{path}: the backend restored {backend.optimizer_steps} optimizer steps but the checkpoint is of step"
                 f" {trainer.step}; resume from the previous checkpoint with --resume PATH"
             )
-        rank_state = integrity.safe_load(str(_rank_file(path, rank)))
+        rank_state = integrity.safe_load(str(_rank_file(path, rank if rank < trainer.world_size else 0)))
         _set_rng_state(rank_state["rng"])
         if damaged and rank == 0:
             log.warning(

@@ -90,7 +90,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "train.forgetting_margin",
         "train.stop_on_forgetting",
         "data.mixture_tolerance",  # the drift alarm's threshold
-        "train.world_size",  # sizes a dry-run only; checkpoint.load refuses a real world-size change
+        "train.world_size",  # sizes a dry-run only; checkpoint.load judges a real world-size change
         "train.gpu_memory_gib",  # the start-up memory check only
         "train.loss_chunk_tokens",  # the same loss, computed in chunks
         "model.gradient_checkpointing",  # memory for compute, same math

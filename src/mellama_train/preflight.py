@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -21,8 +22,10 @@ from pathlib import Path
 from mellama_train.config import SOURCE_FORMATS, TASKS, TUNE, Config, freeze
 from mellama_train.data.cleaners import CLEANERS
 from mellama_train.data.instruction_format import FIELDS as INSTRUCTION_FIELDS
-from mellama_train.data.pipeline import plan_epochs
+from mellama_train.data.pipeline import open_order, plan_epochs
+from mellama_train.data.prepared import check_prepared, prepared_sources
 from mellama_train.data.source import check_sources
+from mellama_train.data.tokenizer import load_tokenizer
 from mellama_train.ds_config import check_ds_config
 from mellama_train.integrity import pickle_only_problem
 from mellama_train.plan import make_plan
@@ -162,9 +165,16 @@ def _check_sources(cfg: Config, p: list[str], missing: list[str]) -> None:
             p.append(f"{label}.name must be letters, digits, _ or - (got {s.name!r}); it names metrics")
         if names.count(s.name) > 1 and names.index(s.name) == i:
             p.append(f"{label}.name is used by {names.count(s.name)} sources; give each source its own name")
-        if not s.weight > 0:
+        if not math.isfinite(s.weight):
+            p.append(f"{label}.weight must be a finite number (got {s.weight}); give it a weight, e.g. 1")
+        elif not s.weight > 0:
             p.append(f"{label}.weight must be > 0 (got {s.weight}); drop the source or give it a weight")
-        if not s.paths:
+        if s.prepared is not None and not str(s.prepared).strip():
+            p.append(
+                f"{label}.prepared is empty (an unset variable?); give the directory `mellama-train prepare`"
+                " wrote, or drop the key to stream the source's paths"
+            )
+        if not s.paths and not s.prepared:
             missing.append(f"{label}.paths: the files, directories or globs of this source")
         unknown = [c for c in s.cleaners if c not in CLEANERS]
         if unknown:
@@ -254,6 +264,8 @@ def _check_data(cfg: Config, p: list[str], missing: list[str]) -> None:
         )
     else:  # every file of every source opened now, so a bad one is named before step 1 (data/source.py)
         p += check_sources(cfg)
+    if prepared_sources(cfg):
+        p += _check_prepared(cfg)
     if t.forgetting_margin < 0:
         p.append(f"train.forgetting_margin must be >= 0 (got {t.forgetting_margin})")
     if t.watchdog_minutes < 0 or t.max_consecutive_skips < 0 or t.loss_spike_factor < 0:
@@ -270,6 +282,23 @@ def _check_data(cfg: Config, p: list[str], missing: list[str]) -> None:
         p.append(
             f"train.eval_every must be >= 0 and train.eval_batches > 0 (got {t.eval_every}, {t.eval_batches})"
         )
+
+
+def _check_prepared(cfg: Config) -> list[str]:
+    """A recipe over prepared corpora: each corpus against its manifest, the tokenizer and the recipe, and the
+    order over them (a source under one sequence, a weight too small to give one)."""
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except Exception:  # noqa: BLE001 (a missing or broken tokenizer is reported by the model checks)
+        return []
+    problems = check_prepared(cfg, tokenizer)
+    weights_ok = all(math.isfinite(s.weight) and s.weight > 0 for s in cfg.data.sources)
+    if not problems and weights_ok:  # (a bad weight is reported with the source's fields)
+        try:
+            open_order(cfg, tokenizer)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def _check_optimizer(cfg: Config, p: list[str]) -> None:

@@ -49,6 +49,9 @@ def resume(
             state.data_changes.append(entry)
     if record is not None and loaded != candidates[0]:
         amend_run_record(record, resumed_from=str(loaded))  # damaged ones were passed over
+    if state.world_size != env.world_size:  # a prepared corpus's run, moved to another number of ranks
+        log.info("resumed on %d ranks a checkpoint written by %d", env.world_size, state.world_size)
+        state.world_size = env.world_size
     log.info("resumed from %s at step %d", loaded, state.step)
     return state
 

@@ -78,7 +78,15 @@ class Backend(Protocol):
         """Collective: write this rank's files of checkpoint `tag`; {path: integrity.FileDigest}."""
         ...
 
-    def load(self, checkpoints_dir: str, tag: str) -> None: ...
+    def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
+        """Collective: restore checkpoint `tag`; `reshape`: it was written by another number of ranks (only when
+        `reshapes`)."""
+        ...
+
+    @property
+    def reshapes(self) -> bool:
+        """Whether this backend's checkpoints can be loaded by another number of ranks than wrote them."""
+        ...
 
     def saved_counters(self, step_dir: str, rank: int) -> dict[str, int] | None:
         """{"global_steps", "skipped_steps", "scheduler_steps"} of a checkpoint, read before loading it."""

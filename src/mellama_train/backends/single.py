@@ -151,7 +151,11 @@ class SingleDeviceBackend:
             "scheduler_steps": int(state["scheduler"].get("last_epoch", -1)),
         }
 
-    def load(self, checkpoints_dir: str, tag: str) -> None:
+    @property
+    def reshapes(self) -> bool:
+        return False  # one process, always: there is no other number of ranks to move to
+
+    def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
         path = Path(checkpoints_dir) / tag / STATE_FILE
         if not path.is_file():
             raise ValueError(

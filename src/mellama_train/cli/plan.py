@@ -38,6 +38,7 @@ def plan_main(argv: list[str] | None = None) -> int:
         help="memory of one GPU (default: train.gpu_memory_gib, else 80)",
     )
     args = p.parse_args(argv)
+    from mellama_train.data.pipeline import prepared_schedule
     from mellama_train.plan import make_plan, render
 
     try:
@@ -50,4 +51,6 @@ def plan_main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         return error(str(exc))
     print(render(plan))
+    if schedule := prepared_schedule(cfg):  # a recipe over prepared corpora: its exact per-source epochs
+        print("\n".join(["", *schedule]))
     return 0 if plan.fits else EXIT_CONFIG

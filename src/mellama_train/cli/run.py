@@ -145,9 +145,12 @@ def render_dry_run(cfg: Config, problems: list[str], missing: list[str]) -> str:
 
 
 def _finish_dry_run(lines: list[str], problems: list[str], missing: list[str], cfg: Config) -> str:
+    from mellama_train.data.pipeline import prepared_schedule
     from mellama_train.plan import make_plan, render
 
     lines += ["", *render_data_files(cfg)]
+    if schedule := prepared_schedule(cfg):
+        lines += ["", *schedule]
     try:
         lines += ["", render(make_plan(cfg))]
     except ValueError as exc:

@@ -99,6 +99,11 @@ class SourceConfig(_Freezable):
     dataset: str | None = None
     """(tune) An entry of LLaMA-Factory's dataset_info.json, in the directory `paths` names: its file_name,
     formatting, columns and tags become this source's files and columns (columns set here win)."""
+    prepared: str | None = None
+    """(pretrain) A directory written by `mellama-train prepare`: this source's documents are read from its
+    token shards there (the source of the same name), not read and tokenized at run time. `paths` may then be
+    left empty; given, its files and this source's filters must be those the corpus was prepared from. With
+    every source prepared, the data order no longer depends on the number of ranks (docs/DATA.md)."""
     license: str | None = None
     """License / data-use note of this source, e.g. "PhysioNet Credentialed Health Data License 1.5.0"; copied
     into every checkpoint's trainer.json and into the model card (README.md) of `final/` and `adapter/`."""

@@ -131,7 +131,7 @@ def _read_file(job: Job) -> tuple[Counts, int]:
     """Read one file of source number `index` as a run would (only its first part when capped), and tokenize
     what it would train on. Returns the counts and the file bytes they stand for."""
     from mellama_train.data.decontam import screened
-    from mellama_train.data.pipeline import document_encoder
+    from mellama_train.data.encoding import document_encoder
     from mellama_train.data.source import source_filters
 
     path, index, update, cap = job
@@ -236,6 +236,11 @@ def inspect(
         raise ValueError("data inspect counts pretraining corpora; for instruction data use --dry-run")
     if sample_bytes is not None and sample_bytes <= 0:
         raise ValueError(f"the sample must be larger than 0 bytes (got {sample_bytes})")
+    if prepared := [src.name for src in cfg.data.sources if src.prepared]:
+        raise ValueError(
+            f"data.sources{prepared} are prepared: their exact counts are in the prepared manifest, and"
+            " --dry-run prints their tokens, epochs and wrap steps"
+        )
     _check_tokenizer(cfg)
     planned = cfg.derived().get("tokens_per_source", {})
     shares = cfg.source_fractions()

@@ -106,6 +106,11 @@ class Mixture:
         """Restore every source's position (each checks its data first: `share`, this rank's share of the
         files finished earlier in the epoch; None, all of them); returns the data changes continued over
         (data.accept_changes), for the run's record."""
+        if "prepared" in state:
+            raise ValueError(
+                "the checkpoint was written by a run over a prepared corpus; resume it with the same prepared"
+                " sources (data.sources[].prepared), or start a new run"
+            )
         saved = set(state["sources"])
         if saved != set(self.names):
             raise ValueError(

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -14,15 +15,17 @@ import torch
 
 from mellama_train.config import Config
 from mellama_train.data import pubmed
-from mellama_train.data.cleaners import get_cleaner
 from mellama_train.data.decontam import load_index, screened
-from mellama_train.data.files import Skip
+from mellama_train.data.encoding import document_encoder, make_encoder
 from mellama_train.data.instruct import build_instruct_batches, build_instruct_eval_batches
 from mellama_train.data.mixture import Mixture
+from mellama_train.data.ordered import GlobalOrder, OrderedBatches
 from mellama_train.data.packing import PackedBatches
+from mellama_train.data.prepared import MANIFEST, open_sources, prepared_sources
 from mellama_train.data.readers import count_records
 from mellama_train.data.selection import declared_format, of_source
 from mellama_train.data.source import Exhausted, SkipLimit, SourceStream, check_sources
+from mellama_train.data.tokenizer import load_tokenizer
 
 __all__ = [  # check_sources lives with the streams it checks for; it is part of this module's interface
     "build_eval_batches",
@@ -32,52 +35,11 @@ __all__ = [  # check_sources lives with the streams it checks for; it is part of
     "data_manifest",
     "document_encoder",
     "make_encoder",
+    "open_order",
     "plan_epochs",
     "prepare_indexes",
+    "prepared_schedule",
 ]
-
-
-def make_encoder(tokenizer: Any):
-    """Text -> token ids without special tokens.
-
-    A fast (Rust) tokenizer is called directly through its public `backend_tokenizer`: the same `encode` the
-    transformers wrapper ends in, without the wrapper's per-call Python work (a fifth of the pipeline's time on
-    the sample corpora, docs/PERFORMANCE.md). Other tokenizers go through the wrapper."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None:
-
-        def encode_fast(text: str) -> list[int]:
-            return backend.encode(text, add_special_tokens=False).ids
-
-        return encode_fast
-
-    def encode(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    return encode
-
-
-def document_encoder(tokenizer: Any, cleaners: list[str], min_chars: int = 0):
-    """Text -> cleaned BOS + tokens + EOS (LLaMA-2's document convention), or a Skip if nothing is left
-    ("empty") or less than `min_chars` characters are ("too_short": a filter the source asked for).
-
-    Special tokens are added by id rather than by `add_special_tokens`: some LLaMA tokenizer directories add
-    no BOS, or drop BOS when asked for EOS, and the convention must not depend on such settings."""
-    encode, clean = make_encoder(tokenizer), get_cleaner(cleaners)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-
-    def encode_document(text: str) -> list[int] | Skip:
-        text = clean(text)
-        if 0 < len(text.strip()) < min_chars:
-            return Skip("too_short", f"{len(text.strip())} characters after cleaning, under min_chars")
-        try:
-            ids = encode(text)
-        except (TypeError, ValueError, UnicodeError) as err:  # the tokenizer's own verdict on this record
-            return Skip("tokenizer_rejected", type(err).__name__)
-        return bos + ids + eos if ids else Skip("empty", "empty after cleaning")
-
-    return encode_document
 
 
 def build_train_batches(
@@ -87,6 +49,15 @@ def build_train_batches(
     `index_dir`: where prepare_indexes kept the sources' PubMed update indexes (None: built in memory)."""
     if cfg.kind.records:
         return build_instruct_batches(cfg, tokenizer, rank, world_size)
+    if prepared_sources(cfg):
+        return OrderedBatches(
+            open_order(cfg, tokenizer),
+            rank,
+            world_size,
+            cfg.train.micro_batch_size,
+            cfg.train.global_batch_size // (cfg.train.micro_batch_size * world_size),
+            cfg.data.mixture_tolerance,
+        )
     index = load_index(cfg.data.decontamination)
     streams = [
         SourceStream(
@@ -107,12 +78,46 @@ def build_train_batches(
     return PackedBatches(mixture, cfg.data.seq_len, cfg.train.micro_batch_size)
 
 
+def open_order(cfg: Config, tokenizer: Any) -> GlobalOrder:
+    """The world-size-independent order over the recipe's prepared corpora (data/ordered.py)."""
+    sources = open_sources(cfg, tokenizer)
+    return GlobalOrder(sources, [src.weight for src in cfg.data.sources], cfg.data.seq_len, cfg.data.seed)
+
+
+def prepared_schedule(cfg: Config) -> list[str]:
+    """Exact token accounting of a run over prepared corpora, one line per source: tokens it holds, sequences an
+    epoch gives, sequences the run takes, the epochs that makes and the step at which it first wraps (empty
+    when the sources are not prepared; one line saying why when the corpus cannot be read)."""
+    if not prepared_sources(cfg) or cfg.kind.records:
+        return []
+    lines = [
+        f"# prepared corpora: exact tokens ({cfg.total_steps:,} steps of {cfg.train.global_batch_size}"
+        f" sequences of {cfg.data.seq_len} tokens)",
+        f"  {'source':<14} {'tokens':>15} {'seq/epoch':>12} {'seq trained':>12} {'epochs':>8}  wraps at step",
+    ]
+    try:
+        order = open_order(cfg, load_tokenizer(cfg))
+    except (ValueError, OSError) as exc:
+        return [*lines[:1], f"  unavailable: {exc}"]
+    given = order.given(cfg.total_steps * cfg.train.global_batch_size)
+    for i, (src, source) in enumerate(zip(cfg.data.sources, order.sources)):
+        wraps = order.wrap_step(i, cfg.train.global_batch_size)
+        when = f"{wraps:,}" if wraps <= cfg.total_steps else "never (under one epoch)"
+        lines.append(
+            f"  {src.name:<14} {source.total_tokens:>15,} {order.windows[i]:>12,} {given[i]:>12,}"
+            f" {given[i] / order.windows[i]:>8.3f}  {when}"
+        )
+    return lines
+
+
 def prepare_indexes(cfg: Config, index_dir: Path) -> None:
     """Build (or check) the PubMed update index of every pretraining source that has PubMed XML files, once,
     on one rank before the others build their streams from it (data/pubmed.py)."""
     if cfg.kind.records:  # instruction records are never PubMed citations
         return
     for src in cfg.data.sources:
+        if src.prepared:  # read with its index when it was prepared
+            continue
         pubmed.prepare(of_source(src).files, index_dir, src.name, declared_format(src), reuse=False)
 
 
@@ -173,8 +178,12 @@ def plan_epochs(cfg: Config) -> int | None:
 
 def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
     """Files of every source with size and modification time, for the run record (what exactly was read)."""
-    manifest = {}
+    manifest: dict[str, list[dict[str, Any]]] = {}
     for src in cfg.data.sources:
+        if src.prepared:  # its manifest lists the files it was prepared from
+            path = Path(src.prepared) / MANIFEST
+            manifest[src.name] = [{"prepared": os.path.abspath(path), "sha256": _sha256(path)}]
+            continue
         entries = []
         for path in of_source(src, records=cfg.kind.records).files:
             stat = os.stat(path)
@@ -183,3 +192,7 @@ def data_manifest(cfg: Config) -> dict[str, list[dict[str, Any]]]:
             )
         manifest[src.name] = entries
     return manifest
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

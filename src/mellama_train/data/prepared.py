@@ -6,7 +6,9 @@
       <source>/<NNNNN>.tokens.npy   one shard per input file: its documents' token ids, back to back (uint16
                                     when the vocabulary fits, else uint32), each document BOS ... EOS
       <source>/<NNNNN>.docs.npy     int64 offsets: document d is tokens[docs[d]:docs[d + 1]]
-      <source>/<NNNNN>.json         the shard's record, written after both arrays: the file it came from (path,
+      <source>/<NNNNN>.index.npy    every INDEX_STRIDE-th offset: a reader finds a window's documents in it
+                                    and one 4 KiB page of .docs.npy, not a binary search over the whole file
+      <source>/<NNNNN>.json         the shard's record, written after its arrays: the file it came from (path,
                                     size, modification time, a digest of its bytes), documents, tokens, skips
       index/<source>.npz            the PubMed update index the shards were read with (data/pubmed.py)
 
@@ -47,6 +49,7 @@ from mellama_train.config import Config, SourceConfig
 from mellama_train.data import pubmed
 from mellama_train.data.decontam import load_index, screened
 from mellama_train.data.digests import ByteTap
+from mellama_train.data.encoding import document_encoder  # the streaming path's own encoder
 from mellama_train.data.files import ReadOptions, Skip, UnreadableFile
 from mellama_train.data.readers import iter_texts
 from mellama_train.data.reasons import FILTER_REASONS
@@ -56,9 +59,13 @@ from mellama_train.data.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+INDEX_STRIDE = 512
+"""Offsets per entry of a shard's coarse index: 512 int64 offsets are one 4 KiB page of .docs.npy."""
 FORMAT = 1
 """The layout's version: a reader refuses a manifest of another."""
 INDEX = "index"
+_REDO = "delete its .json and prepare again"
+"""The fix for a damaged shard: without its record it is not finished, so `prepare` makes it again."""
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -93,17 +100,15 @@ def _stat(path: str) -> dict[str, int]:
     return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def _settings(src: SourceConfig, cfg: Config, identity: dict[str, Any], file_index: Any) -> str:
-    """A digest of everything besides the file's bytes that decides what its shard holds: the tokenizer, the
-    source's filters and cleaners, the size limit, the decontamination index, and the PubMed update rule's skips
-    for this file (a new update file changes them). A finished shard made under other settings is made again."""
+def source_recipe(src: SourceConfig, cfg: Config) -> dict[str, Any]:
+    """What a recipe says about how a source's files become documents: its filters, cleaners and limits, and
+    the decontamination index. Kept in the manifest, so a recipe that says otherwise is refused at start-up."""
     from mellama_train.data.source import source_filters
 
     decontam = cfg.data.decontamination
     filters = source_filters(src)
-    settings = {
-        "tokenizer": identity["vocab_sha256"],
-        "where": sorted((k, sorted(v)) for k, v in (filters["where"] or {}).items()),
+    return {
+        "where": sorted([k, sorted(v)] for k, v in (filters["where"] or {}).items()),
         "require_abstract": filters["require_abstract"],
         "format": filters["format"],
         "text_field": src.text_field,
@@ -111,6 +116,16 @@ def _settings(src: SourceConfig, cfg: Config, identity: dict[str, Any], file_ind
         "min_chars": src.min_chars,
         "max_record_bytes": cfg.data.max_record_bytes,
         "decontamination": _file_sha256(Path(decontam) / "manifest.json") if decontam else None,
+    }
+
+
+def _settings(src: SourceConfig, cfg: Config, identity: dict[str, Any], file_index: Any) -> str:
+    """A digest of everything besides the file's bytes that decides what its shard holds: the tokenizer, the
+    source's recipe (`source_recipe`), and the PubMed update rule's skips for this file (a new update file
+    changes them). A finished shard made under other settings is made again."""
+    settings = {
+        "tokenizer": identity["vocab_sha256"],
+        **source_recipe(src, cfg),
         "pubmed_skips": sorted((pmid, list(v)) for pmid, v in file_index.skip.items())
         if file_index
         else None,
@@ -171,7 +186,6 @@ def _file_index(job: _Job) -> Any:
 
 def _prepare_file(job: _Job) -> dict[str, Any]:
     """Worker: tokenize one file into its shard, return its record (also written beside the shard)."""
-    from mellama_train.data.pipeline import document_encoder  # the streaming path's own encoder
     from mellama_train.data.source import source_filters
 
     tokenizer = _worker_tokenizer(job.tokenizer_dir, job.trust_remote_code)
@@ -200,7 +214,8 @@ def _prepare_file(job: _Job) -> dict[str, Any]:
             tap.finish(job.path)
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
     base = Path(job.out_dir) / src.name / f"{job.number:05d}"
-    for suffix, array in ((".tokens.npy", tokens), (".docs.npy", np.asarray(offsets, dtype=np.int64))):
+    docs = np.asarray(offsets, dtype=np.int64)
+    for suffix, array in ((".tokens.npy", tokens), (".docs.npy", docs), (".index.npy", docs[::INDEX_STRIDE])):
         tmp = base.with_name(f".{base.name}{suffix}.tmp")
         with open(tmp, "wb") as fh:
             np.save(fh, array, allow_pickle=False)
@@ -233,12 +248,27 @@ def _finished(record_path: Path, path: str, settings: str) -> dict[str, Any] | N
             and record.get("settings") == settings
             and {k: record.get(k) for k in ("bytes", "mtime_ns")} == _stat(path)
             and base.with_name(base.name + ".tokens.npy").is_file()
-            and base.with_name(base.name + ".docs.npy").is_file()
+            and _shapes(base) == (record.get("tokens"), record.get("documents"))
         ):
             return record
     except (OSError, ValueError, RecursionError):
         pass
     return None
+
+
+def _shapes(base: Path) -> tuple[int, int] | None:
+    """(tokens, documents) a finished shard's arrays hold, read from their headers (None: missing, damaged or
+    inconsistent), so a shard whose arrays no longer match its record is made again."""
+    try:
+        tokens, docs, index = (
+            np.load(base.with_name(base.name + suffix), mmap_mode="r", allow_pickle=False)
+            for suffix in (".tokens.npy", ".docs.npy", ".index.npy")
+        )
+        if docs.ndim != 1 or tokens.ndim != 1 or index.size != -(-docs.size // INDEX_STRIDE):
+            return None
+        return int(tokens.size), int(docs.size) - 1
+    except (OSError, ValueError, EOFError, RuntimeError):
+        return None
 
 
 def prepare(
@@ -350,6 +380,7 @@ def _manifest(
             "documents": sum(r["documents"] for r in records),
             "tokens": sum(r["tokens"] for r in records),
             "skipped": dict(sorted(skipped.items())),
+            "recipe": source_recipe(src, cfg),
         }
     return {
         "format": FORMAT,
@@ -364,7 +395,8 @@ def _manifest(
 
 @dataclass
 class PreparedSource:
-    """One source of a prepared corpus: its shards, memory-mapped, never read whole."""
+    """One source of a prepared corpus: its shards, memory-mapped, never read whole. Its token stream is the
+    shards back to back, in file order; `span` reads any stretch of it."""
 
     name: str
     tokens: list[np.ndarray]
@@ -372,6 +404,80 @@ class PreparedSource:
     documents: int
     total_tokens: int
     vocab_size: int
+    settings: dict[str, Any] | None = None
+    """What the source was prepared with (the manifest's `recipe`: filters, cleaners, limits), to compare a
+    recipe against; None in a manifest written before it was recorded."""
+    files: list[dict[str, Any]] | None = None
+    """The manifest's record of each input file (path, bytes, mtime_ns, digest)."""
+    indexes: list[np.ndarray] | None = None
+    """Each shard's coarse index: every INDEX_STRIDE-th offset (None: search the offsets themselves)."""
+
+    def __post_init__(self) -> None:
+        self.starts = np.concatenate([[0], np.cumsum([t.size for t in self.tokens], dtype=np.int64)])
+        """Where each shard begins in the source's token stream."""
+
+    def span(self, start: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens [start, start + length) of the source's stream (int64), and the positions in the span where
+        a segment starts: 0, and every document start inside it. Offsets and ids are checked here, where
+        they are read, not over the whole corpus at open (a 129B-token corpus would take minutes to scan)."""
+        end = start + length
+        if start < 0 or end > self.total_tokens:
+            raise IndexError(f"{self.name}: tokens [{start}, {end}) lie outside its {self.total_tokens}")
+        pieces, starts = [], [np.zeros(1, dtype=np.int64)]
+        shard = int(np.searchsorted(self.starts, start, side="right")) - 1
+        pos = start
+        while pos < end:
+            base = int(self.starts[shard])
+            lo, hi = pos - base, min(end, int(self.starts[shard + 1])) - base
+            first, last = self._documents_between(shard, lo, hi)
+            inside = np.asarray(self.offsets[shard][first:last], dtype=np.int64)
+            if inside.size and (np.any(np.diff(inside) <= 0) or inside[0] < lo or inside[-1] >= hi):
+                raise ValueError(
+                    f"{self.name} shard {shard:05d}: document offsets do not rise; the shard is damaged:"
+                    " delete its .json and prepare again"
+                )
+            pieces.append(np.asarray(self.tokens[shard][lo:hi], dtype=np.int64))
+            starts.append(inside - lo + (pos - start))
+            pos += hi - lo
+            shard += 1
+        ids = np.concatenate(pieces)
+        if ids.size and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            raise ValueError(
+                f"{self.name} shard {shard - 1:05d}: holds token id {int(ids.max())}, past the tokenizer's"
+                f" {self.vocab_size}; the shard is damaged: delete its .json and prepare again"
+            )
+        return ids, np.unique(np.concatenate(starts))
+
+    def _documents_between(self, shard: int, lo: int, hi: int) -> tuple[int, int]:
+        """The range of document numbers of `shard` whose start lies in [lo, hi): found in its coarse index (in
+        memory after the first read) and then in the one page of offsets it points to."""
+        offs = self.offsets[shard]
+        if self.indexes is None:
+            first, last = np.searchsorted(offs, [lo, hi], side="left")
+            return int(first), int(last)
+        index = self.indexes[shard]
+        found = []
+        for target in (lo, hi):
+            block = max(int(np.searchsorted(index, target, side="left")) - 1, 0)
+            start = block * INDEX_STRIDE
+            page = np.asarray(offs[start : start + INDEX_STRIDE + 1])
+            # The page must rise and meet the index at both ends, or the search below finds the wrong documents.
+            following = index[block + 1] if block + 1 < index.size else None
+            if (
+                page.size == 0
+                or page[0] != index[block]
+                or (following is not None and (page.size != INDEX_STRIDE + 1 or page[-1] != following))
+            ):
+                raise ValueError(
+                    f"{self.name} shard {shard:05d}: its index disagrees with its offsets; the shard is damaged:"
+                    f" {_REDO}"
+                )
+            if np.any(np.diff(page) <= 0):
+                raise ValueError(
+                    f"{self.name} shard {shard:05d}: document offsets do not rise; the shard is damaged: {_REDO}"
+                )
+            found.append(start + int(np.searchsorted(page, target, side="left")))
+        return found[0], found[1]
 
     def document(self, shard: int, index: int) -> np.ndarray:
         """Document `index` of shard `shard`. Its token ids are checked against the vocabulary here, where they
@@ -434,7 +540,16 @@ def open_prepared(directory: Path, tokenizer: Any) -> dict[str, PreparedSource]:
     for name, entry in sources.items():
         try:
             out[name] = _open_source(directory, str(name), entry, len(tokenizer))
-        except (KeyError, TypeError, IndexError, OverflowError, ValueError, AttributeError) as exc:
+        except (
+            KeyError,
+            TypeError,
+            IndexError,
+            OverflowError,
+            ValueError,
+            AttributeError,
+            OSError,
+            RuntimeError,
+        ) as exc:
             detail = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             if str(directory) in detail:  # already names the file and the fix
                 raise ValueError(detail) from None
@@ -445,53 +560,163 @@ def open_prepared(directory: Path, tokenizer: Any) -> dict[str, PreparedSource]:
 def _open_source(directory: Path, name: str, entry: Any, vocab_size: int) -> PreparedSource:
     dtype = token_dtype(vocab_size)
     root = directory.resolve()
-    tokens, offsets = [], []
+    tokens, offsets, indexes = [], [], []
     for f in list(entry["files"]):
         shard = str(f["shard"])
         arrays = []
-        for suffix, kind in ((".tokens.npy", dtype), (".docs.npy", np.dtype(np.int64))):
-            path = directory / f"{shard}{suffix}"
+        for suffix, kind in (
+            (".tokens.npy", dtype),
+            (".docs.npy", np.dtype(np.int64)),
+            (".index.npy", np.dtype(np.int64)),
+        ):
+            path = directory / f"{shard[:300]}{suffix}"
             if root not in path.resolve().parents:  # `../`, an absolute path, or a link out of the corpus
                 raise ValueError(f"{directory / MANIFEST}: shard {shard[:60]!r} lies outside {directory}")
             arrays.append(_load(path, kind))
-        t, d = arrays
+        t, d, index = arrays
         if t.ndim != 1 or d.ndim != 1 or d.size < 1:
-            raise ValueError(
-                f"{directory / shard}: its arrays are not token and offset vectors; prepare again"
-            )
+            raise ValueError(f"{directory / shard}: its arrays are not token and offset vectors; {_REDO}")
         if d.size != _count(f["documents"], "documents") + 1 or t.size != _count(f["tokens"], "tokens"):
             raise ValueError(
-                f"{directory / shard}: its arrays disagree with the manifest (documents or tokens)"
+                f"{directory / shard}: its arrays disagree with the manifest (documents or tokens); {_REDO}"
             )
-        if d[0] != 0 or d[-1] != t.size or (d.size > 1 and np.any(np.diff(d) < 0)):
+        # Only the ends here: that the offsets rise is checked where they are read (PreparedSource.span).
+        if d[0] != 0 or d[-1] != t.size:
             raise ValueError(
-                f"{directory / shard}.docs.npy: document offsets do not rise from 0 to the token count"
+                f"{directory / shard}.docs.npy: document offsets do not run from 0 to the token count; {_REDO}"
             )
+        if (
+            index.ndim != 1
+            or index.size != -(-d.size // INDEX_STRIDE)
+            or index[0] != 0
+            or index[-1] > t.size
+            or np.any(np.diff(index) <= 0)
+        ):
+            raise ValueError(f"{directory / shard}.index.npy: does not index its offsets; {_REDO}")
         tokens.append(t)
         offsets.append(d)
+        indexes.append(index)
     documents, total = _count(entry["documents"], "documents"), _count(entry["tokens"], "tokens")
     if documents != sum(d.size - 1 for d in offsets) or total != sum(t.size for t in tokens):
         raise ValueError(
             f"{directory / MANIFEST}: source {name!r}'s totals disagree with its shards; prepare again"
         )
-    return PreparedSource(name, tokens, offsets, documents, total, vocab_size)
+    settings = entry.get("recipe")
+    return PreparedSource(
+        name,
+        tokens,
+        offsets,
+        documents,
+        total,
+        vocab_size,
+        settings if isinstance(settings, dict) else None,
+        [{k: f.get(k) for k in ("file", "bytes", "mtime_ns", "bytes_digest")} for f in entry["files"]],
+        indexes,
+    )
 
 
 def _load(path: Path, dtype: np.dtype) -> np.ndarray:
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
-            raise ValueError(f"{path}: not a regular file; prepare again")
+            raise ValueError(f"{path}: not a regular file; {_REDO}")
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise ValueError(f"{path}: missing; prepare again into the same --out to redo it") from None
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:
         if str(path) in str(exc):
             raise
-        raise ValueError(
-            f"{path}: damaged ({type(exc).__name__}); delete its .json and prepare again"
-        ) from None
+        raise ValueError(f"{path}: damaged ({type(exc).__name__}); {_REDO}") from None
+    except (OSError, EOFError, RuntimeError) as exc:  # an empty file, a directory on the way, a link loop
+        raise ValueError(f"{str(path)[:300]}: cannot be read ({type(exc).__name__}); {_REDO}") from None
     if not isinstance(array, np.ndarray) or array.dtype != dtype:  # an .npz archive loads as NpzFile
         raise ValueError(
-            f"{path}: holds {getattr(array, 'dtype', type(array).__name__)}, not {dtype}; prepare again"
+            f"{path}: holds {getattr(array, 'dtype', type(array).__name__)}, not {dtype}; {_REDO}"
         )
     return array
+
+
+# ---- a recipe over prepared corpora ------------------------------------------------------------------
+
+
+def prepared_sources(cfg: Config) -> list[SourceConfig]:
+    return [src for src in cfg.data.sources if src.prepared]
+
+
+def open_sources(cfg: Config, tokenizer: Any) -> list[PreparedSource]:
+    """Every source of the recipe, from the prepared corpus it names (each directory opened once)."""
+    corpora: dict[str, dict[str, PreparedSource]] = {}
+    out = []
+    for src in cfg.data.sources:
+        directory = str(src.prepared)
+        if directory not in corpora:
+            corpora[directory] = open_prepared(Path(directory), tokenizer)
+        corpus = corpora[directory]
+        if src.name not in corpus:
+            raise ValueError(
+                f"data.sources[{src.name}].prepared: {directory} holds the sources {sorted(corpus)[:8]}, not"
+                f" {src.name!r}; name one of them, or prepare this source into it"
+            )
+        out.append(corpus[src.name])
+    return out
+
+
+def check_prepared(cfg: Config, tokenizer: Any) -> list[str]:
+    """Problems of a recipe whose sources name prepared corpora, one line each with its fix: a mix of prepared
+    and streamed sources, a corpus that cannot be trusted (open_prepared), a source it does not hold, and a
+    source whose files or filters are no longer those it was prepared from."""
+    chosen = prepared_sources(cfg)
+    if not chosen:
+        return []
+    if cfg.kind.records:
+        return [
+            "data.sources[].prepared: prepared corpora are for pretraining; tuning reads its records as they are"
+        ]
+    if streamed := [src.name for src in cfg.data.sources if not src.prepared]:
+        return [
+            f"data.sources{streamed}: not prepared while {[s.name for s in chosen]} are; the prepared order"
+            " covers the whole mixture: run `mellama-train prepare` over every source, or drop `prepared`"
+        ]
+    try:
+        sources = open_sources(cfg, tokenizer)
+    except ValueError as exc:
+        return [str(exc)]
+    problems = []
+    for src, prepared in zip(cfg.data.sources, sources):
+        label = f"data.sources[{src.name}]"
+        fix = f"prepare again (`mellama-train prepare RECIPE --out {src.prepared}`) or drop {label}.paths"
+        recipe = source_recipe(src, cfg)
+        if prepared.settings is None:
+            problems.append(f"{src.prepared}/{MANIFEST}: records no recipe for {src.name!r}; prepare again")
+            continue
+        if recipe["decontamination"] != prepared.settings.get("decontamination"):
+            problems.append(
+                f"{label}: data.decontamination is not the index {src.prepared} was screened with; prepare"
+                " again with this index, or set data.decontamination as it was"
+            )
+        if not src.paths:  # the prepared source as it is
+            continue
+        if changed := sorted(
+            k for k, v in recipe.items() if prepared.settings.get(k) != v and k != "decontamination"
+        ):
+            problems.append(
+                f"{label}: {', '.join(changed)} differ from what {src.prepared} was prepared with; {fix}"
+            )
+            continue
+        try:
+            files = [os.path.abspath(f) for f in of_source(src).files]
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        recorded = {f["file"]: f for f in prepared.files or []}
+        if set(files) != set(recorded):
+            added, gone = sorted(set(files) - set(recorded)), sorted(set(recorded) - set(files))
+            problems.append(
+                f"{label}.paths: {len(added)} file(s) not in {src.prepared} (e.g. {(added or ['-'])[0]}) and"
+                f" {len(gone)} prepared file(s) no longer listed (e.g. {(gone or ['-'])[0]}); {fix}"
+            )
+            continue
+        for path in files:
+            if {k: recorded[path].get(k) for k in ("bytes", "mtime_ns")} != _stat(path):
+                problems.append(f"{path}: changed since {src.prepared} was prepared from it; {fix}")
+                break
+    return problems

@@ -658,7 +658,7 @@ def check_sources(cfg: Config) -> list[str]:
     for src in cfg.data.sources:
         for key in ("paths", "eval_paths"):
             patterns = getattr(src, key)
-            if not patterns:
+            if not patterns or (key == "paths" and src.prepared):  # prepared: checked against its manifest
                 continue
             try:
                 units = of_source(src, key, records=cfg.kind.records).files

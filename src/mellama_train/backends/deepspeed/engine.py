@@ -12,14 +12,18 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from mellama_train import integrity, leftovers
 from mellama_train.backends.base import DistEnv, LossParts
+from mellama_train.backends.collectives import broadcast_object
+from mellama_train.backends.deepspeed import universal
 from mellama_train.backends.deepspeed.files import CheckpointFiles, safe_load, safe_loading, step_counters
 from mellama_train.loss import forward_loss
+from mellama_train.watchdog import progress
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +232,51 @@ class DeepSpeedBackend:
         self._ds.save_checkpoint(checkpoints_dir, tag=tag, save_latest=False)
         return self._files.end_save()
 
-    def load(self, checkpoints_dir: str, tag: str) -> None:
+    @property
+    def reshapes(self) -> bool:
+        return True  # through DeepSpeed's universal checkpoint (universal.py)
+
+    def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
+        """Collective. `reshape`: the checkpoint was written by another number of ranks; rank 0 converts it to
+        DeepSpeed's universal checkpoint (kept beside it) and every rank loads that (universal.py)."""
+        if reshape:
+            step_dir = Path(checkpoints_dir) / tag
+            job: universal.Conversion | str | None = None
+            if self.env.is_main:
+                try:
+                    job = universal.Conversion(step_dir, _conversion_workers())
+                except Exception as exc:  # noqa: BLE001 (the others wait for rank 0's word: it must come)
+                    job = f"{type(exc).__name__}: {exc}"
+            status: str | None = universal.RUNNING
+            while status == universal.RUNNING:  # short collectives: every rank's watchdog sees them as life
+                status = broadcast_object(_poll(job))
+                progress(f"converting {tag} to a universal checkpoint")
+            if status:
+                raise RuntimeError(f"converting it to a universal checkpoint failed: {status}")
+            tag = universal.universal_dir(Path(checkpoints_dir) / tag).name
+        # The flag is read by load_checkpoint only; an engine loads the layout of the checkpoint in hand.
+        self._ds._config.load_universal_checkpoint = reshape
+        decay = [g["weight_decay"] for g in self.optimizer.param_groups]
         with safe_loading():
             path, _ = self._ds.load_checkpoint(
                 checkpoints_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+        if reshape:
+            # DeepSpeed 0.19.8's universal ZeRO-3 load gives every parameter group the hyperparameters of the
+            # first ("the hyperparameters of each parameter should be the same"): our norms would take the
+            # matrices' weight decay. Each group gets its own back (the rest, its step count included, is the
+            # same in every group and stays as loaded), and the rate its schedule restored.
+            for group, weight_decay, lr in zip(
+                self.optimizer.param_groups, decay, self.scheduler.get_last_lr()
+            ):
+                group.update(weight_decay=weight_decay, lr=lr)
+            # It also puts ONE `step` tensor into every sub-group's state (stage3.py: state[fp32]['step'] =
+            # state_step); torch's AdamW increments it in place once per sub-group per step, so Adam's bias
+            # correction would run ahead by the number of sub-groups. Each state gets its own copy, as torch's
+            # Optimizer.load_state_dict gives on the plain path.
+            for state in self._ds.optimizer.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
         if path is None:
             # DeepSpeed only warns and returns None: training would silently restart from step 0.
             raise RuntimeError(
@@ -260,6 +304,22 @@ class DeepSpeedBackend:
             return self._ds._zero3_consolidated_16bit_state_dict()
         state = self._ds.module.state_dict()
         return state if self.env.is_main else None
+
+
+def _poll(job: universal.Conversion | str | None) -> str | None:
+    """Rank 0's word on its conversion (universal.Conversion.poll), never an exception: the others wait for it."""
+    if not isinstance(job, universal.Conversion):
+        return job
+    try:
+        return job.poll(10.0)
+    except Exception as exc:  # noqa: BLE001
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _conversion_workers() -> int:
+    """Processes for the universal conversion on rank 0's node: its share of the cores, at most 8."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, min(8, (os.cpu_count() or 1) // max(local, 1)))
 
 
 class DeepSpeedMaker:

@@ -32,17 +32,35 @@ def _deepspeed_safe_globals() -> list[Any]:
 def safe_loading() -> Iterator[None]:
     """Every torch.load inside is forced to weights_only=True (DeepSpeed's readers pass weights_only=False),
     with DeepSpeed's plain data classes allowed: a pickle that would build any other object (os.system, a
-    class with a __reduce__) is refused with an UnpicklingError instead of running."""
+    class with a __reduce__) is refused with an UnpicklingError instead of running.
+
+    Re-entrant: only the outermost use changes anything. torch's safe_globals context removes its classes from
+    the one process-wide allow-list on exit, so a nested use (DeepSpeed's loader calling our checkpoint engine's
+    load) would otherwise disallow them for the rest of the outer one (the universal checkpoint's
+    optimizer_state.pt is read after such a nested load)."""
+    if _DEPTH[0]:
+        _DEPTH[0] += 1
+        try:
+            yield
+        finally:
+            _DEPTH[0] -= 1
+        return
     previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    _DEPTH[0] = 1
     try:
         with torch.serialization.safe_globals(_deepspeed_safe_globals()):
             yield
     finally:
+        _DEPTH[0] = 0
         if previous is None:
             os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+_DEPTH = [0]
+"""How deep this process is inside safe_loading (rank processes load on one thread)."""
 
 
 def safe_load(path: str, mmap: bool = False) -> Any:

@@ -1,0 +1,57 @@
+"""Test-only entry point: launch/pretrain.py that also logs which global sequences each rank trained on.
+
+    MELLAMA_SEQUENCE_LOG=DIR deepspeed --num_gpus N tests/sequence_log_launch.py [pretrain flags]
+
+Every rank appends one line per micro-batch to DIR/rank_<r>.jsonl: {"rows": [global sequence ids]} (the
+prepared path's ids, data/ordered.py). The product code has no logging hook: this wraps the batch iterator.
+With MELLAMA_FORCE_UNIVERSAL=1 a resume goes through DeepSpeed's universal checkpoint even on the world size
+that wrote it (to show the conversion itself changes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mellama_train.cli import pretrain_main  # noqa: E402
+from mellama_train.data import ordered  # noqa: E402
+
+
+def _install(log_dir: Path) -> None:
+    init, step = ordered.OrderedBatches.__init__, ordered.OrderedBatches.__next__
+    log_dir.mkdir(parents=True, exist_ok=True)
+    made: list[object] = []
+
+    def counted(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    def logged(self):
+        batch = step(self)
+        if self is made[0]:  # the training stream, not the final export's probe (built later)
+            with open(log_dir / f"rank_{os.environ.get('RANK', '0')}.jsonl", "a") as fh:
+                fh.write(json.dumps({"rows": self.last_rows}) + "\n")
+        return batch
+
+    ordered.OrderedBatches.__init__ = counted
+    ordered.OrderedBatches.__next__ = logged
+
+
+def _force_universal() -> None:
+    from mellama_train.backends.deepspeed import engine
+
+    load = engine.DeepSpeedBackend.load
+    engine.DeepSpeedBackend.load = lambda self, directory, tag, reshape=False: load(
+        self, directory, tag, True
+    )
+
+
+if __name__ == "__main__":
+    _install(Path(os.environ["MELLAMA_SEQUENCE_LOG"]))
+    if os.environ.get("MELLAMA_FORCE_UNIVERSAL"):
+        _force_universal()
+    sys.exit(pretrain_main())
