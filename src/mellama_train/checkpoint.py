@@ -696,7 +696,10 @@ def _reshape_refusal(backend: Backend, path: Path, saved: int, now: int) -> str 
     re-partition them (DeepSpeed's universal checkpoint). Its data position is judged once its files are
     verified: only a prepared corpus's moves."""
     if not backend.reshapes:
-        return f"{path} was written by {saved} ranks but this run has {now}; relaunch on {saved} ranks"
+        return (
+            f"{path} was written by {saved} ranks but this run has {now}; relaunch on {saved} ranks (a checkpoint"
+            " moves to another number of ranks under ZeRO-3 only)"
+        )
     return None
 
 

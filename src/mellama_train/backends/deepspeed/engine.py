@@ -234,7 +234,9 @@ class DeepSpeedBackend:
 
     @property
     def reshapes(self) -> bool:
-        return True  # through DeepSpeed's universal checkpoint (universal.py)
+        """ZeRO-3 only: its universal conversion and load are what the tests run (tests/test_reshape_e2e.py);
+        ZeRO-1/2 take other paths through DeepSpeed that no test of ours has run."""
+        return self._ds.zero_optimization_stage() == 3
 
     def load(self, checkpoints_dir: str, tag: str, reshape: bool = False) -> None:
         """Collective. `reshape`: the checkpoint was written by another number of ranks; rank 0 converts it to
@@ -264,8 +266,8 @@ class DeepSpeedBackend:
         if reshape:
             # DeepSpeed 0.19.8's universal ZeRO-3 load gives every parameter group the hyperparameters of the
             # first ("the hyperparameters of each parameter should be the same"): our norms would take the
-            # matrices' weight decay. Each group gets its own back (the rest, its step count included, is the
-            # same in every group and stays as loaded), and the rate its schedule restored.
+            # matrices' weight decay. Each group gets its own back (the other hyperparameters are the same in
+            # every group), and the rate its schedule restored.
             for group, weight_decay, lr in zip(
                 self.optimizer.param_groups, decay, self.scheduler.get_last_lr()
             ):
