@@ -123,26 +123,6 @@ def _step_of(path: Path) -> int | None:
 # ---- writing --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # makes a rename or a new entry in it durable
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> integrity.FileDigest:
-    tmp = path.with_name(f".{path.name}.tmp")
-    data = text.encode("utf-8")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return integrity.bytes_digest(data)
-
-
 def _rank_file(path: Path, rank: int) -> Path:
     return path / f"rank_{rank:05d}.pt"
 
@@ -266,7 +246,7 @@ def _finish(
     """Rank 0: the metadata files, the manifest (last file written), then the rename that publishes it."""
     if write_meta is not None:
         write_meta(partial)
-    digest = _atomic_write(partial / TRAINER_STATE, json.dumps(asdict(trainer), indent=2))
+    digest = integrity.atomic_write(partial / TRAINER_STATE, json.dumps(asdict(trainer), indent=2))
     files[TRAINER_STATE] = {"bytes": digest.size, "sha256": digest.sha256, "rank": 0}
     # Files no rank hashed while writing (write_meta's, anything DeepSpeed wrote outside its checkpoint engine):
     # hashed here, after every rank's writes are closed.
@@ -286,14 +266,14 @@ def _finish(
         "world_size": trainer.world_size,
         "files": dict(sorted(files.items())),
     }
-    _atomic_write(partial / COMPLETE, json.dumps({**body, **_seal(body)}, indent=1))
+    integrity.atomic_write(partial / COMPLETE, json.dumps({**body, **_seal(body)}, indent=1))
     if final.exists():
         # The run trains through a step it had saved before (it resumed from an older checkpoint): keep that one.
         aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
         os.rename(final, aside)
         log.warning("%s already existed: moved aside to %s (nothing is deleted)", final, aside.name)
     os.rename(partial, final)
-    _fsync_dir(final.parent)
+    integrity.fsync_dir(final.parent)
 
 
 def _fsync_file(path: Path) -> None:

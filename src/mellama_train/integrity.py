@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import os
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,6 +218,35 @@ def file_digest(path: Path) -> FileDigest:
 
 def bytes_digest(data: bytes) -> FileDigest:
     return FileDigest(len(data), hashlib.sha256(data).hexdigest())
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, text: str) -> FileDigest:
+    """Write `text` to `path` so that a reader (or a kill, or a crash) sees the old file or the whole new one:
+    a uniquely named temporary file beside it (two writers never share one), fsynced, renamed over `path`, and
+    the rename made durable. Returns the digest of what was written."""
+    data = text.encode("utf-8")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return bytes_digest(data)
 
 
 def digests_of(paths: list[Path], threads: int | None = None) -> dict[Path, FileDigest | OSError]:

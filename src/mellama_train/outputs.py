@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mellama_train.config import Config
+from mellama_train.integrity import atomic_write
 
 PACKAGES = (
     "torch",
@@ -214,9 +214,7 @@ def write_run_record(
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=2, default=str))
 
 
 def amend_run_record(path: Path, **fields: Any) -> None:

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,6 +54,7 @@ from mellama_train.data.readers import iter_texts
 from mellama_train.data.reasons import FILTER_REASONS
 from mellama_train.data.selection import declared_format, of_source
 from mellama_train.data.tokenizer import load_tokenizer
+from mellama_train.integrity import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +66,6 @@ FORMAT = 1
 INDEX = "index"
 _REDO = "delete its .json and prepare again"
 """The fix for a damaged shard: without its record it is not finished, so `prepare` makes it again."""
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def tokenizer_identity(tokenizer: Any) -> dict[str, Any]:
@@ -232,7 +223,7 @@ def _prepare_file(job: _Job) -> dict[str, Any]:
         "skipped": dict(sorted(skipped.items())),
         "settings": job.settings,
     }
-    _atomic_write(base.with_name(base.name + ".json"), json.dumps(record, indent=1))
+    atomic_write(base.with_name(base.name + ".json"), json.dumps(record, indent=1))
     return record
 
 
@@ -352,7 +343,7 @@ def prepare(
         log.info("prepare: part %d of %d done; %d file(s) remain for the other parts", k, n, missing)
         return None
     manifest = _manifest(cfg, identity, plan, done)
-    _atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1))
+    atomic_write(out_dir / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
