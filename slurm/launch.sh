@@ -9,6 +9,9 @@
 # agent and DeepSpeed's pdsh/ssh launcher add a process layer between SLURM and the ranks that signals,
 # accounting and cleanup have to get through.
 #
+# After the step: the warning signal or a hang -> requeue; a node lost -> a new step on the nodes left when the
+# run can go on with fewer ranks, else a requeue for as many nodes as before (each section below says why).
+#
 # Environment it reads: MELLAMA_ROOT (the checkout; default the directory sbatch ran in), MELLAMA_VENV (default
 # <checkout>/.venv, used if it exists, else the python on PATH). Exit 2: a setup error, one line naming the fix.
 set -euo pipefail
@@ -41,7 +44,7 @@ if ((gpus_per_node > 0 && gpus_per_node != tasks_per_node)); then
 fi
 procs_per_node=$((gpus_per_node > 0 ? gpus_per_node : tasks_per_node))
 world_size=$((nodes * procs_per_node))
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR==1') # awk reads all: no SIGPIPE
 # From the job id: the same on every node and across requeues of this job, different for jobs sharing a node;
 # 10000-29999 is unprivileged and below Linux's ephemeral range (32768+), so no outgoing socket holds it.
 MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
@@ -102,26 +105,96 @@ trap forward_warning USR2
 cpus_per_task=()
 # srun does not inherit --cpus-per-task from the allocation in every SLURM version: pass it on.
 [[ -z ${SLURM_CPUS_PER_TASK:-} ]] || cpus_per_task=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-# --kill-on-bad-exit: one rank dying ends the step, instead of the others waiting out the collective timeout.
-# shellcheck disable=SC2016  # $SLURM_* expand inside each task, not here
-srun --nodes="$nodes" --ntasks="$world_size" --ntasks-per-node="$procs_per_node" "${cpus_per_task[@]}" \
-    --kill-on-bad-exit=1 --output="$rank_logs" \
-    bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank \
-    "$python" "$ENTRY" "$@" &
-step_pid=$!
 
-# `wait` returns early (status > 128) whenever the trap runs; wait again until the step has really ended.
-status=0
-wait "$step_pid" || status=$?
-while kill -0 "$step_pid" 2>/dev/null; do
+run_step() { # one srun job step over $nodes nodes; sets $status to its exit status
+    # --kill-on-bad-exit: one rank dying ends the step, instead of the others waiting out the collective timeout.
+    # shellcheck disable=SC2016  # $SLURM_* expand inside each task, not here
+    srun --nodes="$nodes" --ntasks="$world_size" --ntasks-per-node="$procs_per_node" "${cpus_per_task[@]}" \
+        --kill-on-bad-exit=1 --output="$rank_logs" \
+        bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS; exec "$@"' rank \
+        "$python" "$ENTRY" "$@" &
+    step_pid=$!
+
+    # `wait` returns early (status > 128) whenever the trap runs; wait again until the step has really ended.
     status=0
     wait "$step_pid" || status=$?
+    while kill -0 "$step_pid" 2>/dev/null; do
+        status=0
+        wait "$step_pid" || status=$?
+    done
+    # If the step ended just after an interrupted wait, bash still holds its status: collect it (127: none left).
+    local last=0
+    wait "$step_pid" 2>/dev/null || last=$?
+    ((last == 127)) || status=$last
+    echo "$(date +%T) step ended with exit status $status"
+}
+
+# --- a node lost mid-job ------------------------------------------------------------------------------------
+# With --no-kill (#SBATCH in pretrain.sh/tune.sh) SLURM keeps the job on the nodes left when one fails and ends
+# only the step ("Node failure on ..."). When the run can go on with fewer ranks (a prepared corpus under
+# ZeRO-3: the same global batch and the exact next sequences, docs/DATA.md), a new step starts at once on the
+# nodes the job still holds, and resumes from the newest checkpoint. Otherwise the job is requeued for as many
+# nodes as before (below). Why not requeue and shrink the pending job: slurmctld takes the requeue only once this
+# script has exited, and refuses updates to a job that lost a node until then, so nothing would be left to
+# shrink it; and a requeue gives up nodes the job holds for a place in the queue. (If the node running this
+# script is the one lost, SLURM requeues the job itself for as many nodes: `scontrol update jobid=J
+# NumNodes=K NumTasks=T` lets it start on fewer.)
+job_nodes() { # the job's node list now; retried, since slurmctld is busiest when a node has just failed
+    local list="" try
+    for try in 1 2 3; do
+        list=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -oE '(^| )NodeList=[^ ]+' | awk 'NR==1' | cut -d= -f2) || true
+        [[ -z $list ]] || break
+        ((try == 3)) || sleep 5
+    done
+    echo "$list"
+}
+requeue_job() { # scontrol requeue, retried; this shell ignores the SIGTERM that follows, for the log's last line
+    trap '' TERM
+    local try
+    for try in 1 2 3; do
+        scontrol requeue "$SLURM_JOB_ID" && return 0
+        ((try == 3)) || sleep 5
+    done
+    fail "scontrol requeue $SLURM_JOB_ID failed; resubmit with the same --output-dir to resume"
+}
+first() { awk 'NR==1'; } # head -n1 would leave scontrol a broken pipe (exit 141) on a long host list
+step_nodelist=$SLURM_JOB_NODELIST
+submitted_nodes=$nodes
+lost_nodes="" # after a step failed: the nodes the job lost during it
+nodes_lost() { # true when the job holds fewer nodes than the last step ran on; sets lost_nodes, left, now
+    now=$(job_nodes)
+    [[ -n $now ]] || return 1
+    left=$(scontrol show hostnames "$now" | wc -l)
+    ((left > 0 && left < nodes)) || return 1
+    lost_nodes=$(comm -23 <(scontrol show hostnames "$step_nodelist" | sort) <(scontrol show hostnames "$now" | sort) | paste -sd, -)
+}
+
+relaunch=0
+run_step "$@"
+while ((status != 0)) && ((!warned)) && nodes_lost; do
+    echo "$(date +%T) lost node(s) $lost_nodes: $left of $nodes node(s) left ($now)"
+    if ! why=$("$python" -m mellama_train status "$output_dir" --resumes-on $((left * procs_per_node)) 2>&1); then
+        break # requeued below, for as many nodes as before
+    fi
+    if ((warned)); then # the time-limit warning came meanwhile: requeue (below) rather than start a step
+        lost_nodes=""
+        break
+    fi
+    relaunch=$((relaunch + 1))
+    nodes=$left
+    world_size=$((nodes * procs_per_node))
+    step_nodelist=$now
+    MASTER_ADDR=$(scontrol show hostnames "$now" | first)
+    # Another port: the killed step's rank 0 may still hold the old one while it is torn down.
+    MASTER_PORT=$((10000 + (SLURM_JOB_ID + relaunch) % 20000))
+    rank_logs=$output_dir/logs/rank-%t.restart-$restart.relaunch-$relaunch.log
+    echo "$(date +%T) relaunching on the $nodes node(s) left: $now, world size $world_size, the same global batch"
+    echo "layout:     $nodes node(s) x $procs_per_node procs/node = world size $world_size ($gpus_per_node GPUs/node)"
+    echo "master:     $MASTER_ADDR:$MASTER_PORT"
+    echo "rank logs:  $rank_logs"
+    lost_nodes=""
+    run_step "$@"
 done
-# If the step ended just after an interrupted wait, bash still holds its status: collect it (127: none left).
-last=0
-wait "$step_pid" 2>/dev/null || last=$?
-((last == 127)) || status=$last
-echo "$(date +%T) step ended with exit status $status"
 
 # A hang: every rank's watchdog dumped its stacks to logs/hang-rank-R.restart-N.txt and exited 76
 # (src/mellama_train/watchdog.py). Requeue once, since a dead node or a stuck collective rarely repeats on
@@ -139,13 +212,25 @@ if ((hung && hung_before)); then
     echo "$(date +%T) it also hung before the last requeue: not requeued; read the stack dumps" >&2
 fi
 
+# A node lost and a run that cannot go on with fewer ranks: wait in the queue for as many nodes as submitted.
+if [[ -n $lost_nodes ]]; then
+    requeue_job
+    echo "$(date +%T) requeued job $SLURM_JOB_ID for $submitted_nodes node(s) again, not $left: ${why##*$'\n'}"
+    exit 0
+fi
+
 # A step that finished its work (exit 0) before or despite the warning is done: requeueing it would only
 # start a run with nothing left to train.
 if ((status != 0)) && ((warned || (hung && !hung_before))); then
-    # scontrol requeue ends this batch shell with SIGTERM: ignore it for the last line of the log.
-    trap '' TERM
-    scontrol requeue "$SLURM_JOB_ID" || fail "scontrol requeue $SLURM_JOB_ID failed; resubmit with the same --output-dir to resume"
+    requeue_job
     echo "$(date +%T) requeued job $SLURM_JOB_ID: it restarts as restart $((restart + 1)) and resumes from $output_dir"
+    exit 0
+fi
+# A step relaunched on fewer nodes that failed otherwise (out of memory with more shards per rank, a refusal the
+# check above could not foresee): back to the queue for as many nodes as submitted, where it ran before.
+if ((status != 0 && relaunch > 0)); then
+    requeue_job
+    echo "$(date +%T) the step on $nodes node(s) failed (exit status $status): requeued job $SLURM_JOB_ID for $submitted_nodes node(s)"
     exit 0
 fi
 exit "$status"

@@ -6,7 +6,8 @@
 # Every argument goes to launch/pretrain.py. Resources are the #SBATCH lines below: edit them, or override any
 # on the sbatch command line. The output dir defaults to runs/slurm-<job id>; before the time limit the job
 # gets USR2 (--signal), passes it to the ranks, which save a checkpoint and exit; then it requeues itself and
-# resumes exactly there (see slurm/launch.sh).
+# resumes exactly there. With --no-kill, a node lost mid-job ends only the step, and launch.sh goes on with the
+# nodes left or requeues the job (see slurm/launch.sh).
 #SBATCH --job-name=mellama-pretrain
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8
@@ -14,6 +15,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=48:00:00
 #SBATCH --requeue
+#SBATCH --no-kill
 #SBATCH --signal=B:USR2@300
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --open-mode=append

@@ -6,7 +6,8 @@
 # Every argument goes to launch/tune.py. Resources are the #SBATCH lines below: edit them, or override any
 # on the sbatch command line. The output dir defaults to runs/slurm-<job id>; before the time limit the job
 # gets USR2 (--signal), passes it to the ranks, which save a checkpoint and exit; then it requeues itself and
-# resumes exactly there (see slurm/launch.sh).
+# resumes exactly there. A node lost mid-job: SLURM ends the job and requeues it for as many nodes (no
+# --no-kill here, unlike pretrain.sh: tuning data is streamed, so a tuning run cannot go on with fewer ranks).
 #SBATCH --job-name=mellama-tune
 #SBATCH --nodes=1
 #SBATCH --gpus-per-node=8

@@ -4,8 +4,10 @@
 
 Every rank appends one line per micro-batch to DIR/rank_<r>.jsonl: {"rows": [global sequence ids]} (the
 prepared path's ids, data/ordered.py). The product code has no logging hook: this wraps the batch iterator.
-With MELLAMA_FORCE_UNIVERSAL=1 a resume goes through DeepSpeed's universal checkpoint even on the world size
-that wrote it (to show the conversion itself changes nothing).
+Under SLURM the file is DIR/rank_<r>.restart_<n>.step_<s>.jsonl: one per job step of each start of the job.
+MELLAMA_BATCH_PAUSE=S sleeps S seconds after each micro-batch, so a test can act on a run that is still
+training. With MELLAMA_FORCE_UNIVERSAL=1 a resume goes through DeepSpeed's universal checkpoint even on the
+world size that wrote it (to show the conversion itself changes nothing).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -24,6 +27,11 @@ from mellama_train.data import ordered  # noqa: E402
 def _install(log_dir: Path) -> None:
     init, step = ordered.OrderedBatches.__init__, ordered.OrderedBatches.__next__
     log_dir.mkdir(parents=True, exist_ok=True)
+    # Under SLURM, each job step of each start of the job logs to its own files.
+    restart = ""
+    if "SLURM_STEP_ID" in os.environ:
+        restart = f".restart_{os.environ.get('SLURM_RESTART_COUNT', '0')}.step_{os.environ['SLURM_STEP_ID']}"
+    pause = float(os.environ.get("MELLAMA_BATCH_PAUSE", "0"))
     made: list[object] = []
 
     def counted(self, *args, **kwargs):
@@ -33,8 +41,10 @@ def _install(log_dir: Path) -> None:
     def logged(self):
         batch = step(self)
         if self is made[0]:  # the training stream, not the final export's probe (built later)
-            with open(log_dir / f"rank_{os.environ.get('RANK', '0')}.jsonl", "a") as fh:
+            with open(log_dir / f"rank_{os.environ.get('RANK', '0')}{restart}.jsonl", "a") as fh:
                 fh.write(json.dumps({"rows": self.last_rows}) + "\n")
+            if pause:
+                time.sleep(pause)
         return batch
 
     ordered.OrderedBatches.__init__ = counted

@@ -402,3 +402,68 @@ def test_a_nested_newer_run_record_is_passed_over_at_training_start(tmp_path):
     (run / "run_record.99999998-000000.json").unlink()
     assert same_run(run, cfg)  # the nested one is passed over: the first start's record is compared
     check_same_run(run, cfg, run / "checkpoints" / "step_00000010")
+
+
+# ---- whether a run can go on with fewer ranks (slurm/launch.sh asks when a node is lost) ------------------
+
+
+def test_resumes_on_moves_a_prepared_zero3_run_and_says_why_it_will_not_move_the_others(tmp_path, capsys):
+    from mellama_train.config import resolve
+    from mellama_train.outputs import write_run_record
+
+    prepared = [f"data.sources.{n}.prepared={tmp_path}" for n in ("pubmed", "mimic", "redpajama")]
+    zero3, zero2 = {"zero_optimization": {"stage": 3}}, {"zero_optimization": {"stage": 2}}
+
+    def answer(run: Path, ranks: int) -> tuple[int, str]:
+        code = status_main([str(run), "--resumes-on", str(ranks)])
+        return code, capsys.readouterr().out.strip()
+
+    def recorded(name: str, ds: dict, overrides: list[str]) -> Path:
+        run = tmp_path / name
+        run.mkdir()
+        write_run_record(run, resolve("tiny", overrides=overrides), ds, {}, None)
+        return run
+
+    # Global batch 8 in micro-batches of 4: 1 or 2 ranks, not 3.
+    run = recorded("prepared", zero3, prepared)
+    assert answer(run, 1) == (0, f"{run} can go on with 1 ranks")
+    assert answer(run, 2)[0] == 0
+    assert answer(run, 3) == (
+        1,
+        "its global batch (8) is not a whole number of micro-batches (4) on each of 3 ranks",
+    )
+    assert answer(recorded("streamed", zero3, []), 1) == (
+        1,
+        "its sources are streamed: a streamed run resumes on the number of ranks that wrote it",
+    )
+    assert answer(recorded("zero2", zero2, prepared), 1)[1].startswith("it does not run ZeRO-3")
+    assert answer(recorded("pinned", zero3, [*prepared, "train.world_size=2"]), 1)[1].startswith(
+        "it sets train.world_size=2"
+    )
+
+    # A record read back untrusted: missing, damaged, or with the wrong types or values, is a reason, never a
+    # traceback, and never a yes.
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "run_record.json").write_text("{not json")
+    assert answer(tmp_path / "damaged", 1) == (1, f"no readable run record in {tmp_path / 'damaged'}")
+    assert answer(tmp_path / "not-started", 1)[0] == 1
+    hostile = json.loads((run / "run_record.json").read_text())
+    cases = [
+        (("config", "data"), "x"),
+        (("config", "data", "sources"), []),
+        (("config", "train"), [1]),
+        (("config", "train", "global_batch_size"), 0),
+        (("config", "train", "global_batch_size"), -8),
+        (("config", "train", "micro_batch_size"), 4.0),
+        (("ds_config",), "3"),
+    ]
+    for path, value in cases:
+        tree = json.loads(json.dumps(hostile))
+        node = tree
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+        (run / "run_record.json").write_text(json.dumps(tree))
+        code, why = answer(run, 1)
+        assert code == 1 and why and "Traceback" not in why, (path, why)
+    assert status_main([str(run), "--resumes-on", "0"]) == 2

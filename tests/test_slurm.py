@@ -74,11 +74,11 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, logs: tupl
 
 
 @contextlib.contextmanager
-def slurm_job(args: list[str], log: Path, cwd: Path = REPO) -> Iterator[str]:
-    """Submit `sbatch <CPU_JOB> --output=<log> <args>` from `cwd`; cancel the job and wait until it has left
+def slurm_job(args: list[str], log: Path, cwd: Path = REPO, resources: list[str] = CPU_JOB) -> Iterator[str]:
+    """Submit `sbatch <resources> --output=<log> <args>` from `cwd`; cancel the job and wait until it has left
     the queue on the way out, whatever happened."""
     proc = subprocess.run(
-        ["sbatch", "--parsable", *CPU_JOB, f"--output={log}", *args],
+        ["sbatch", "--parsable", *resources, f"--output={log}", *args],
         cwd=cwd,
         env=job_env(),
         capture_output=True,

@@ -225,6 +225,47 @@ def _liveness(
     return f"STALLED OR DEAD since {since}", alarm, False
 
 
+def resumes_on(run_dir: Path, world_size: int) -> str | None:
+    """Why the run in `run_dir` cannot go on with `world_size` data-parallel ranks, or None when it can.
+
+    What slurm/launch.sh asks when a node is lost: start again at once on the nodes left, or requeue the job for
+    as many as before. From the newest run record (untrusted JSON: anything unexpected is a reason, never an
+    exception): a run over a prepared corpus under ZeRO-3, not pinned to a world size, whose global batch
+    divides into micro-batches over the new ranks moves (checkpoint.load is the authority and checks again); a
+    streamed run does not. Without a readable record there is nothing to judge by, and the answer is no.
+    """
+    record = latest_run_record(run_dir)
+    if record is None:
+        return f"no readable run record in {run_dir}"
+    cfg = record["config"]
+    data, train = cfg.get("data"), cfg.get("train")
+    sources = data.get("sources") if isinstance(data, dict) else None
+    if not isinstance(sources, list) or not sources:
+        return "its run record names no sources"
+    if not all(isinstance(s, dict) and s.get("prepared") for s in sources):
+        return "its sources are streamed: a streamed run resumes on the number of ranks that wrote it"
+    ds = record.get("ds_config")
+    zero = ds.get("zero_optimization") if isinstance(ds, dict) else None
+    if not isinstance(zero, dict) or zero.get("stage") != 3:
+        return "it does not run ZeRO-3: a checkpoint moves to another number of ranks under ZeRO-3 only"
+    train = train if isinstance(train, dict) else {}
+    if train.get("world_size") not in (None, 0):
+        return f"it sets train.world_size={str(train.get('world_size'))[:20]}"
+    batch, micro = train.get("global_batch_size"), train.get("micro_batch_size")
+    if (
+        type(batch) is not int
+        or type(micro) is not int
+        or batch <= 0
+        or micro <= 0
+        or batch % (micro * world_size)
+    ):
+        return (
+            f"its global batch ({str(batch)[:20]}) is not a whole number of micro-batches ({str(micro)[:20]}) on"
+            f" each of {world_size} ranks"
+        )
+    return None
+
+
 @dataclass
 class RunRecord:
     """The fields of a run's newest run record that `status` and `report` read, each of the type written (the

@@ -21,10 +21,26 @@ def status_main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also hash every file of every checkpoint against its manifest's SHA-256 (reads them all)",
     )
+    p.add_argument(
+        "--resumes-on",
+        type=int,
+        metavar="RANKS",
+        help="only answer whether the run can go on with RANKS data-parallel ranks: exit 0, or 1 with the"
+        " reason (what slurm/launch.sh asks when a node is lost)",
+    )
     p.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = p.parse_args(argv)
 
-    from mellama_train.status import report
+    from mellama_train.status import report, resumes_on
+
+    if args.resumes_on is not None:
+        if args.resumes_on < 1:
+            return error("--resumes-on takes a number of ranks, 1 or more")
+        if why := resumes_on(Path(args.run_dir), args.resumes_on):
+            print(why)
+            return 1
+        print(f"{args.run_dir} can go on with {args.resumes_on} ranks")
+        return 0
 
     try:
         lines, alarms = report(Path(args.run_dir), verify=args.verify)
