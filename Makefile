@@ -42,7 +42,7 @@ demo: $(INSTALLED)
 
 # Every test, the slow ones included (what CI runs).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # Skip the slow tests (multi-process runs, training runs through the entry point) while iterating locally.
 test-fast: $(INSTALLED)

@@ -44,7 +44,8 @@ if ((gpus_per_node > 0 && gpus_per_node != tasks_per_node)); then
 fi
 procs_per_node=$((gpus_per_node > 0 ? gpus_per_node : tasks_per_node))
 world_size=$((nodes * procs_per_node))
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR==1') # awk reads all: no SIGPIPE
+first() { awk 'NR==1'; } # head -n1 would leave scontrol a broken pipe (exit 141) on a long host list
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | first)
 # From the job id: the same on every node and across requeues of this job, different for jobs sharing a node;
 # 10000-29999 is unprivileged and below Linux's ephemeral range (32768+), so no outgoing socket holds it.
 MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))
@@ -130,7 +131,7 @@ run_step() { # one srun job step over $nodes nodes; sets $status to its exit sta
 }
 
 # --- a node lost mid-job ------------------------------------------------------------------------------------
-# With --no-kill (#SBATCH in pretrain.sh/tune.sh) SLURM keeps the job on the nodes left when one fails and ends
+# With --no-kill (#SBATCH in pretrain.sh; tune.sh streams its data, so a lost node requeues it) SLURM keeps the job on the nodes left when one fails and ends
 # only the step ("Node failure on ..."). When the run can go on with fewer ranks (a prepared corpus under
 # ZeRO-3: the same global batch and the exact next sequences, docs/DATA.md), a new step starts at once on the
 # nodes the job still holds, and resumes from the newest checkpoint. Otherwise the job is requeued for as many
@@ -142,7 +143,7 @@ run_step() { # one srun job step over $nodes nodes; sets $status to its exit sta
 job_nodes() { # the job's node list now; retried, since slurmctld is busiest when a node has just failed
     local list="" try
     for try in 1 2 3; do
-        list=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -oE '(^| )NodeList=[^ ]+' | awk 'NR==1' | cut -d= -f2) || true
+        list=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -oE '(^| )NodeList=[^ ]+' | first | cut -d= -f2) || true
         [[ -z $list ]] || break
         ((try == 3)) || sleep 5
     done
@@ -157,7 +158,6 @@ requeue_job() { # scontrol requeue, retried; this shell ignores the SIGTERM that
     done
     fail "scontrol requeue $SLURM_JOB_ID failed; resubmit with the same --output-dir to resume"
 }
-first() { awk 'NR==1'; } # head -n1 would leave scontrol a broken pipe (exit 141) on a long host list
 step_nodelist=$SLURM_JOB_NODELIST
 submitted_nodes=$nodes
 lost_nodes="" # after a step failed: the nodes the job lost during it

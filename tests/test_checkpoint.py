@@ -696,3 +696,42 @@ def test_a_kept_universal_conversion_is_used_only_for_the_checkpoint_it_was_made
     convert_now()
     assert made == [step.name] * 3
     assert not (step.parent / "latest_universal").exists()
+
+
+def test_resume_from_an_exported_model_says_how_to_train_on_from_it(tmp_path):
+    """`--resume runs/x/final` is a model, not a checkpoint: the error gives the new run that trains from it."""
+    final = tmp_path / "final"
+    final.mkdir()
+    (final / "config.json").write_text("{}")
+    with pytest.raises(ValueError) as err:
+        resume_candidates(tmp_path / "new-run", str(final))
+    message = str(err.value)
+    assert "not a checkpoint directory" in message
+    assert f"--set model.init=pretrained --set model.path={final}" in message and f"--base {final}" in message
+    (final / "config.json").unlink()  # a directory that is neither: no hint that would mislead
+    with pytest.raises(ValueError, match=r"not a checkpoint directory \(checkpoints/step_N\)$"):
+        resume_candidates(tmp_path / "new-run", str(final))
+
+
+def test_atomic_writes_and_follow_umask_give_the_umask_modes(tmp_path):
+    from mellama_train import integrity
+
+    old = os.umask(0o002)
+    try:
+        assert integrity.umask() == 0o002
+        integrity.atomic_write(tmp_path / "record.json", "{}")
+        assert (tmp_path / "record.json").stat().st_mode & 0o777 == 0o664  # not mkstemp's 0600
+        model = tmp_path / "model"
+        model.mkdir(mode=0o700)
+        (model / "model.safetensors").write_bytes(b"x")
+        os.chmod(model / "model.safetensors", 0o600)  # as safetensors leaves it
+        outside = tmp_path / "outside"
+        outside.write_bytes(b"y")
+        os.chmod(outside, 0o600)
+        (model / "link").symlink_to(outside)
+        integrity.follow_umask(model)
+    finally:
+        os.umask(old)
+    assert model.stat().st_mode & 0o777 == 0o775
+    assert (model / "model.safetensors").stat().st_mode & 0o777 == 0o664
+    assert outside.stat().st_mode & 0o777 == 0o600  # a link is not followed out of the directory

@@ -150,6 +150,15 @@ def test_dry_run_of_a_bare_profile_exits_0_and_lists_what_a_run_needs(capsys):
     assert "a real run still needs:" in out and "data.sources[mimic].paths" in out
 
 
+@pytest.mark.parametrize("flag", ["--ds", "--deepspeed"])
+def test_deepspeed_is_the_same_flag_as_ds(flag, tmp_path, capsys):
+    """HF Trainer's, LLaMA-Factory's and axolotl's users type --deepspeed: it sets train.ds_config like --ds."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    assert pretrain_main([flag, str(ds), "--dry-run"]) == 0
+    assert f"ds_config: {ds}" in capsys.readouterr().out
+
+
 def test_dry_run_with_invalid_values_exits_2_and_says_why(capsys):
     assert pretrain_main(["--dry-run", "--set", "optim.lr=-1"]) == 2
     assert "optim.lr must be > 0 (got -1.0)" in capsys.readouterr().out

@@ -199,3 +199,27 @@ def test_conversion_checks_catch_non_finite_and_values_the_cast_zeroes():
         "b is all zero after the cast to torch.bfloat16, but not in the checkpoint",
         "d is empty",
     ]
+
+
+def modes(root: Path) -> dict[str, set[str]]:
+    """The read/write bits under `root`, files and directories apart (root itself included). A file's execute
+    bits are left out: DeepSpeed copies its zero_to_fp32.py script beside the checkpoints 0744."""
+    got: dict[str, set[str]] = {"files": set(), "dirs": set()}
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        got["dirs" if path.is_dir() else "files"].add(oct(mode & (0o777 if path.is_dir() else 0o666)))
+    return got
+
+
+@pytest.mark.slow
+def test_outputs_follow_the_umask_so_colleagues_can_read_them(run_dir, tmp_path):
+    """safetensors and mkstemp write 0600: on a shared cluster nobody else could load the model. Every output
+    takes the umask's modes as any other tool's would: 0644/0755 under 022 (the run), 0664/0775 under 002."""
+    for part in ("final", "checkpoints"):
+        assert modes(run_dir / part) == {"files": {"0o644"}, "dirs": {"0o755"}}, part
+    assert oct((run_dir / "run_record.json").stat().st_mode & 0o777) == "0o644"
+    out = tmp_path / "shared-export"
+    command = f"umask 002; exec {sys.executable} -m mellama_train export {run_dir} {out}"
+    proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert modes(out) == {"files": {"0o664"}, "dirs": {"0o775"}}

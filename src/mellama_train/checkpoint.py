@@ -259,6 +259,7 @@ def _finish(
         files[name] = {"bytes": digest_or_error.size, "sha256": digest_or_error.sha256, "rank": 0}
     for name in on_disk:  # every file closed and flushed before the marker vouches for it
         _fsync_file(partial / name)
+    integrity.follow_umask(partial)  # write_meta's safetensors come out 0600; modes are not in the manifest
     body = {
         "format": MANIFEST_FORMAT,
         "tag": final.name,

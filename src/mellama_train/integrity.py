@@ -57,7 +57,7 @@ class HashingWriter(io.RawIOBase):
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides
         self._pending = bytearray()
         self._written = 0  # bytes handed to the OS: what the hash thread may read
         self._hasher = _HashBehind(path)
@@ -236,6 +236,7 @@ def atomic_write(path: Path, text: str) -> FileDigest:
     data = text.encode("utf-8")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600: the file others read is the renamed one
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -247,6 +248,34 @@ def atomic_write(path: Path, text: str) -> FileDigest:
         raise
     fsync_dir(path.parent)
     return bytes_digest(data)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it (os.umask sets one to read it: another thread creating a
+    file meanwhile would get the wrong mode). /proc has it since Linux 4.7; elsewhere, the set-and-restore."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give what we wrote under `root` the modes any other tool would (0644 files and 0755 directories under the
+    usual umask 022; group-writable under 002): safetensors writes 0600 files through a temporary file, which
+    on a shared cluster leaves colleagues unable to read the model. Only the owner's own files are touched."""
+    mask = umask()
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = (0o777 if path.is_dir() else 0o666) & ~mask
+        with contextlib.suppress(OSError):  # not ours (a shared directory): leave it
+            if path.stat().st_uid == os.getuid():
+                os.chmod(path, mode)
 
 
 def digests_of(paths: list[Path], threads: int | None = None) -> dict[Path, FileDigest | OSError]:

@@ -71,6 +71,7 @@ def save_adapter(eng: Backend, out_dir: Path, base_path: str, tokenizer: Any, is
         tokenizer.save_pretrained(out_dir)  # with the chat template the adapter was tuned on
         # Our card (base, data licenses, tokens, steps) replaces the generic one PEFT writes.
         write_model_card(out_dir, out_dir.parent, "adapter")
+        integrity.follow_umask(out_dir)
     collectives.barrier()
 
 
@@ -104,6 +105,7 @@ def merge_adapter(
     tokenizer_dir = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     carry_model_card(Path(adapter), out_dir)
+    integrity.follow_umask(out_dir)
     log.info("merged %s into %s -> %s", adapter, base, out_dir)
     return out_dir
 
@@ -124,3 +126,4 @@ def write_random_base(cfg: Config, tokenizer: Any, out_dir: Path) -> None:
     model.config.use_cache = True
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    integrity.follow_umask(out_dir)

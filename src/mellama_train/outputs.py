@@ -190,13 +190,20 @@ def check_same_run(run_dir: Path, cfg: Config, resume_from: Path | None) -> None
 
 
 def write_run_record(
-    run_dir: Path, cfg: Config, ds_config: dict[str, Any], manifest: dict[str, Any], resumed_from: str | None
+    run_dir: Path,
+    cfg: Config,
+    ds_config: dict[str, Any],
+    manifest: dict[str, Any],
+    resumed_from: str | None,
+    threads: dict[str, Any] | None = None,
 ) -> Path:
-    """Written at every start; a resumed start keeps the earlier record and adds one of its own."""
+    """Written at every start; a resumed start keeps the earlier record and adds one of its own. `threads`:
+    rank 0's torch threads and why (threads.py)."""
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "argv": sys.argv,
         "host": platform.node(),
+        "threads": threads,
         "resumed_from": resumed_from,
         "config": cfg.to_dict(),
         "derived": cfg.derived(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from mellama_train.preemption import StopFlag
 from mellama_train.schedule import lr_lambda
 from mellama_train.startup import resume, start_point
 from mellama_train.step import train_step
+from mellama_train.threads import set_rank_threads
 from mellama_train.watchdog import Watchdog, outcome
 
 log = logging.getLogger(__name__)
@@ -94,6 +96,8 @@ class Run:
     """Forward passes of every evaluation, equal on every rank (a ZeRO-3 forward is a collective)."""
     state: checkpoint.TrainerState
     flops_per_token: float
+    load_seconds: float = 0.0
+    """Wall seconds the resume's checkpoint load took (0: a fresh start)."""
 
 
 def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
@@ -125,6 +129,8 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         total=cfg.total_steps, initial=state.step, disable=not env.is_main, unit="step", dynamic_ncols=True
     )
     window = Window.new(len(names), env.device)
+    if run.load_seconds:
+        metrics.log(state.step, {"checkpoint/load_seconds": run.load_seconds})
     watchdog.beat("start-up")
     if run.eval_passes and state.step == 0:  # the baseline: the model before any training step
         watchdog.enter("step-0 evaluation")
@@ -164,7 +170,10 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
             progress.update(1)
             stopping = stops.after_step(state.step, last, votes)
             if saver.due(state.step, last, stopping):
+                began = time.perf_counter()
                 saved = saver.save(state)
+                # Blocking on every rank: its share of wall time is the cost of the interval (PERFORMANCE.md).
+                metrics.log(state.step, {"checkpoint/save_seconds": time.perf_counter() - began})
                 watchdog.beat(f"checkpoint {saved.name}")
             if stopping:
                 metrics.close()
@@ -178,8 +187,12 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         build_train_batches(cfg, run.tokenizer, rank=0, world_size=1, index_dir=run.run_dir / INDEX_DIR)
     )
     metrics.log(state.step, {"export/probe_loss": export.probe_loss(b, probe, len(names))})
-    metrics.close()
-    _write_outputs(cfg, run)
+    try:
+        began = time.perf_counter()
+        _write_outputs(cfg, run)
+        metrics.log(state.step, {"export/seconds": time.perf_counter() - began})
+    finally:
+        metrics.close()
     return run.run_dir
 
 
@@ -195,6 +208,7 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
         t.loss_chunk_tokens,
     )
     env = maker.start(t.dist_timeout_minutes)
+    threads = set_rank_threads()
     watchdog.beat("process group start-up")
     if t.world_size and t.world_size != env.world_size:
         raise ValueError(
@@ -209,7 +223,12 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
     if env.is_main:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         record = write_run_record(
-            run_dir, cfg, maker.ds_config, data_manifest(cfg), str(resume_from[0]) if resume_from else None
+            run_dir,
+            cfg,
+            maker.ds_config,
+            data_manifest(cfg),
+            str(resume_from[0]) if resume_from else None,
+            threads=threads,
         )
         watchdog.beat("PubMed update index")
         prepare_indexes(cfg, run_dir / INDEX_DIR)  # once, before every rank's streams load it
@@ -246,10 +265,24 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
     eval_batches = build_eval_batches(cfg, tokenizer, env.rank, env.world_size)
     eval_passes = collectives.all_reduce_max(len(eval_batches))
     state = checkpoint.TrainerState(world_size=env.world_size)
+    began = time.perf_counter()
     if resume_from:
         state = resume(backend, data, resume_from, record)
+    load_seconds = time.perf_counter() - began if resume_from else 0.0
     state.data_licenses = source_licenses(cfg)  # the recipe's notes, into each checkpoint's trainer.json
-    return Run(cfg, backend, maker, run_dir, tokenizer, data, eval_batches, eval_passes, state, flops_tok)
+    return Run(
+        cfg,
+        backend,
+        maker,
+        run_dir,
+        tokenizer,
+        data,
+        eval_batches,
+        eval_passes,
+        state,
+        flops_tok,
+        load_seconds,
+    )
 
 
 def _probe_meta(run: Run, precision: str) -> Any:

@@ -34,7 +34,10 @@ DESCRIPTIONS = {
 def run_parser(task: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"launch/{task}.py", description=DESCRIPTIONS[task])
     p.add_argument(
-        "--ds", metavar="PATH", help="DeepSpeed JSON (default ds_configs/zero3.json) = train.ds_config"
+        "--ds",
+        "--deepspeed",  # HF Trainer's, LLaMA-Factory's and axolotl's spelling
+        metavar="PATH",
+        help="DeepSpeed JSON (default ds_configs/zero3.json) = train.ds_config",
     )
     p.add_argument(
         "--profile",

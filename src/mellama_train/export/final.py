@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from mellama_train.backends import Backend, collectives
 from mellama_train.export.model_card import write_model_card
+from mellama_train.integrity import follow_umask
 
 HF_META = "hf"
 """The directory inside a checkpoint with its config, tokenizer and probe logits."""
@@ -94,4 +95,5 @@ def write_hf_model(
         module.config.use_cache = False
         tokenizer.save_pretrained(out_dir)
         write_model_card(out_dir, run_dir or out_dir.parent, "model")
+        follow_umask(out_dir)
     collectives.barrier()

@@ -46,6 +46,7 @@ import torch
 
 from mellama_train import checkpoint, watchdog
 from mellama_train.export.final import HF_META, PROBE_FILE
+from mellama_train.integrity import follow_umask
 
 log = logging.getLogger(__name__)
 
@@ -417,6 +418,7 @@ def export_checkpoint(
     if result.problems:
         raise VerificationFailed(f"{'; '.join(result.problems)} (output left in {partial})")
     (partial / _PARTIAL_MARK).unlink()
+    follow_umask(partial)
     if out_dir.exists():
         out_dir.rmdir()  # empty (checked above)
     partial.rename(out_dir)

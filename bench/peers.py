@@ -1,0 +1,316 @@
+"""Our trainer against HF Trainer on the same work, side by side: steady-state tokens/s, MFU, wall, peak memory.
+
+Both sides run under DeepSpeed's launcher with the project's ds_configs/zero3.json unchanged, the same model
+(one config, random weights), the same global batch, precision, optimizer and schedule, and the same packed
+sequences: this script draws them from our pipeline, rank by rank, and hands them to HF Trainer's side
+(bench/peers_hf.py, the run_clm recipe) in the order each rank of ours reads them. Runs alternate in pairs, the
+side that goes first alternating too (shared machines drift); threads per rank are set equal on both sides
+(cores / ranks unless --threads). Each side's tokens/s comes from its own rank-0 step timestamps over steps
+(--warmup, --steps]; wall is the whole launcher process; peak RSS is the largest process's (os.wait4 over the
+launcher's tree); the final loss shows both did the same work.
+
+    python bench/peers.py --shape tiny --pairs 5                 # CPU: 2 ranks over gloo, fp32
+    python bench/peers.py --shape 25m --pairs 5
+    python bench/peers.py --shape 1b --seq-len 2048 --ranks 1 --precision bf16 --pairs 2   # one GPU
+
+Shapes: tiny = the demo's model (2 layers, hidden 64); 25m = hidden 512, 8 layers (25M in the blocks);
+1b = TinyLlama-1.1B's shape (22 layers, hidden 2048, GQA 32/4, vocab 32000). Writes --out (JSON) and prints a
+table: ours / HF per pair, median (range). MFU = PaLM's 6N + attention FLOPs (mellama_train.model) over the
+device's bf16 peak, and over --matmul-tflops when given (a rate measured in the same call: bench/gpu_suite.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+SHAPES = {
+    "tiny": [],
+    "25m": [
+        "model.arch.hidden_size=512",
+        "model.arch.intermediate_size=1376",
+        "model.arch.num_layers=8",
+        "model.arch.num_heads=8",
+        "model.arch.num_kv_heads=8",
+    ],
+    "1b": [
+        "model.arch.vocab_size=32000",
+        "model.arch.hidden_size=2048",
+        "model.arch.intermediate_size=5632",
+        "model.arch.num_layers=22",
+        "model.arch.num_heads=32",
+        "model.arch.num_kv_heads=4",
+    ],
+}
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    """The tiny profile, reshaped: what both sides train (ours reads them as --set, HF through spec.json)."""
+    return [
+        *SHAPES[args.shape],
+        f"model.arch.max_position_embeddings={max(512, args.seq_len)}",
+        f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}",
+        f"data.seq_len={args.seq_len}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+        f"train.max_steps={args.steps}",
+        f"train.precision={args.precision}",
+        f"train.log_every={args.log_every}",
+        f"train.save_every={args.save_every or 10 * args.steps}",
+        # No held-out evaluation: HF's side evaluates nothing either.
+        *[f"data.sources.{i}.eval_paths=[]" for i in range(3)],
+        "train.forgetting_source=null",
+    ]
+
+
+def write_inputs(args: argparse.Namespace, ranks: int, data: Path) -> dict[str, Any]:
+    """Our packed sequences for every rank and step, laid out for HF's sequential sampler, its model config, and
+    spec.json (what the HF side needs of our resolved config)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from mellama_train.config import resolve
+    from mellama_train.data.pipeline import build_train_batches
+    from mellama_train.data.tokenizer import load_tokenizer
+    from mellama_train.model import count_params, flops_per_token, model_config
+
+    cfg = resolve("tiny", None, [*overrides(args), f"train.world_size={ranks}"], task="pretrain")
+    if args.global_batch % (args.micro_batch * ranks):
+        sys.exit(f"--global-batch {args.global_batch} must divide into --micro-batch x {ranks} ranks")
+    accum = args.global_batch // (args.micro_batch * ranks)
+    tokenizer = load_tokenizer(cfg)
+    streams = [build_train_batches(cfg, tokenizer, r, ranks) for r in range(ranks)]
+    columns: dict[str, list] = {"input_ids": [], "position_ids": [], "labels": []}
+    # accelerate hands sequential micro-batch b to rank b % ranks: step by step, accumulation step by
+    # accumulation step, one micro-batch of each rank in turn.
+    for _ in range(args.steps * accum):
+        for stream in streams:
+            batch = next(stream)
+            for key, rows in columns.items():
+                rows.append(batch[key].numpy().astype(np.int32))
+    data.mkdir(parents=True, exist_ok=True)
+    for key, rows in columns.items():
+        np.save(data / f"{key}.npy", np.concatenate(rows))
+    config = model_config(cfg, cfg.model.arch.vocab_size)
+    config.save_pretrained(data)
+    with torch.device("meta"):
+        n_params = count_params(AutoModelForCausalLM.from_config(config))
+    spec = {
+        "micro_batch_size": args.micro_batch,
+        "grad_accum_steps": accum,
+        "steps": args.steps,
+        "lr": cfg.optim.lr,
+        "min_lr_ratio": cfg.optim.min_lr_ratio,
+        "warmup_steps": cfg.warmup_steps,
+        "betas": list(cfg.optim.betas),
+        "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay,
+        "grad_clip": cfg.optim.grad_clip,
+        "precision": args.precision,
+        "gradient_checkpointing": args.grad_ckpt,
+        "log_every": args.log_every,
+        "seed": cfg.train.seed,
+        "params": n_params,
+        "flops_per_token": flops_per_token(config, n_params, args.seq_len),
+        "tokens_per_step": args.global_batch * args.seq_len,
+        "ranks": ranks,
+        "ours_overrides": overrides(args),  # bench/gpu_suite.py's checkpoint check resumes our run with them
+    }
+    (data / "spec.json").write_text(json.dumps(spec, indent=1))
+    return spec
+
+
+def launched(command: list[str], ranks: int, port: int, env: dict[str, str], log: Path) -> dict[str, Any]:
+    """One side's run under DeepSpeed's launcher: exit status, wall seconds, peak RSS of its largest process."""
+    launcher = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={ranks}",
+        f"--master_port={port}",
+    ]
+    started = time.perf_counter()
+    with log.open("w") as out:
+        child = subprocess.Popen(
+            [*launcher, *command], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        # wait4 reports the child and every descendant it waited for: ru_maxrss is the largest one's (a rank).
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if child.returncode:
+        tail = log.read_text(errors="replace").splitlines()[-15:]
+        raise SystemExit(f"{command[0]} exited {child.returncode}; last lines of {log}:\n" + "\n".join(tail))
+    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def fresh(path: Path) -> Path:
+    """Each run starts from nothing (ours would refuse an output directory holding checkpoints)."""
+    shutil.rmtree(path, ignore_errors=True)
+    return path
+
+
+def window_rate(times: dict[int, float], warmup: int, steps: int, tokens_per_step: int) -> float:
+    if warmup not in times or steps not in times:
+        raise SystemExit(f"no timestamp at steps {warmup} and {steps}: make both multiples of --log-every")
+    return (steps - warmup) * tokens_per_step / (times[steps] - times[warmup])
+
+
+def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
+    from mellama_train.metrics import read_metric_lines
+
+    out = fresh(work / "ours")
+    cmd = ["launch/pretrain.py", "--ds", args.ds, "--output-dir", str(out), "--resume", "never"]
+    for override in overrides(args):
+        cmd += ["--set", override]
+    result = launched(cmd, ranks, port, env, work / "ours.log")
+    rows = [r for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r]
+    times = {r["step"]: r["time"] for r in rows}
+    peaks = [r["train/gpu_peak_gib"] for r in rows if "train/gpu_peak_gib" in r]
+    result.update(
+        tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
+        final_loss=rows[-1]["train/loss"],
+        gpu_peak_gib=max(peaks) if peaks else None,
+        step_s=(times[args.steps] - times[args.warmup]) / (args.steps - args.warmup),
+    )
+    return result
+
+
+def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
+    out = fresh(work / "hf")
+    cmd = ["bench/peers_hf.py", "--data", str(work / "data"), "--ds", args.ds, "--out", str(out)]
+    result = launched(cmd, ranks, port, env, work / "hf.log")
+    got = json.loads((out / "hf_result.json").read_text())
+    times = {int(k): v for k, v in got["times"].items()}
+    losses = {int(k): v for k, v in got["losses"].items()}
+    result.update(
+        tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
+        final_loss=losses[max(losses)],
+        gpu_peak_gib=got["gpu_peak_gib"],
+    )
+    return result
+
+
+def peak_flops() -> tuple[float | None, str]:
+    import torch
+
+    from mellama_train.model import device_peak_flops
+
+    if not torch.cuda.is_available():
+        return None, "cpu"
+    return device_peak_flops(torch.device("cuda", 0)), torch.cuda.get_device_name(0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the timed window")
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--ranks", type=int, default=None, help="default: the GPUs here, or 2 CPU ranks")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU"
+    )
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument(
+        "--save-every", type=int, default=0, help="ours saves at this interval (0: only at the end)"
+    )
+    p.add_argument("--threads", type=int, default=None, help="OMP threads per rank (default: cores / ranks)")
+    p.add_argument("--ds", default="ds_configs/zero3.json")
+    p.add_argument("--matmul-tflops", type=float, default=None, help="a measured bf16 matmul rate, for MFU")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="results JSON")
+    args = p.parse_args()
+    import torch
+
+    gpus = torch.cuda.device_count()
+    ranks = args.ranks or gpus or 2
+    args.precision = args.precision or ("bf16" if gpus else "fp32")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // ranks)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mellama-peers-"))
+    spec = write_inputs(args, ranks, work / "data")
+    peak, device = peak_flops()
+    runs: list[dict[str, Any]] = []
+    for pair in range(args.pairs):
+        sides = [("ours", run_ours), ("hf", run_hf)]
+        row: dict[str, Any] = {}
+        for name, side in sides if pair % 2 == 0 else sides[::-1]:
+            row[name] = side(args, spec, ranks, 29700 + 2 * pair + (name == "hf"), env, work)
+            print(
+                f"pair {pair + 1} {name:4s} {row[name]['tokens_per_s']:10.1f} tokens/s  "
+                f"wall {row[name]['wall_s']:6.1f} s  rss {row[name]['peak_rss_mib']:7.1f} MiB  "
+                f"loss {row[name]['final_loss']:.4f}",
+                flush=True,
+            )
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        runs.append(row)
+
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+    summary: dict[str, Any] = {"ratio_ours_over_hf": stat([r["ratio"] for r in runs])}
+    for name in ("ours", "hf"):
+        rate = statistics.median(r[name]["tokens_per_s"] for r in runs)
+        summary[name] = {
+            "tokens_per_s": rate,
+            "wall_s": statistics.median(r[name]["wall_s"] for r in runs),
+            "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in runs),
+            "final_loss": runs[-1][name]["final_loss"],
+            "gpu_peak_gib": runs[-1][name]["gpu_peak_gib"],
+            # Per device: every rank trains tokens_per_s / ranks of them.
+            "mfu": rate * spec["flops_per_token"] / (peak * ranks) if peak else None,
+            "mfu_vs_matmul": rate * spec["flops_per_token"] / (args.matmul_tflops * 1e12 * ranks)
+            if args.matmul_tflops
+            else None,
+        }
+    result = {
+        "command": " ".join(["python", "bench/peers.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device,
+        "ranks": ranks,
+        "threads_per_rank": threads,
+        "shape": args.shape,
+        "params": spec["params"],
+        "seq_len": args.seq_len,
+        "global_batch": args.global_batch,
+        "micro_batch": args.micro_batch,
+        "precision": args.precision,
+        "steps": args.steps,
+        "timed_steps": [args.warmup, args.steps],
+        "summary": summary,
+        "runs": runs,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    r = summary["ratio_ours_over_hf"]
+    print(
+        f"{args.shape} seq {args.seq_len} {args.precision} x{ranks}: ours / HF Trainer tokens/s median "
+        f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) over {len(runs)} pairs; peak RSS ours "
+        f"{summary['ours']['peak_rss_mib']:.0f} MiB, HF {summary['hf']['peak_rss_mib']:.0f} MiB"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""bench/gpu_suite.py, the one command a lent GPU machine runs, tested here on the CPU (--smoke) so that its few
+minutes there are not spent finding the suite's own bugs: every check runs and reports, caps kill, the budget
+skips, and the figures it reads back from the runs are there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import gpu_suite  # noqa: E402
+
+SUITE = [sys.executable, str(REPO / "bench" / "gpu_suite.py")]
+
+
+def suite(out: Path, *args: str, timeout: int = 900) -> tuple[subprocess.CompletedProcess, dict]:
+    proc = subprocess.run(
+        [*SUITE, "--out", str(out), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    return proc, json.loads((out / "results.json").read_text())
+
+
+def statuses(report: dict) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in report["checks"]}
+
+
+def test_a_check_past_its_cap_is_killed_with_its_children(tmp_path):
+    ctx = gpu_suite.Ctx(True, tmp_path, tmp_path / "suite.log", dict(os.environ))
+    pid_file = tmp_path / "child.pid"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="after 1 s"):
+        gpu_suite.call(ctx, ["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], cap=1)
+    assert time.monotonic() - started < 20
+    child = int(pid_file.read_text())
+    for _ in range(
+        50
+    ):  # the grandchild was in the killed process group: gone, or a zombie awaiting its reaper
+        status = Path(f"/proc/{child}/status")
+        if not status.exists() or "zombie" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"sleep {child} outlived the cap")
+    assert "$ bash -c" in ctx.log.read_text()
+
+
+def test_checks_that_do_not_fit_the_budget_are_skipped_and_said_so(tmp_path):
+    proc, report = suite(tmp_path, "--smoke", "--budget", "30")
+    assert proc.returncode == 0, proc.stderr
+    got = {c["name"]: c for c in report["checks"]}
+    assert [c.name for c in gpu_suite.CHECKS] == list(got)
+    for name in ("kernels", "peers_2048", "qlora_8gb", "zero3"):  # caps over 30 s
+        assert got[name]["status"] == "skipped" and "budget" in got[name]["why"], got[name]
+    assert got["peers_4096"]["why"] == "not in --smoke"
+
+
+def test_env_and_matmul_report_versions_and_a_rate(tmp_path):
+    proc, report = suite(tmp_path, "--smoke", "--only", "env", "matmul")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = {c["name"]: c for c in report["checks"]}
+    assert got["env"]["status"] == got["matmul"]["status"] == "ok"
+    assert got["env"]["result"]["versions"]["deepspeed"][0].isdigit()
+    assert got["matmul"]["result"]["tflops"] > 0 and got["matmul"]["result"]["error_vs_fp64"] < 1e-4
+    assert "matmul float32 n=512" in proc.stdout  # the summary, last in the output
+
+
+def test_without_out_it_says_so(tmp_path):
+    proc = subprocess.run(SUITE, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "--out DIR is required" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_whole_suite_runs_on_the_cpu(tmp_path):
+    """Every check in --smoke: the GPU tests on the CPU, ours against HF Trainer doing the same work (equal final
+    losses), the checkpoint figures read back from the run's metrics, the 8gb profile's QLoRA path."""
+    proc, report = suite(tmp_path / "out", "--smoke", "--workdir", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert statuses(report) == {
+        c.name: "skipped" if c.name == "peers_4096" else "ok" for c in gpu_suite.CHECKS
+    }
+    got = {c["name"]: c.get("result", {}) for c in report["checks"]}
+    assert got["kernels"]["tests"] >= 3 and got["kernels"]["failures"] == got["kernels"]["errors"] == 0
+    assert got["zero3"]["tests"] == 1 and got["zero3"]["failures"] == got["zero3"]["errors"] == 0
+    peers = got["peers_2048"]["summary"]
+    ours, hf = peers["ours"], peers["hf"]
+    assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and peers["ratio_ours_over_hf"]["median"] > 0
+    # The same sequences, model, optimizer and schedule: the same loss after the same steps.
+    assert abs(ours["final_loss"] - hf["final_loss"]) <= 0.01 * hf["final_loss"], (ours, hf)
+    assert ours["peak_rss_mib"] > 100 and hf["peak_rss_mib"] > 100
+    checkpoint = got["checkpoint"]
+    assert checkpoint["save_s"] > 0 and checkpoint["load_s"] > 0 and checkpoint["export_s"] > 0
+    assert 0 < checkpoint["save_share_at_500_steps"] < 1
+    assert got["qlora_8gb"]["tokens_per_sec_median"] > 0 and got["qlora_8gb"]["planned_gib"] > 0
+    log = (tmp_path / "out" / "suite.log").read_text()
+    assert all(f"=== {c.name} " in log for c in gpu_suite.CHECKS if c.name != "peers_4096")
