@@ -22,6 +22,7 @@ device's bf16 peak, and over --matmul-tflops when given (a rate measured in the 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,10 @@ def overrides(args: argparse.Namespace) -> list[str]:
         f"train.precision={args.precision}",
         f"train.log_every={args.log_every}",
         f"train.save_every={args.save_every or 10 * args.steps}",
+        # The same math on both sides: HF's warmup starts at lr 0 where ours starts at 1/W of it, and HF's
+        # DeepSpeed optimizer decays every parameter where ours spares norms and biases. Neither costs time.
+        "optim.warmup_ratio=0.0",
+        "optim.weight_decay=0.0",
         # No held-out evaluation: HF's side evaluates nothing either.
         *[f"data.sources.{i}.eval_paths=[]" for i in range(3)],
         "train.forgetting_source=null",
@@ -104,6 +109,13 @@ def write_inputs(args: argparse.Namespace, ranks: int, data: Path) -> dict[str, 
     data.mkdir(parents=True, exist_ok=True)
     for key, rows in columns.items():
         np.save(data / f"{key}.npy", np.concatenate(rows))
+    # Which sequences each rank trains, in order: micro-batch b is rank b % ranks's (HF's side is checked on it).
+    ids = np.concatenate(columns["input_ids"]).astype(np.int64)
+    per_rank: list[list[str]] = [[] for _ in range(ranks)]
+    for b in range(len(ids) // args.micro_batch):
+        rows_b = ids[b * args.micro_batch : (b + 1) * args.micro_batch]
+        per_rank[b % ranks].extend(hashlib.sha1(row.tobytes()).hexdigest() for row in rows_b)
+    (data / "rows.json").write_text(json.dumps(per_rank))
     config = model_config(cfg, cfg.model.arch.vocab_size)
     config.save_pretrained(data)
     with torch.device("meta"):
@@ -186,6 +198,9 @@ def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
         gpu_peak_gib=max(peaks) if peaks else None,
         step_s=(times[args.steps] - times[args.warmup]) / (args.steps - args.warmup),
     )
+    if not args.keep_checkpoints:  # ZeRO states: 15 GB at 1B, and nothing reads them
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / "final", ignore_errors=True)
     return result
 
 
@@ -196,10 +211,14 @@ def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
     got = json.loads((out / "hf_result.json").read_text())
     times = {int(k): v for k, v in got["times"].items()}
     losses = {int(k): v for k, v in got["losses"].items()}
+    want = json.loads((work / "data" / "rows.json").read_text())
+    handed = [json.loads((out / f"hf_rows_rank{r}.json").read_text()) for r in range(len(want))]
+    # A prefix: accelerate's loader may fetch one batch past the last step.
     result.update(
         tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
         final_loss=losses[max(losses)],
         gpu_peak_gib=got["gpu_peak_gib"],
+        same_sequences=all(h[: len(w)] == w for h, w in zip(handed, want)),
     )
     return result
 
@@ -236,6 +255,9 @@ def main() -> int:
     p.add_argument("--ds", default="ds_configs/zero3.json")
     p.add_argument("--matmul-tflops", type=float, default=None, help="a measured bf16 matmul rate, for MFU")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep our last run's checkpoints and final/"
+    )
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     args = p.parse_args()
     import torch
@@ -256,6 +278,9 @@ def main() -> int:
         row: dict[str, Any] = {}
         for name, side in sides if pair % 2 == 0 else sides[::-1]:
             row[name] = side(args, spec, ranks, 29700 + 2 * pair + (name == "hf"), env, work)
+            if args.out:  # after every run: a kill (a device call's time limit) keeps the runs so far
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"partial": True, "runs": [*runs, row]}, indent=2) + "\n")
             print(
                 f"pair {pair + 1} {name:4s} {row[name]['tokens_per_s']:10.1f} tokens/s  "
                 f"wall {row[name]['wall_s']:6.1f} s  rss {row[name]['peak_rss_mib']:7.1f} MiB  "
@@ -276,6 +301,7 @@ def main() -> int:
             "wall_s": statistics.median(r[name]["wall_s"] for r in runs),
             "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in runs),
             "final_loss": runs[-1][name]["final_loss"],
+            **({"same_sequences": all(r["hf"]["same_sequences"] for r in runs)} if name == "hf" else {}),
             "gpu_peak_gib": runs[-1][name]["gpu_peak_gib"],
             # Per device: every rank trains tokens_per_s / ranks of them.
             "mfu": rate * spec["flops_per_token"] / (peak * ranks) if peak else None,

@@ -3,7 +3,8 @@
 built from the same config with random weights, SDPA, gradient checkpointing (use_reentrant=False, as the
 documentation recommends), cosine schedule to the same floor, AdamW with the same betas, and fed the exact
 packed sequences our pipeline made (input_ids, position_ids restarting at each document, labels with -100 at
-document starts: what DataCollatorWithFlattening gives), in our order.
+document starts: what DataCollatorWithFlattening gives), in our order (a sequential sampler; the default
+shuffles). Each rank writes the digests of the sequences it was handed, which peers.py checks against ours.
 
 Not a user-facing tool: bench/peers.py writes its inputs (--data) and reads its outputs (--out/hf_result.json).
 """
@@ -11,8 +12,9 @@ Not a user-facing tool: bench/peers.py writes its inputs (--data) and reads its 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -42,6 +44,14 @@ class Packed(torch.utils.data.Dataset):
         return {k: torch.from_numpy(v[i].astype(np.int64)) for k, v in self.columns.items()}
 
 
+class InOrder(Trainer):
+    """HF Trainer reading the dataset in order (its default shuffles), on every transformers version: each rank
+    then trains exactly the micro-batches our rank of the same number trains."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
 class StepTimes(TrainerCallback):
     """Rank 0's wall clock after each optimizer step, the device drained first (as our trainer's per-step loss
     read does), and the logged losses: the same timestamps our metrics.jsonl gives."""
@@ -65,8 +75,6 @@ def share_cpu_ranks(targs: TrainingArguments) -> None:
     """On CPU, accelerate finds no communication backend for DeepSpeed, so every rank believes it is rank 0 of
     1: DeepSpeed's batch check fails and the data would not be sharded. The process group DeepSpeed started
     knows the ranks; accelerate's shared state is told them (a GPU needs none of this)."""
-    import os
-
     import torch.distributed as dist
 
     state = targs.distributed_state
@@ -89,10 +97,6 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1)  # DeepSpeed's launcher passes it
     args = p.parse_args()
     spec = json.loads((args.data / "spec.json").read_text())
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    extra = {}
-    if "train_sampling_strategy" in fields:  # transformers >= 5.2x: our order; older ones shuffle (same work)
-        extra["train_sampling_strategy"] = "sequential"
     settings = dict(
         output_dir=str(args.out),
         per_device_train_batch_size=spec["micro_batch_size"],
@@ -117,7 +121,6 @@ def main() -> None:
         dataloader_num_workers=0,
         seed=spec["seed"],
         disable_tqdm=True,
-        **extra,
     )
     targs = TrainingArguments(**settings)
     if not torch.cuda.is_available():
@@ -127,15 +130,21 @@ def main() -> None:
     torch.manual_seed(spec["seed"])
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     times = StepTimes()
-    trainer = Trainer(
-        model=model,
-        args=targs,
-        train_dataset=Packed(args.data),
-        data_collator=default_data_collator,
-        callbacks=[times],
+    rows: list[str] = []
+
+    def collate(features: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """default_data_collator, noting which sequences this rank was handed (peers.py checks the order)."""
+        rows.extend(hashlib.sha1(f["input_ids"].numpy().tobytes()).hexdigest() for f in features)
+        return default_data_collator(features)
+
+    trainer = InOrder(
+        model=model, args=targs, train_dataset=Packed(args.data), data_collator=collate, callbacks=[times]
     )
     trainer.train()
-    trainer.save_model(str(args.out / "final"))  # run_clm's last step; ours exports final/ too
+    # run_clm ends with trainer.save_model(); left out: under ZeRO-3 without 16-bit gathering it writes a full
+    # checkpoint (15 GB at 1B) that nothing here reads, outside the timed steps in any case.
+    rank = int(os.environ.get("RANK", "0"))
+    (args.out / f"hf_rows_rank{rank}.json").write_text(json.dumps(rows))
     if trainer.is_world_process_zero():
         result = {
             "times": times.times,

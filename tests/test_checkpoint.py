@@ -735,3 +735,31 @@ def test_atomic_writes_and_follow_umask_give_the_umask_modes(tmp_path):
     assert model.stat().st_mode & 0o777 == 0o775
     assert (model / "model.safetensors").stat().st_mode & 0o777 == 0o664
     assert outside.stat().st_mode & 0o777 == 0o600  # a link is not followed out of the directory
+
+
+def test_follow_umask_leaves_what_it_did_not_write_and_keeps_a_shared_groups_setgid(tmp_path):
+    """`merge --out` may name a directory holding the user's own files: only what this write made is touched."""
+    import time as clock
+
+    from mellama_train import integrity
+
+    out = tmp_path / "out"
+    out.mkdir(mode=0o700)
+    theirs = out / "notes.txt"
+    theirs.write_text("mine")
+    os.chmod(theirs, 0o600)
+    os.utime(theirs, (clock.time() - 60, clock.time() - 60))
+    started = clock.time() - 1
+    shared = out / "model"
+    shared.mkdir()
+    os.chmod(shared, 0o2700)  # a group directory's setgid bit
+    (shared / "model.safetensors").write_bytes(b"x")
+    os.chmod(shared / "model.safetensors", 0o600)
+    old = os.umask(0o022)
+    try:
+        integrity.follow_umask(out, since=started, include_root=False)
+    finally:
+        os.umask(old)
+    assert theirs.stat().st_mode & 0o7777 == 0o600 and out.stat().st_mode & 0o7777 == 0o700
+    assert shared.stat().st_mode & 0o7777 == 0o2755
+    assert (shared / "model.safetensors").stat().st_mode & 0o7777 == 0o644

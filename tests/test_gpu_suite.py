@@ -52,24 +52,35 @@ def test_a_check_past_its_cap_is_killed_with_its_children(tmp_path):
     assert "$ bash -c" in ctx.log.read_text()
 
 
-def test_checks_that_do_not_fit_the_budget_are_skipped_and_said_so(tmp_path):
-    proc, report = suite(tmp_path, "--smoke", "--budget", "30")
-    assert proc.returncode == 0, proc.stderr
-    got = {c["name"]: c for c in report["checks"]}
-    assert [c.name for c in gpu_suite.CHECKS] == list(got)
-    for name in ("kernels", "peers_2048", "qlora_8gb", "zero3"):  # caps over 30 s
-        assert got[name]["status"] == "skipped" and "budget" in got[name]["why"], got[name]
-    assert got["peers_4096"]["why"] == "not in --smoke"
+def test_the_budget_clips_a_cap_to_what_is_left_and_skips_what_no_longer_fits(tmp_path, monkeypatch):
+    """Checks that ran use up the budget: the next gets what is left as its cap, and once less than the minimum
+    slice is left the rest are skipped, each saying so; a check's figures from before a failure are kept."""
 
+    def sleeps(seconds: float):
+        return lambda ctx, cap: time.sleep(seconds) or {"slept": seconds, "cap": cap}
 
-def test_env_and_matmul_report_versions_and_a_rate(tmp_path):
-    proc, report = suite(tmp_path, "--smoke", "--only", "env", "matmul")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    got = {c["name"]: c for c in report["checks"]}
-    assert got["env"]["status"] == got["matmul"]["status"] == "ok"
-    assert got["env"]["result"]["versions"]["deepspeed"][0].isdigit()
-    assert got["matmul"]["result"]["tflops"] > 0 and got["matmul"]["result"]["error_vs_fp64"] < 1e-4
-    assert "matmul float32 n=512" in proc.stdout  # the summary, last in the output
+    def fails_after_figures(ctx, cap):
+        ctx.results["c"] = {"partial": 1}
+        raise gpu_suite.CheckFailed("broke after its first figure")
+
+    monkeypatch.setattr(gpu_suite, "MIN_SLICE_S", 2)
+    monkeypatch.setattr(
+        gpu_suite,
+        "CHECKS",
+        [
+            gpu_suite.Check("a", 5, 5, sleeps(2)),
+            gpu_suite.Check("c", 5, 5, fails_after_figures),
+            gpu_suite.Check("b", 10, 10, sleeps(3)),
+            gpu_suite.Check("d", 10, 10, sleeps(0)),
+        ],
+    )
+    monkeypatch.setattr(sys, "argv", ["gpu_suite.py", "--out", str(tmp_path), "--budget", "6", "--smoke"])
+    assert gpu_suite.main() == 1  # c failed
+    got = {c["name"]: c for c in json.loads((tmp_path / "results.json").read_text())["checks"]}
+    assert got["a"]["status"] == "ok" and got["a"]["cap_s"] == 5
+    assert got["c"]["status"] == "failed" and got["c"]["result"] == {"partial": 1}
+    assert got["b"]["status"] == "ok" and 2 <= got["b"]["cap_s"] <= 4  # clipped from 10 to what was left
+    assert got["d"]["status"] == "skipped" and "budget left" in got["d"]["why"]
 
 
 def test_without_out_it_says_so(tmp_path):
@@ -83,21 +94,24 @@ def test_the_whole_suite_runs_on_the_cpu(tmp_path):
     losses), the checkpoint figures read back from the run's metrics, the 8gb profile's QLoRA path."""
     proc, report = suite(tmp_path / "out", "--smoke", "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert statuses(report) == {
-        c.name: "skipped" if c.name == "peers_4096" else "ok" for c in gpu_suite.CHECKS
-    }
+    smoke = {"peers_4096": "skipped", "zero3": "skipped"}
+    assert statuses(report) == {c.name: smoke.get(c.name, "ok") for c in gpu_suite.CHECKS}
+    assert "matmul float32 n=512" in proc.stdout  # the summary, last in the output
     got = {c["name"]: c.get("result", {}) for c in report["checks"]}
     assert got["kernels"]["tests"] >= 3 and got["kernels"]["failures"] == got["kernels"]["errors"] == 0
-    assert got["zero3"]["tests"] == 1 and got["zero3"]["failures"] == got["zero3"]["errors"] == 0
+    assert got["env"]["versions"]["deepspeed"][0].isdigit() and got["env"]["device"] == "cpu"
+    assert got["matmul"]["tflops"] > 0 and got["matmul"]["error_vs_fp64"] < 1e-4
     peers = got["peers_2048"]["summary"]
     ours, hf = peers["ours"], peers["hf"]
     assert ours["tokens_per_s"] > 0 and hf["tokens_per_s"] > 0 and peers["ratio_ours_over_hf"]["median"] > 0
-    # The same sequences, model, optimizer and schedule: the same loss after the same steps.
-    assert abs(ours["final_loss"] - hf["final_loss"]) <= 0.01 * hf["final_loss"], (ours, hf)
+    # HF's ranks were handed exactly the sequences ours trained, in order; the same model, optimizer and
+    # schedule then give the same loss after the same steps.
+    assert hf["same_sequences"] is True
+    assert abs(ours["final_loss"] - hf["final_loss"]) <= 0.002 * hf["final_loss"], (ours, hf)
     assert ours["peak_rss_mib"] > 100 and hf["peak_rss_mib"] > 100
     checkpoint = got["checkpoint"]
     assert checkpoint["save_s"] > 0 and checkpoint["load_s"] > 0 and checkpoint["export_s"] > 0
     assert 0 < checkpoint["save_share_at_500_steps"] < 1
     assert got["qlora_8gb"]["tokens_per_sec_median"] > 0 and got["qlora_8gb"]["planned_gib"] > 0
     log = (tmp_path / "out" / "suite.log").read_text()
-    assert all(f"=== {c.name} " in log for c in gpu_suite.CHECKS if c.name != "peers_4096")
+    assert all(f"=== {c.name} " in log for c in gpu_suite.CHECKS if c.name not in smoke)

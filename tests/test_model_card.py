@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
 from test_checkpoint import seal
 
 from mellama_train.config import resolve
@@ -56,7 +58,15 @@ def test_the_model_card_names_base_sources_licenses_tokens_and_steps(tmp_path):
     fake_run(run_dir)
     (run_dir / "final").mkdir()
     card = write_model_card(run_dir / "final", run_dir, "model").read_text()
-    assert card.startswith("---\nlibrary_name: transformers\n")
+    meta = ModelCard.load(run_dir / "final" / "README.md").data.to_dict()
+    # No Hub base (random init), and sources whose notes are no single license identifier.
+    assert meta == {
+        "license": "other",
+        "license_name": "base-model-and-training-data-terms",
+        "tags": ["mellama-train", "llama", "medical"],
+        "pipeline_tag": "text-generation",
+        "library_name": "transformers",
+    }
     assert "- base model: random initialisation (2 layers, hidden 64, vocabulary 2048)" in card
     assert (
         "- steps: 20, each 8 sequences of 256 tokens; peak lr 0.003, fp32" in card
@@ -74,6 +84,7 @@ def test_the_adapter_card_is_carried_into_the_merged_model(tmp_path):
     (run_dir / "adapter").mkdir()
     adapter_card = write_model_card(run_dir / "adapter", run_dir, "adapter").read_text()
     assert "library_name: peft" in adapter_card and "a LoRA adapter (PEFT)" in adapter_card
+    assert ModelCard.load(run_dir / "adapter" / "README.md").data.tags[-2:] == ["lora", "peft"]
     assert (
         "(written to the run's `base/`)" in adapter_card and f"| medinstruct | {PHYSIONET} |" in adapter_card
     )
@@ -123,3 +134,62 @@ def test_a_damaged_or_stale_newest_checkpoint_never_fails_the_card(tmp_path, dam
     assert steps in card and note in card
     assert f"| pubmed | {PHYSIONET} | 15 |" in card  # the sources and their terms are still there
     assert "model card:" in caplog.text  # and the log says what was passed over
+
+
+def hub_cache(root: Path, repo: str, files: dict[str, str], kind: str = "models") -> Path:
+    """A repo laid out as huggingface_hub lays out its cache: blobs by hash, a snapshot of links to them, and
+    refs/main naming the snapshot's revision. Returns the snapshot directory."""
+    import hashlib
+
+    repo_dir = root / f"{kind}--{repo.replace('/', '--')}"
+    revision = hashlib.sha1(repo.encode()).hexdigest()
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo_dir / "blobs").mkdir()
+    for name, text in files.items():
+        blob = repo_dir / "blobs" / hashlib.sha256(text.encode()).hexdigest()
+        blob.write_text(text)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).symlink_to(os.path.relpath(blob, (snapshot / name).parent))
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_a_card_a_hub_accepts_names_the_hub_base_its_license_and_hub_datasets(tmp_path, monkeypatch):
+    """Base and data from the Hugging Face cache: the card's front matter names them by Hub id, as
+    huggingface_hub's own ModelCard parses it back; the license is the one identifier base and data share."""
+    cache = tmp_path / "hub"
+    base = hub_cache(
+        cache, "meta-llama/Llama-2-7b-hf", {"config.json": "{}", "README.md": "---\nlicense: llama2\n---\n"}
+    )
+    data = hub_cache(cache, "bigbio/med_qa", {"train.jsonl": "{}\n"}, kind="datasets")
+    run_dir = tmp_path / "run"
+    fake_run(run_dir, task="tune")
+    record = json.loads((run_dir / "run_record.json").read_text())
+    record["config"]["model"].update(init="pretrained", path=str(base))
+    record["config"]["data"]["sources"] = [
+        {**record["config"]["data"]["sources"][0], "paths": [str(data / "train.jsonl")], "license": "llama2"}
+    ]
+    (run_dir / "run_record.json").write_text(json.dumps(record))
+    for step_dir in (run_dir / "checkpoints").iterdir():  # the checkpoints' notes agree with the recipe
+        trainer = json.loads((step_dir / "trainer.json").read_text())
+        trainer["data_licenses"] = {"medinstruct": "llama2"}
+        (step_dir / "trainer.json").write_text(json.dumps(trainer))
+        seal(step_dir)
+    (run_dir / "adapter").mkdir()
+    write_model_card(run_dir / "adapter", run_dir, "adapter")
+    card = ModelCard.load(run_dir / "adapter" / "README.md")
+    assert card.data.base_model == "meta-llama/Llama-2-7b-hf"
+    assert card.data.license == "llama2" and card.data.datasets == ["bigbio/med_qa"]
+    assert card.data.library_name == "peft" and card.data.pipeline_tag == "text-generation"
+    assert "- base model: `meta-llama/Llama-2-7b-hf` (Hugging Face Hub)" in card.text
+    # A source under other terms: no single identifier can say both.
+    record["config"]["data"]["sources"][0]["license"] = PHYSIONET
+    for step_dir in (run_dir / "checkpoints").iterdir():
+        trainer = json.loads((step_dir / "trainer.json").read_text())
+        trainer["data_licenses"] = {"medinstruct": PHYSIONET}
+        (step_dir / "trainer.json").write_text(json.dumps(trainer))
+        seal(step_dir)
+    write_model_card(run_dir / "adapter", run_dir, "adapter")
+    assert ModelCard.load(run_dir / "adapter" / "README.md").data.license == "other"

@@ -22,29 +22,35 @@ def keep_torch_threads(monkeypatch):
     os.environ.pop("RAYON_NUM_THREADS", None)
 
 
-def cores(monkeypatch, usable: int, node: int) -> None:
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable)))
-    monkeypatch.setattr(os, "cpu_count", lambda: node)
+def cores(monkeypatch, usable: int, launcher: int) -> None:
+    """This process may use `usable` cores; its launcher (the parent) `launcher` of them."""
+    me, parent = os.getpid(), os.getppid()
+
+    def affinity(pid: int) -> set[int]:
+        return set(range(usable if pid in (0, me) else launcher if pid == parent else 0))
+
+    monkeypatch.setattr(os, "sched_getaffinity", affinity)
 
 
 @pytest.mark.parametrize(
-    ("var", "ranks", "usable", "node", "want"),
+    ("var", "ranks", "usable", "launcher", "want", "why"),
     [
-        ("LOCAL_SIZE", 2, 2, 2, 1),  # DeepSpeed's launcher, 2 ranks on this 2-core machine
-        ("LOCAL_WORLD_SIZE", 4, 16, 16, 4),  # torchrun's variable
-        ("LOCAL_SIZE", 8, 4, 4, 1),  # more ranks than cores: never 0
-        ("LOCAL_SIZE", 4, 6, 64, 6),  # pinned to 6 cores of 64 (numactl, --cpu-bind): all of its own
-        (None, 1, 3, 3, 3),  # no launcher: one process, every core
+        ("LOCAL_SIZE", 2, 2, 2, 1, "2 usable cores / 2 local ranks"),  # DeepSpeed's launcher, this machine
+        ("LOCAL_WORLD_SIZE", 4, 16, 16, 4, "16 usable cores / 4 local ranks"),  # torchrun's variable
+        ("LOCAL_SIZE", 8, 4, 4, 1, "4 usable cores / 8 local ranks"),  # more ranks than cores: never 0
+        # A container's or job's cpuset narrows the launcher as well: still shared by the ranks.
+        ("LOCAL_SIZE", 4, 8, 8, 2, "8 usable cores / 4 local ranks"),
+        ("LOCAL_SIZE", 4, 6, 64, 6, "6 cores this rank is bound to"),  # numactl / --cpu-bind: all its own
+        (None, 1, 3, 3, 3, "3 usable cores / 1 local ranks"),  # no launcher: one process, every core
     ],
 )
-def test_a_rank_takes_its_share_of_the_cores(monkeypatch, var, ranks, usable, node, want):
+def test_a_rank_takes_its_share_of_the_cores(monkeypatch, var, ranks, usable, launcher, want, why):
     if var:
         monkeypatch.setenv(var, str(ranks))
-    cores(monkeypatch, usable, node)
+    cores(monkeypatch, usable, launcher)
     got = threads.set_rank_threads()
-    assert got["torch_threads"] == want == torch.get_num_threads()
-    assert os.environ["RAYON_NUM_THREADS"] == str(want)
-    assert f"{usable} usable cores / {ranks} local ranks" == got["why"]
+    assert got == {"torch_threads": want, "why": why}
+    assert torch.get_num_threads() == want and os.environ["RAYON_NUM_THREADS"] == str(want)
 
 
 def test_the_users_omp_num_threads_wins(monkeypatch):

@@ -26,6 +26,7 @@ import hmac
 import io
 import json
 import os
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -264,18 +265,24 @@ def umask() -> int:
     return mask
 
 
-def follow_umask(root: Path) -> None:
+def follow_umask(root: Path, since: float | None = None, include_root: bool = True) -> None:
     """Give what we wrote under `root` the modes any other tool would (0644 files and 0755 directories under the
     usual umask 022; group-writable under 002): safetensors writes 0600 files through a temporary file, which
-    on a shared cluster leaves colleagues unable to read the model. Only the owner's own files are touched."""
+    on a shared cluster leaves colleagues unable to read the model. Only the owner's files are touched; with
+    `since`, only those modified since then (a directory that already held other files keeps theirs); a
+    directory keeps its setgid bit (a shared group's directory)."""
     mask = umask()
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
-            continue
-        mode = (0o777 if path.is_dir() else 0o666) & ~mask
-        with contextlib.suppress(OSError):  # not ours (a shared directory): leave it
-            if path.stat().st_uid == os.getuid():
-                os.chmod(path, mode)
+    for path in [root, *root.rglob("*")] if include_root else root.rglob("*"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a shared directory): leave it
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            if since is not None and info.st_mtime < since:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                os.chmod(path, (0o777 & ~mask) | (info.st_mode & stat.S_ISGID))
+            else:
+                os.chmod(path, 0o666 & ~mask)
 
 
 def digests_of(paths: list[Path], threads: int | None = None) -> dict[Path, FileDigest | OSError]:

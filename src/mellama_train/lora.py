@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import torch
 
 from mellama_train import integrity, watchdog
 from mellama_train.backends import Backend, collectives
-from mellama_train.config import Config
+from mellama_train.config import Config, hub
 from mellama_train.export.model_card import carry_model_card, write_model_card
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,9 @@ def save_adapter(eng: Backend, out_dir: Path, base_path: str, tokenizer: Any, is
     state = eng.trainable_state_dict()
     if is_main:
         peft_model = eng.module
-        # The adapter names the base it belongs to, so PeftModel.from_pretrained / merge can find it.
-        peft_model.peft_config["default"].base_model_name_or_path = base_path
+        # The adapter names the base it belongs to, so PeftModel.from_pretrained / merge can find it: by its Hub
+        # id when it came from the Hugging Face cache (portable, as the Hub expects), else by its directory.
+        peft_model.peft_config["default"].base_model_name_or_path = hub.hub_id(base_path) or base_path
         # save_embedding_layers=False: embeddings are never adapted here, and "auto" may look the base up online.
         peft_model.save_pretrained(
             out_dir, state_dict=state, safe_serialization=True, save_embedding_layers=False
@@ -99,13 +101,14 @@ def merge_adapter(
     watchdog.progress("merge: adapter folded in")
     merged.config.use_cache = True
     out_dir = Path(out_dir)
+    existed, started = out_dir.exists(), time.time() - 1  # `merge --out` may name a directory holding more
     merged.save_pretrained(out_dir, safe_serialization=True)
     watchdog.progress("merge: weights written")
     # The adapter directory's tokenizer carries the chat template used in tuning; the base's may have none.
     tokenizer_dir = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     carry_model_card(Path(adapter), out_dir)
-    integrity.follow_umask(out_dir)
+    integrity.follow_umask(out_dir, since=started, include_root=not existed)
     log.info("merged %s into %s -> %s", adapter, base, out_dir)
     return out_dir
 

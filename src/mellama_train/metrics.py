@@ -1,5 +1,5 @@
-"""Metrics sinks: metrics.jsonl (one JSON object per line, each with `step`, flushed as written) and
-TensorBoard scalars. Rank 0 writes; other ranks get a no-op logger.
+"""Metrics sinks: metrics.jsonl (one JSON object per line, each with `step`, flushed as written), TensorBoard
+scalars, and the trackers of train.report_to (trackers.py). Rank 0 writes; other ranks get a no-op logger.
 
 Only numbers pass through here: decoded training text never reaches a metric, a log line or TensorBoard.
 """
@@ -15,19 +15,24 @@ from typing import Any
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(
+        self, run_dir: Path, enabled: bool, tensorboard: bool = True, trackers: list[Any] | None = None
+    ):
+        """`trackers`: trackers.Guarded instances (W&B, MLflow) that get the same scalars; rank 0's only."""
         self.enabled = enabled
         self._jsonl = None
         self._tb = None
+        self._trackers = trackers or []
         if enabled:
             # Append: a resumed run continues the same file; readers merge lines of the same step.
             path = run_dir / "metrics.jsonl"
             self._jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115
             if path.stat().st_size and not _ends_with_newline(path):
                 self._jsonl.write("\n")  # a run killed mid-line: keep its fragment on a line of its own
-            from torch.utils.tensorboard import SummaryWriter
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
@@ -38,15 +43,21 @@ class MetricsLogger:
         # `time` (Unix seconds) lets `mellama-train status` and reports time steps without TensorBoard.
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **clean, **odd}) + "\n")
         self._jsonl.flush()
-        for key, value in clean.items():
-            self._tb.add_scalar(key, value, step)
-        self._tb.flush()
+        if self._tb:
+            for key, value in clean.items():
+                self._tb.add_scalar(key, value, step)
+            self._tb.flush()
+        for tracker in self._trackers:
+            tracker.log(step, clean)
 
     def close(self) -> None:
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -79,6 +79,7 @@ MAY_DIFFER_ON_RESUME = frozenset(
         "train.save_every",
         "train.keep_last",
         "train.log_every",
+        "train.report_to",  # where metrics are also sent
         "train.eval_every",
         "train.eval_batches",
         "train.dist_timeout_minutes",  # hang detection: a requeued job may need other limits

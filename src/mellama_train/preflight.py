@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mellama_train.config import SOURCE_FORMATS, TASKS, TUNE, Config, freeze
+from mellama_train.config import SOURCE_FORMATS, TASKS, TUNE, Config, freeze, hub
 from mellama_train.data.cleaners import CLEANERS
 from mellama_train.data.instruction_format import FIELDS as INSTRUCTION_FIELDS
 from mellama_train.data.pipeline import open_order, plan_epochs
@@ -29,6 +29,7 @@ from mellama_train.data.tokenizer import load_tokenizer
 from mellama_train.ds_config import check_ds_config
 from mellama_train.integrity import pickle_only_problem
 from mellama_train.plan import make_plan
+from mellama_train.trackers import config_problems
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,8 @@ def _check_model(cfg: Config, p: list[str], missing: list[str]) -> None:
                 if cfg.kind is TUNE
                 else "model.path: the Hugging Face directory of the model to continue (e.g. a local Llama-2-13b-hf)"
             )
+        elif hub.looks_like_hub_id(m.path):  # an id resolve() did not find in the Hugging Face cache
+            p.append(hub.missing_message("model.path", m.path))
         elif not (Path(m.path) / "config.json").is_file():
             p.append(f"model.path: {m.path} has no config.json; point it at a Hugging Face model directory")
         else:
@@ -129,6 +132,8 @@ def _check_model(cfg: Config, p: list[str], missing: list[str]) -> None:
                     f"data.seq_len ({d.seq_len}) exceeds {m.path}'s max_position_embeddings ({max_pos});"
                     f" use data.seq_len <= {max_pos}"
                 )
+    if m.tokenizer and hub.looks_like_hub_id(m.tokenizer):
+        p.append(hub.missing_message("model.tokenizer", m.tokenizer))
     if m.init == "random" and not (m.tokenizer or m.path):
         missing.append("model.tokenizer: a tokenizer directory (a random-init model has none of its own)")
     if m.attn_implementation not in ("sdpa", "flash_attention_2", "flash_attention_3", "eager"):
@@ -320,8 +325,9 @@ def _check_optimizer(cfg: Config, p: list[str]) -> None:
 
 def _check_backend(cfg: Config, p: list[str]) -> None:
     """Problems (to `p`) of the backend and what it can run: chunked loss, 4-bit base, paged optimizer, precision,
-    batch."""
+    batch; and the trackers metrics go to."""
     m, o, t = cfg.model, cfg.optim, cfg.train
+    p.extend(config_problems(t.report_to))
     if t.backend not in ("deepspeed", "single"):
         p.append(f"train.backend must be deepspeed or single (got {t.backend!r})")
     if t.backend == "single" and cfg.world_size > 1:

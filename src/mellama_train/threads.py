@@ -23,6 +23,15 @@ def local_ranks() -> int:
     return 1
 
 
+def _pinned(usable: set[int]) -> bool:
+    """True when this rank was bound to its own cores (numactl, taskset, SLURM's --cpu-bind): its affinity is
+    narrower than its launcher's. A container's or job's cpuset narrows the launcher too, and is shared."""
+    try:
+        return usable < os.sched_getaffinity(os.getppid())
+    except OSError:  # the parent is gone or not ours to read: no evidence of binding
+        return False
+
+
 def set_rank_threads() -> dict[str, Any]:
     """Sets this rank's torch threads (and the tokenizer's pool) to its share of the cores; returns what it set
     and why, for the run record."""
@@ -31,12 +40,13 @@ def set_rank_threads() -> dict[str, Any]:
             "torch_threads": torch.get_num_threads(),
             "why": f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}",
         }
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
     ranks = local_ranks()
-    # A rank already pinned to fewer cores than the node has (numactl, SLURM's --cpu-bind) owns those: its
-    # share is all of them. Otherwise the node's cores are split among its ranks.
-    share = usable if usable < (os.cpu_count() or usable) else max(1, usable // ranks)
+    if _pinned(usable):
+        share, why = len(usable), f"{len(usable)} cores this rank is bound to"
+    else:
+        share, why = max(1, len(usable) // ranks), f"{len(usable)} usable cores / {ranks} local ranks"
     torch.set_num_threads(share)
     # HF tokenizers' Rust pool reads this when it first starts (the tokenizer is loaded after this).
     os.environ.setdefault("RAYON_NUM_THREADS", str(share))
-    return {"torch_threads": share, "why": f"{usable} usable cores / {ranks} local ranks"}
+    return {"torch_threads": share, "why": why}

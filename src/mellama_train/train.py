@@ -45,12 +45,13 @@ from mellama_train.model import (
     load_tokenizer,
     param_groups,
 )
-from mellama_train.outputs import default_output_dir, source_licenses, write_run_record
+from mellama_train.outputs import amend_run_record, default_output_dir, source_licenses, write_run_record
 from mellama_train.preemption import StopFlag
 from mellama_train.schedule import lr_lambda
 from mellama_train.startup import resume, start_point
 from mellama_train.step import train_step
 from mellama_train.threads import set_rank_threads
+from mellama_train.trackers import open_trackers
 from mellama_train.watchdog import Watchdog, outcome
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,8 @@ class Run:
     flops_per_token: float
     load_seconds: float = 0.0
     """Wall seconds the resume's checkpoint load took (0: a fresh start)."""
+    record_path: Path | None = None
+    """This start's run record (rank 0; None on the others)."""
 
 
 def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
@@ -105,7 +108,10 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
     cfg = run.cfg
     b, t, data, state = run.backend, cfg.train, run.data, run.state
     names, env = data.source_names, run.backend.env
-    metrics = MetricsLogger(run.run_dir, env.is_main)
+    trackers = open_trackers(t.report_to, run.run_dir, cfg.to_dict()) if env.is_main else []
+    metrics = MetricsLogger(run.run_dir, env.is_main, "tensorboard" in t.report_to, trackers)
+    if trackers and run.record_path:  # the next start continues the same tracker runs
+        amend_run_record(run.record_path, trackers={g.name: g.run_id for g in trackers if g.run_id})
     guard = StepGuard(t.loss_spike_factor, t.skip_loss_spikes, t.max_consecutive_skips)
     guard.load_state_dict(state.guard)
     forgetting = ForgettingMonitor(t.forgetting_source, t.forgetting_margin, t.stop_on_forgetting)
@@ -282,6 +288,7 @@ def _build(cfg: Config, watchdog: Watchdog) -> Run:
         state,
         flops_tok,
         load_seconds,
+        record,
     )
 
 

@@ -37,6 +37,13 @@ def merge_main(argv: list[str] | None = None) -> int:
             return error(f"{config} is not a JSON object; pass the adapter directory PEFT wrote")
         if not base:
             return error(f"{config} names no base model; pass --base")
+    from mellama_train.config import hub
+
+    if hub.looks_like_hub_id(base):  # --base or the adapter's base may be a Hub id: the cached snapshot
+        resolved = hub.local_path(base)
+        if resolved == base:
+            return error(hub.missing_message("--base", base))
+        base = resolved
 
     import torch
 

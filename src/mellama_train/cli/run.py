@@ -49,7 +49,8 @@ def run_parser(task: str) -> argparse.ArgumentParser:
         p.add_argument(
             "--base",
             metavar="PATH",
-            help="Hugging Face model directory to tune (e.g. final/ of a pretraining run) = model.path;"
+            help="Hugging Face model directory to tune (e.g. final/ of a pretraining run), or a Hub id in the"
+            " Hugging Face cache = model.path;"
             " its tokenizer is used unless model.tokenizer is set",
         )
     p.add_argument(

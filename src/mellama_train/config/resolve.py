@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mellama_train.config.hub import local_path as hub_local_path
 from mellama_train.config.llamafactory import resolve_entry
 from mellama_train.config.schema import Config, ConfigError
 
@@ -343,8 +344,9 @@ def _expand_sample_paths(cfg: Config) -> None:
     def expand(p: str | None) -> str | None:
         return p.replace(SAMPLE_DATA_VAR, str(SAMPLE_DATA_DIR)) if p else p
 
-    cfg.model.path = expand(cfg.model.path)
-    cfg.model.tokenizer = expand(cfg.model.tokenizer)
+    # A Hub id (meta-llama/Llama-2-13b-hf) becomes its snapshot directory in the Hugging Face cache (hub.py).
+    cfg.model.path = hub_local_path(expand(cfg.model.path))
+    cfg.model.tokenizer = hub_local_path(expand(cfg.model.tokenizer))
     for src in cfg.data.sources:
         src.paths = [expand(p) for p in src.paths]
         src.eval_paths = [expand(p) for p in src.eval_paths]

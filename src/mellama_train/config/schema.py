@@ -183,9 +183,10 @@ class ModelConfig(_Freezable):
     init: str = "pretrained"
     """`pretrained`: load weights from `path` (continual pretraining); `random`: build from `arch` (demo, tests)."""
     path: str | None = None
-    """Hugging Face model directory (config.json + safetensors), e.g. a local LLaMA-2 13B checkout."""
+    """Hugging Face model directory (config.json + safetensors), e.g. a local LLaMA-2 13B checkout, or a Hub id
+    (meta-llama/Llama-2-13b-hf) already in the Hugging Face cache (HF_HOME): never downloaded at run time."""
     tokenizer: str | None = None
-    """Tokenizer directory; defaults to `path`. Any tokenizer `AutoTokenizer` loads."""
+    """Tokenizer directory or cached Hub id; defaults to `path`. Any tokenizer `AutoTokenizer` loads."""
     arch: ArchConfig = field(default_factory=ArchConfig)
     """Model shape for `init: random`; for `pretrained` it is read from `path`'s config.json."""
     gradient_checkpointing: bool = True
@@ -260,6 +261,10 @@ class TrainConfig(_Freezable):
     """Seeds model init and dropout."""
     log_every: int = 10
     """Steps between metric lines (each log is a host sync)."""
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow (the extras
+    `mellama-train[wandb]`, `[mlflow]`; endpoints and keys from their usual environment variables). Rank 0 only,
+    the same scalars, the resolved config as parameters; a resume continues the same tracker run."""
     save_every: int = 500
     """Steps between checkpoints; a final checkpoint is always written."""
     keep_last: int = 3

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from mellama_train.config import hub
 from mellama_train.metrics import finite_number, read_metrics
 from mellama_train.outputs import latest_run_record
 
@@ -98,11 +102,59 @@ def _newest_trainer_state(run_dir: Path) -> tuple[dict[str, Any], str]:
 def _base_model(config: dict[str, Any]) -> str:
     model = config["model"]
     if model.get("init") == "pretrained" and model.get("path"):
-        return f"`{model['path']}`"
+        base_id = hub.hub_id(model["path"])
+        return f"`{base_id}` (Hugging Face Hub)" if base_id else f"`{model['path']}`"
     a = model.get("arch", {})
     shape = f"{a.get('num_layers')} layers, hidden {a.get('hidden_size')}, vocabulary {a.get('vocab_size')}"
     written = " (written to the run's `base/`)" if config["lora"].get("enabled") else ""
     return f"random initialisation ({shape}){written}"
+
+
+# What a license note that is a Hub license identifier looks like ("apache-2.0", "llama2", "cc-by-4.0").
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+
+
+def front_matter(config: dict[str, Any], kind: str, licenses: dict[str, str]) -> dict[str, Any]:
+    """The card's metadata as the Hugging Face Hub reads it (huggingface_hub's ModelCardData): base_model (the
+    Hub id, when the base came from the Hugging Face cache), license, datasets (sources read from cached Hub
+    datasets), tags, pipeline_tag, library_name. The license is one identifier only when the base's (its card's
+    `license`) and every source's note are the same identifier; otherwise `other`, and the card's body gives
+    each term: weights derived from data carry the data's terms, which no single identifier can say."""
+    model, sources = config["model"], config["data"]["sources"]
+    base = model.get("path") if model.get("init") == "pretrained" else None
+    meta: dict[str, Any] = {}
+    if base_id := hub.hub_id(base):
+        meta["base_model"] = base_id
+    notes = {licenses.get(s["name"], s.get("license")) or None for s in sources}
+    if base_license := _card_license(base):
+        notes.add(base_license)
+    terms = {n.strip().lower() for n in notes if n}
+    only = next(iter(terms)) if len(terms) == 1 and None not in notes else None
+    meta["license"] = only if only and _LICENSE_ID.match(only) else "other"
+    if meta["license"] == "other":
+        meta["license_name"] = "base-model-and-training-data-terms"
+    datasets = sorted({d for s in sources for p in s.get("paths", []) if (d := hub.hub_id(p, "datasets"))})
+    if datasets:
+        meta["datasets"] = datasets
+    meta["tags"] = ["mellama-train", "llama", "medical", *(["lora", "peft"] if kind == "adapter" else [])]
+    meta["pipeline_tag"] = "text-generation"
+    meta["library_name"] = "peft" if kind == "adapter" else "transformers"
+    return meta
+
+
+def _card_license(model_dir: str | None) -> str | None:
+    """The `license` of a base model's own card (README.md front matter), if it has one we can read."""
+    if not model_dir:
+        return None
+    try:
+        text = (Path(model_dir) / CARD).read_text(encoding="utf-8")[:65536]
+        if not text.startswith("---"):
+            return None
+        meta = yaml.safe_load(text.split("---", 2)[1])
+    except (OSError, ValueError, IndexError, yaml.YAMLError):
+        return None
+    value = meta.get("license") if isinstance(meta, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _last_held_out(run_dir: Path, up_to: int | None = None) -> tuple[int | None, dict[str, float]]:
@@ -134,8 +186,7 @@ def render(
     files = record.get("data_manifest", {})
     lines = [
         "---",
-        f"library_name: {'peft' if kind == 'adapter' else 'transformers'}",
-        "tags: [mellama-train, llama, medical]",
+        yaml.safe_dump(front_matter(config, kind, licenses), sort_keys=False, allow_unicode=True).strip(),
         "---",
         "",
         f"# {Path(train.get('output_dir') or '.').name} ({config['task']}, profile {config['profile']})",

@@ -1,0 +1,209 @@
+"""Experiment trackers (train.report_to, trackers.py): Weights & Biases in offline mode, read back from its own
+files, and MLflow against a real tracking server on 127.0.0.1 (SQLite store), read back through MLflow's
+client. Both get metrics.jsonl's scalars, the config as parameters, and a resumed run continues their runs; a
+tracker that cannot be reached never stops training; a missing extra is one line naming it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_train_e2e import REPO, run
+
+from mellama_train import trackers
+from mellama_train.metrics import MetricsLogger, read_metric_lines
+
+wandb = pytest.importorskip("wandb")
+mlflow = pytest.importorskip("mlflow")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += [
+        "--backend-store-uri",
+        f"sqlite:///{root}/store.db",
+        "--default-artifact-root",
+        str(root / "art"),
+    ]
+    command += ["--workers", "1"]
+    with open(root / "server.log", "w") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (root / "server.log").read_text()[-2000:]
+                time.sleep(0.5)
+        else:
+            pytest.fail("the MLflow server did not start in 60 s")
+        yield uri
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of a W&B run file (`run-<id>.wandb`): its header, then records in 32 KiB blocks,
+    each with a 7-byte header (CRC, length, type: full / first / middle / last), as W&B's own reader walks it.
+    Written here because wandb 0.31 ships no Python reader of its own files."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", run_file
+    pos, block, pieces, records = 7, 32768, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            break
+        pieces += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # full, last
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            records.append(record)
+            pieces = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> tuple[set[str], dict[int, float]]:
+    """(run ids, train/loss by step) over every W&B run file the run directory holds (one per start)."""
+    ids, losses = set(), {}
+    for run_file in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in wandb_records(run_file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+            elif kind == "history":
+                row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                if "train/loss" in row:
+                    losses[row["_step"]] = row["train/loss"]
+    return ids, losses
+
+
+@pytest.mark.slow
+def test_wandb_and_mlflow_get_the_runs_scalars_and_config_and_a_resume_continues_their_runs(
+    tmp_path, mlflow_server
+):
+    out = tmp_path / "run"
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_EXPERIMENT_NAME": "trackers-test",
+    }
+    args = [
+        sys.executable,
+        str(REPO / "launch" / "pretrain.py"),
+        "--output-dir",
+        str(out),
+        "--save-every",
+        "3",
+    ]
+    args += ["--set", "train.report_to=[tensorboard,wandb,mlflow]", "--set", "train.eval_every=0"]
+    run([*args, "--max-steps", "3"], env=env)
+    first_ids = json.loads((out / "run_record.json").read_text())["trackers"]
+    assert set(first_ids) == {"wandb", "mlflow"}
+    # The resumed start: a new run record, the same tracker runs.
+    run([*args, "--max-steps", "6", "--resume", str(out / "checkpoints" / "step_00000003")], env=env)
+    records = [json.loads(p.read_text()) for p in out.glob("run_record*.json")]
+    assert len(records) == 2 and all(r["trackers"] == first_ids for r in records)
+
+    want = {r["step"]: r["train/loss"] for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(want) == list(range(1, 7))
+    ids, got = wandb_history(out)
+    assert ids == {first_ids["wandb"]} and got == pytest.approx(want, rel=1e-6)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    history = client.get_metric_history(first_ids["mlflow"], "train/loss")
+    assert {m.step: m.value for m in history} == pytest.approx(want, rel=1e-6)
+    mlflow_run = client.get_run(first_ids["mlflow"])
+    assert mlflow_run.data.params["optim.lr"] == "0.003" and mlflow_run.data.params["task"] == "pretrain"
+    assert mlflow_run.info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("trackers-test")
+    assert len(client.search_runs([experiment.experiment_id])) == 1  # one run for both starts
+    # Only numbers: every logged key is one metrics.jsonl has.
+    jsonl_keys = {k for r in read_metric_lines(out / "metrics.jsonl") for k in r} - {"step", "time"}
+    assert set(mlflow_run.data.metrics) <= jsonl_keys
+
+
+def test_an_unreachable_tracker_warns_once_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with caplog.at_level(logging.WARNING):
+        opened = trackers.open_trackers(["tensorboard", "mlflow"], tmp_path, {"optim": {"lr": 1.0}})
+    assert opened == []
+    assert [r.message.split(" failed")[0] for r in caplog.records if r.name == "mellama_train.trackers"] == [
+        "mlflow: starting"
+    ]
+
+    class Flaky:  # reachable at first, then the network drops
+        run_id, calls = "r1", 0
+
+        def log(self, step, scalars):
+            self.calls += 1
+            if self.calls > 1:
+                raise ConnectionError("connection reset by peer")
+
+        def close(self):
+            raise AssertionError("a dropped tracker is not closed")
+
+    caplog.clear()
+    flaky = Flaky()
+    metrics = MetricsLogger(tmp_path, True, tensorboard=False, trackers=[trackers.Guarded("mlflow", flaky)])
+    for step in range(1, 5):
+        metrics.log(step, {"train/loss": 1.0 / step})
+    metrics.close()
+    assert flaky.calls == 2  # dropped after its first failure
+    warnings = [r for r in caplog.records if r.name == "mellama_train.trackers"]
+    assert len(warnings) == 1 and "mlflow: logging failed (ConnectionError" in warnings[0].message
+    assert [r["step"] for r in read_metric_lines(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert not (tmp_path / "tensorboard").exists()  # report_to without tensorboard writes none
+
+
+def test_an_unknown_tracker_or_a_missing_extra_is_one_line_naming_the_fix(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    assert trackers.config_problems(["tensorboard", "wandb", "neptune"]) == [
+        "train.report_to: wandb is not installed; pip install 'mellama-train[wandb]' (or drop wandb)",
+        "train.report_to: unknown tracker 'neptune'; choose from tensorboard, wandb, mlflow",
+    ]
+
+
+def test_earlier_tracker_ids_are_read_back_from_the_newest_record_that_has_them(tmp_path):
+    (tmp_path / "run_record.json").write_text(json.dumps({"trackers": {"wandb": "a1", "mlflow": "m1"}}))
+    (tmp_path / "run_record.20261207-010101.json").write_text(json.dumps({"trackers": {"wandb": "a2"}}))
+    (tmp_path / "run_record.20261207-020202.json").write_text("{not json")  # damaged: passed over
+    assert trackers.previous_ids(tmp_path) == {"wandb": "a2"}
+    (tmp_path / "run_record.20261207-030303.json").write_text(
+        json.dumps({"trackers": {"x": "y", "wandb": 5}})
+    )
+    assert trackers.previous_ids(tmp_path) == {}  # hostile values are no ids
