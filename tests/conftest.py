@@ -12,6 +12,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the tests under umask 022, whatever the shell's. The mode tests compare what we write with what the
+    umask gives (0644/0755): under a CI umask of 077 safetensors' 0600 would already be "the umask's modes", and
+    under 000 a world-writable mode would pass, so either could hide a file left 0600. Set at configure time,
+    before any fixture writes a file; subprocesses (training runs, the CLI) inherit it."""
+    os.umask(0o022)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> None:
     """A real one-node SLURM cluster on this machine (`tools/slurm_cluster.sh up`), or a skip that says why.

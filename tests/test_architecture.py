@@ -37,7 +37,68 @@ def _imports(module: str) -> set[str]:
 
 def test_only_the_deepspeed_backend_imports_deepspeed():
     importers = arch_metrics.measure()["import_deepspeed"]
-    assert importers and all(m.startswith("mellama_train.backends.deepspeed.") for m in importers), importers
+    inside = ("mellama_train.backends.deepspeed", "mellama_train.backends.deepspeed.")
+    assert importers and all(m == inside[0] or m.startswith(inside[1]) for m in importers), importers
+
+
+def test_every_deepspeed_import_goes_through_load_first():
+    """`import deepspeed` pulls in mlflow (its autotuner) unless backends.deepspeed.load() imports it first."""
+    offenders = []
+    for path in sorted((arch_metrics.PACKAGE / "backends" / "deepspeed").glob("*.py")):
+        for func in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(func, ast.FunctionDef) or func.name == "load":
+                continue
+            loaded = False
+            for node in func.body:
+                calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+                loaded |= any(getattr(c.func, "id", None) == "load" for c in calls)
+                names = [a.name for a in getattr(node, "names", [])] if isinstance(node, ast.Import) else []
+                module = node.module if isinstance(node, ast.ImportFrom) else None
+                if (module or "").split(".")[0] == "deepspeed" or "deepspeed" in names:
+                    if not loaded:
+                        offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders
+    module_level = [
+        p.name
+        for p in (arch_metrics.PACKAGE / "backends" / "deepspeed").glob("*.py")
+        for node in ast.parse(p.read_text()).body
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and (
+            (getattr(node, "module", None) or "").startswith("deepspeed")
+            or "deepspeed" in [a.name for a in node.names]
+        )
+    ]
+    assert not module_level, module_level
+
+
+def test_importing_deepspeed_through_load_leaves_mlflow_unimported_and_importable(tmp_path):
+    """A planted `mlflow` package that records its import: DeepSpeed's import does not run it, ours can."""
+    import subprocess
+
+    fake = tmp_path / "mlflow"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import os\nopen(os.environ['MARK'], 'a').write('imported\\n')\n")
+    code = (
+        "import sys, os\n"
+        "from mellama_train.backends.deepspeed import load\n"
+        "load()\n"
+        "assert 'deepspeed' in sys.modules\n"
+        "assert not os.path.exists(os.environ['MARK']), 'deepspeed imported mlflow'\n"
+        "import mlflow\n"
+        "assert os.path.exists(os.environ['MARK'])\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path), "MARK": str(tmp_path / "mark")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Without the guard, the same planted package is imported by `import deepspeed` (the test can fail).
+    plain = subprocess.run(
+        [sys.executable, "-c", "import os, deepspeed; assert os.path.exists(os.environ['MARK'])"],
+        env={**env, "MARK": str(tmp_path / "mark2")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert plain.returncode == 0, plain.stderr[-3000:]
 
 
 def test_the_loop_and_its_parts_import_no_concrete_backend():

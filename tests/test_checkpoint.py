@@ -708,6 +708,13 @@ def test_resume_from_an_exported_model_says_how_to_train_on_from_it(tmp_path):
     message = str(err.value)
     assert "not a checkpoint directory" in message
     assert f"--set model.init=pretrained --set model.path={final}" in message and f"--base {final}" in message
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError) as err:
+        resume_candidates(tmp_path / "new-run", str(adapter))
+    assert "is a LoRA adapter: to tune it on, start a new run" in str(err.value)
+    assert f"--init-adapter {adapter}" in str(err.value)
     (final / "config.json").unlink()  # a directory that is neither: no hint that would mislead
     with pytest.raises(ValueError, match=r"not a checkpoint directory \(checkpoints/step_N\)$"):
         resume_candidates(tmp_path / "new-run", str(final))
@@ -737,29 +744,148 @@ def test_atomic_writes_and_follow_umask_give_the_umask_modes(tmp_path):
     assert outside.stat().st_mode & 0o777 == 0o600  # a link is not followed out of the directory
 
 
+def mode(path: Path) -> int:
+    return path.stat(follow_symlinks=False).st_mode & 0o7777
+
+
+@contextlib.contextmanager
+def process_umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def test_follow_umask_leaves_what_it_did_not_write_and_keeps_a_shared_groups_setgid(tmp_path):
-    """`merge --out` may name a directory holding the user's own files: only what this write made is touched."""
-    import time as clock
-
-    from mellama_train import integrity
-
+    """`merge --out` may name a directory holding the user's own files: only what this write made is touched,
+    told by the inode and its change time (the file system's clock), not by mtime against this host's clock."""
     out = tmp_path / "out"
     out.mkdir(mode=0o700)
     theirs = out / "notes.txt"
     theirs.write_text("mine")
     os.chmod(theirs, 0o600)
-    os.utime(theirs, (clock.time() - 60, clock.time() - 60))
-    started = clock.time() - 1
+    os.utime(theirs, None)  # an mtime of "now" (a copy tool's, or a server clock ahead): still theirs
+    before = integrity.files_under(out)
     shared = out / "model"
     shared.mkdir()
     os.chmod(shared, 0o2700)  # a group directory's setgid bit
     (shared / "model.safetensors").write_bytes(b"x")
     os.chmod(shared / "model.safetensors", 0o600)
-    old = os.umask(0o022)
-    try:
-        integrity.follow_umask(out, since=started, include_root=False)
-    finally:
-        os.umask(old)
-    assert theirs.stat().st_mode & 0o7777 == 0o600 and out.stat().st_mode & 0o7777 == 0o700
-    assert shared.stat().st_mode & 0o7777 == 0o2755
-    assert (shared / "model.safetensors").stat().st_mode & 0o7777 == 0o644
+    with process_umask(0o022):
+        integrity.follow_umask(out, keep=before)
+    assert mode(theirs) == 0o600 and mode(out) == 0o700  # out/ got a new entry (new ctime) but was theirs
+    assert mode(shared) == 0o2755
+    assert mode(shared / "model.safetensors") == 0o644
+
+
+def test_follow_umask_sets_a_file_whose_inode_was_reused(tmp_path):
+    """A snapshotted file deleted and a new one written in its place (the kernel may hand it the same inode
+    number) is ours to set: the inode-change time tells them apart."""
+    old_file = tmp_path / "model.safetensors"
+    old_file.write_bytes(b"old")
+    os.chmod(old_file, 0o600)
+    before = integrity.files_under(tmp_path)
+    old_file.unlink()
+    new_file = tmp_path / "model.safetensors"
+    new_file.write_bytes(b"new")
+    os.chmod(new_file, 0o600)  # as safetensors leaves it
+    with process_umask(0o022):
+        integrity.follow_umask(tmp_path, keep=before)
+    assert mode(new_file) == 0o644  # whether or not the inode number was reused
+
+
+def test_follow_umask_does_not_follow_a_link_out_of_the_directory(tmp_path):
+    outside = tmp_path / "outside.safetensors"  # ours, private, outside the directory
+    outside.write_bytes(b"y")
+    os.chmod(outside, 0o600)
+    private_dir = tmp_path / "private"
+    private_dir.mkdir(mode=0o700)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x")
+    os.chmod(model / "model.safetensors", 0o600)
+    (model / "link").symlink_to(outside)
+    (model / "dir-link").symlink_to(private_dir)
+    (model / "dangling").symlink_to(tmp_path / "nothing")
+    with process_umask(0o022):
+        integrity.follow_umask(model)
+    assert mode(outside) == 0o600 and mode(private_dir) == 0o700
+    assert mode(model / "model.safetensors") == 0o644
+
+
+def test_follow_umask_does_not_follow_a_file_swapped_for_a_link(tmp_path, monkeypatch):
+    """The race: an entry listed as a file is swapped for a link before its mode is set. The mode is set
+    through a descriptor opened without following links, so the link's target keeps its mode."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"y")
+    os.chmod(outside, 0o600)
+    model = tmp_path / "model"
+    model.mkdir()
+    victim = model / "model.safetensors"
+    victim.write_bytes(b"x")
+    os.chmod(victim, 0o600)
+    real_open = os.open
+
+    def swapping_open(path, flags, mode=0o777, *, dir_fd=None):
+        if str(path) == victim.name and dir_fd is not None and not victim.is_symlink():
+            victim.unlink()
+            victim.symlink_to(outside)  # swapped after the listing, before the open
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(integrity.os, "open", swapping_open)
+    with process_umask(0o022):
+        integrity.follow_umask(model)
+    monkeypatch.undo()
+    assert victim.is_symlink() and mode(outside) == 0o600
+
+
+def test_follow_umask_leaves_a_fifo_alone_without_waiting_for_a_writer(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    fifo = model / "pipe"
+    os.mkfifo(fifo, 0o600)
+    (model / "model.safetensors").write_bytes(b"x")
+    os.chmod(model / "model.safetensors", 0o600)
+    with process_umask(0o022):
+        integrity.follow_umask(model)  # a blocking open of the FIFO would hang here
+    assert mode(fifo) == 0o600
+    assert mode(model / "model.safetensors") == 0o644
+
+
+def test_follow_umask_opens_a_fifo_swapped_in_for_a_file_without_hanging(tmp_path, monkeypatch):
+    """An entry listed as a file that is a FIFO by the time it is opened: O_NONBLOCK, then left alone."""
+    model = tmp_path / "model"
+    model.mkdir()
+    entry = model / "model.safetensors"
+    entry.write_bytes(b"x")
+    real_open = os.open
+
+    def swapping_open(path, flags, mode=0o777, *, dir_fd=None):
+        if str(path) == entry.name and dir_fd is not None and entry.is_file():
+            entry.unlink()
+            os.mkfifo(entry, 0o600)
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    monkeypatch.setattr(integrity.os, "open", swapping_open)
+    with process_umask(0o022):
+        integrity.follow_umask(model)
+    monkeypatch.undo()
+    assert mode(entry) == 0o600
+
+
+def test_files_under_lists_links_not_their_targets_and_nothing_for_a_missing_directory(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"y")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "sub").mkdir()
+    (root / "sub" / "a").write_bytes(b"x")
+    (root / "link").symlink_to(outside)
+    found = integrity.files_under(root)
+    inodes = {ino for _, ino, _ in found}
+    for path in (root, root / "sub", root / "sub" / "a", root / "link"):
+        assert path.lstat().st_ino in inodes, path
+    assert (outside / "f").stat().st_ino not in inodes and outside.stat().st_ino not in inodes
+    assert integrity.files_under(tmp_path / "missing") == set()

@@ -92,8 +92,15 @@ def test_held_out_eval_at_step_0_and_every_10_steps_with_perplexity_ledger_and_s
     assert "75.00%" in pubmed and f"{trainer['tokens_by_source']['pubmed']:,}" in pubmed
     assert "alarms      none" in text
 
-    # The report: a self-contained page with its plots embedded, and the same PNGs beside it.
-    assert report_main([str(out), "--out", str(tmp_path / "report")]) == 0
+    # The report: a self-contained page with its plots embedded, and the same PNGs beside it, with the modes
+    # the user's umask gives (group-writable under 002, as on a shared project directory).
+    old_mask = os.umask(0o002)
+    try:
+        assert report_main([str(out), "--out", str(tmp_path / "report")]) == 0
+    finally:
+        os.umask(old_mask)
+    written = [tmp_path / "report", *(tmp_path / "report").iterdir()]
+    assert {oct(p.stat().st_mode & 0o777) for p in written} == {oct(0o775), oct(0o664)}
     assert "report: " in capsys.readouterr().out
     pngs = sorted(p.name for p in (tmp_path / "report").glob("*.png"))
     assert pngs == ["loss.png", "lr.png", "mixture.png", "skipped.png", "throughput.png"]

@@ -11,8 +11,10 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 from test_model_card import hub_cache
+from test_one_line_errors import one_line
 from test_train_e2e import REPO, clean_env, run
 
+from mellama_train.cli import main
 from mellama_train.config import hub, resolve
 from mellama_train.preflight import validate
 
@@ -45,7 +47,8 @@ def test_a_hub_id_missing_from_the_cache_says_which_download_to_run(cache):
     problems, _ = validate(cfg)
     line = next(p for p in problems if p.startswith("model.path:"))
     assert "not a directory here, and not a model in the Hugging Face cache" in line
-    assert "`huggingface-cli download meta-llama/Llama-2-7b-hf`" in line and str(cache) in line
+    assert "`hf download meta-llama/Llama-2-7b-hf`" in line and str(cache) in line
+    assert "huggingface-cli" not in line  # huggingface_hub >= 1 ships only the `hf` CLI
 
 
 def test_a_local_directory_named_like_an_id_stays_a_directory(cache, tmp_path, monkeypatch):
@@ -98,4 +101,56 @@ def test_tuning_a_hub_id_base_keeps_the_id_in_the_adapter_and_merge_finds_it(tmp
         capture_output=True,
         text=True,
     )
-    assert missing.returncode == 2 and f"huggingface-cli download {MODEL}" in missing.stderr
+    assert missing.returncode == 2 and f"`hf download {MODEL}`" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "field, shown",
+    [
+        ({"base_model_name_or_path": 5}, "is 5 (a JSON number)"),
+        (
+            {"base_model_name_or_path": ["acme-med/tiny-llama", "/m"]},
+            'is ["acme-med/tiny-llama", "/m"] (a JSON array)',
+        ),
+        (
+            {"base_model_name_or_path": {"path": "/models/x" * 10}},
+            'is {"path": "/models/x/models/x/models/x... (a JSON object)',
+        ),
+        ({"base_model_name_or_path": True}, "is true (a JSON boolean)"),
+        ({"base_model_name_or_path": None}, "is missing or null"),
+        ({}, "is missing or null"),
+        ({"base_model_name_or_path": "  "}, "is empty"),
+        ({"base_model_name_or_path": "/models/a\nb"}, "holds a control character"),
+    ],
+    ids=["number", "array", "object", "boolean", "null", "missing", "blank", "newline"],
+)
+def test_merge_with_an_adapter_naming_no_usable_base_is_one_line_naming_the_file_field_and_fix(
+    tmp_path, capsys, field, shown
+):
+    """The base comes from the adapter's adapter_config.json unless --base is given: a value there that is no
+    path (a number, a list, null: an adapter written by hand or by another tool) is one line, not a
+    traceback from resolving it."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, **field}))
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"{adapter / 'adapter_config.json'}: base_model_name_or_path {shown}" in line
+    assert line.endswith("not a base model directory or Hub id; pass the base with --base")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["[" * 100_000 + "]" * 100_000, "[1, 2]", "not json", b"\xff\xfe"],
+    ids=["nested", "list", "text", "bytes"],
+)
+def test_merge_with_an_adapter_config_that_is_no_json_object_is_one_line(tmp_path, capsys, content):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = adapter / "adapter_config.json"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line == f"error: {config} is not a JSON object; pass the adapter directory PEFT wrote"

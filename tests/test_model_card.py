@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,14 @@ from huggingface_hub import ModelCard
 from test_checkpoint import seal
 
 from mellama_train.config import resolve
-from mellama_train.export.model_card import carry_model_card, write_model_card
+from mellama_train.export.model_card import (
+    HUB_LICENSES,
+    LICENSE_NAME,
+    _card_license,
+    carry_model_card,
+    front_matter,
+    write_model_card,
+)
 from mellama_train.outputs import source_licenses
 
 SYNTHETIC = "synthetic sample data, no patient information"
@@ -193,3 +202,162 @@ def test_a_card_a_hub_accepts_names_the_hub_base_its_license_and_hub_datasets(tm
         seal(step_dir)
     write_model_card(run_dir / "adapter", run_dir, "adapter")
     assert ModelCard.load(run_dir / "adapter" / "README.md").data.license == "other"
+
+
+def run_with_terms(run_dir: Path, note: str | None, base: Path | None = None) -> Path:
+    """A tuning run whose every source has the license note `note` (in the recipe and in the checkpoints),
+    from the pretrained base directory `base` (None: a random initialisation). Returns run_dir."""
+    fake_run(run_dir, task="tune")
+    record = json.loads((run_dir / "run_record.json").read_text())
+    if base is not None:
+        record["config"]["model"].update(init="pretrained", path=str(base))
+    else:
+        assert record["config"]["model"]["init"] != "pretrained"
+    for source in record["config"]["data"]["sources"]:
+        source["license"] = note
+    (run_dir / "run_record.json").write_text(json.dumps(record))
+    for step_dir in (run_dir / "checkpoints").iterdir():
+        trainer = json.loads((step_dir / "trainer.json").read_text())
+        trainer["data_licenses"] = {s["name"]: note for s in record["config"]["data"]["sources"] if note}
+        (step_dir / "trainer.json").write_text(json.dumps(trainer))
+        seal(step_dir)
+    (run_dir / "adapter").mkdir()
+    return run_dir
+
+
+def test_the_hub_license_list_holds_the_hubs_identifiers_only():
+    assert {
+        "apache-2.0",
+        "mit",
+        "llama2",
+        "llama3.3",
+        "openrail++",
+        "cc-by-nc-sa-4.0",
+        "other",
+    } <= HUB_LICENSES
+    assert {"gpl-3.0-or-later", "physionet", "apache 2.0", "Apache-2.0"}.isdisjoint(HUB_LICENSES)
+    assert all(name == name.strip().lower() for name in HUB_LICENSES)
+
+
+@pytest.mark.parametrize(
+    "note, license",
+    [
+        ("apache-2.0", "apache-2.0"),
+        (" Apache-2.0 ", "apache-2.0"),  # the Hub's identifiers are lower case
+        ("llama3.3", "llama3.3"),
+        ("openrail++", "openrail++"),
+        ("cc-by-nc-sa-4.0", "cc-by-nc-sa-4.0"),
+        ("gpl-3.0-or-later", "other"),  # an SPDX id the Hub does not list
+        ("physionet-credentialed-1.5.0", "other"),  # looks like an identifier, is none
+        (None, "other"),  # no note: the data's terms are unknown
+    ],
+)
+def test_only_a_license_identifier_the_hub_accepts_becomes_the_cards_license(tmp_path, note, license):
+    """A random initialisation has no base terms: the sources' shared note is the license when the Hub lists it;
+    any other terms are `other`, named by license_name (the Hub requires one with `other`)."""
+    run_dir = run_with_terms(tmp_path / "run", note)
+    write_model_card(run_dir / "adapter", run_dir, "adapter")
+    meta = ModelCard.load(run_dir / "adapter" / "README.md").data.to_dict()
+    assert meta["license"] == license
+    assert meta.get("license_name") == (LICENSE_NAME if license == "other" else None)
+
+
+@pytest.mark.parametrize(
+    "readme, license",
+    [
+        (None, "other"),  # no card: the base's terms are unknown
+        ("# A model without front matter\n", "other"),
+        ("---\ntags: [llama]\n---\n", "other"),  # front matter without a license
+        ("---\nlicense: [apache-2.0]\n---\n", "other"),  # a license that is no string
+        ("---\nlicense: Llama 2 Community License\n---\n", "other"),
+        ("---\nlicense: llama2\n---\n", "other"),  # the base's terms differ from the data's
+        ("---\nlicense: apache-2.0\n---\n", "apache-2.0"),  # base and data agree
+        ("---\nlicense: Apache-2.0\n---\n\udcff", "apache-2.0"),  # undecodable bytes after it
+    ],
+    ids=["no-card", "no-front-matter", "no-license", "list", "not-an-id", "other-terms", "same", "bad-utf8"],
+)
+def test_a_pretrained_base_whose_license_cannot_be_read_makes_the_license_other(tmp_path, readme, license):
+    """Every source says apache-2.0, but the weights start from a pretrained base: its terms apply too, and
+    when its card names none they are unknown, which no identifier can say."""
+    base = tmp_path / "base"
+    base.mkdir()
+    if readme is not None:
+        (base / "README.md").write_bytes(readme.encode("utf-8", "surrogateescape"))
+    run_dir = run_with_terms(tmp_path / "run", "apache-2.0", base)
+    card = write_model_card(run_dir / "adapter", run_dir, "adapter").read_text()
+    meta = ModelCard.load(run_dir / "adapter" / "README.md").data.to_dict()
+    assert meta["license"] == license
+    assert meta.get("license_name") == (LICENSE_NAME if license == "other" else None)
+    if readme is None or "license: " not in readme or "[" in readme:
+        assert "- base model license: not given by its card (README.md front matter)" in card
+    else:
+        assert "- base model license: " + readme.split("license: ")[1].split("\n")[0] + " (its card's" in card
+
+
+def _fifo(readme: Path) -> None:  # a plain open waits for a writer forever
+    os.mkfifo(readme)
+
+
+def _link_to_dev_zero(readme: Path) -> None:  # endless: a plain read never ends (or ends the memory)
+    readme.symlink_to("/dev/zero")
+
+
+def _directory(readme: Path) -> None:
+    readme.mkdir()
+
+
+def _nested_unclosed(readme: Path) -> None:  # deeper than the YAML composer recurses
+    readme.write_text("---\nlicense: " + "[" * 100_000 + "\n")
+
+
+def _nested_closed(readme: Path) -> None:
+    readme.write_text("---\nlicense: " + "[" * 100_000 + "]" * 100_000 + "\n---\n")
+
+
+def _link_loop(readme: Path) -> None:
+    readme.symlink_to(readme)
+
+
+@pytest.mark.parametrize(
+    "plant", [_fifo, _link_to_dev_zero, _directory, _nested_unclosed, _nested_closed, _link_loop]
+)
+def test_a_hostile_base_card_never_hangs_or_fails_the_final_export(tmp_path, plant):
+    """The base directory is not ours: its README.md may be a FIFO, a link to a device, or front matter nested
+    past the parser's recursion. The card is written after training, on rank 0: reading the base's license
+    must neither block, nor read without end, nor raise. The license is then unknown (`other`) and the card
+    is written. Run in a child process with a time limit, so that a regression fails instead of hanging."""
+    base = tmp_path / "base"
+    base.mkdir()
+    plant(base / "README.md")
+    run_dir = run_with_terms(tmp_path / "run", "apache-2.0", base)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from mellama_train.export.model_card import _card_license, write_model_card\n"
+        "run = Path(sys.argv[1])\n"
+        "assert _card_license(sys.argv[2]) is None\n"
+        "print(write_model_card(run / 'adapter', run, 'adapter'))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(run_dir), str(base)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    card = ModelCard.load(run_dir / "adapter" / "README.md")
+    assert card.data.license == "other" and card.data.license_name == LICENSE_NAME
+    assert "- base model license: not given by its card (README.md front matter)" in card.text
+    assert "| medinstruct | apache-2.0 |" in card.text
+
+
+def test_front_matter_renders_whatever_the_base_card_holds(tmp_path):
+    """front_matter itself, in this process, on the nested card (no hang to guard against here)."""
+    base = tmp_path / "base"
+    base.mkdir()
+    _nested_unclosed(base / "README.md")
+    assert _card_license(str(base)) is None
+    config = resolve("tiny", task="tune", overrides=["model.init=pretrained", f"model.path={base}"]).to_dict()
+    meta = front_matter(config, "adapter", {s["name"]: "apache-2.0" for s in config["data"]["sources"]})
+    assert meta["license"] == "other" and meta["license_name"] == LICENSE_NAME

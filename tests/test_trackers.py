@@ -24,11 +24,6 @@ from mellama_train.metrics import MetricsLogger, read_metric_lines
 wandb = pytest.importorskip("wandb")
 
 
-def needs_mlflow() -> None:
-    """MLflow is not in the dev extras (pyproject.toml says why): these tests run where [mlflow] is installed."""
-    pytest.importorskip("mlflow", reason="pip install 'mellama-train[mlflow]' to run the MLflow tests")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,12 +32,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real MLflow tracking server (SQLite store) on 127.0.0.1; None where mlflow is not installed."""
-    import importlib.util
-
-    if importlib.util.find_spec("mlflow") is None:
-        yield None
-        return
+    """A real MLflow tracking server (SQLite store) on 127.0.0.1."""
     root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
@@ -98,10 +88,13 @@ def wandb_records(run_file: Path) -> list:
     return records
 
 
-def wandb_history(run_dir: Path) -> tuple[set[str], dict[int, float]]:
-    """(run ids, train/loss by step) over every W&B run file the run directory holds (one per start)."""
-    ids, losses = set(), {}
-    for run_file in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+def wandb_history(run_dir: Path) -> tuple[set[str], list[tuple[int, float]]]:
+    """(run ids, [(train/step, train/loss)] in the order logged) over every W&B run file of the run directory
+    (one per start)."""
+    ids, rows = set(), []
+    for run_file in sorted(
+        (run_dir / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime
+    ):
         for record in wandb_records(run_file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
@@ -109,8 +102,8 @@ def wandb_history(run_dir: Path) -> tuple[set[str], dict[int, float]]:
             elif kind == "history":
                 row = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
                 if "train/loss" in row:
-                    losses[row["_step"]] = row["train/loss"]
-    return ids, losses
+                    rows.append((row["train/step"], row["train/loss"]))
+    return ids, rows
 
 
 @pytest.mark.slow
@@ -118,42 +111,54 @@ def test_wandb_and_mlflow_get_the_runs_scalars_and_config_and_a_resume_continues
     tmp_path, mlflow_server
 ):
     out = tmp_path / "run"
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    names = ["wandb"]
-    if mlflow_server:  # where the [mlflow] extra is installed (not in CI: pyproject.toml's dev says why)
-        env.update(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_EXPERIMENT_NAME="trackers-test")
-        names.append("mlflow")
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "MLFLOW_TRACKING_URI": mlflow_server,
+        "MLFLOW_EXPERIMENT_NAME": "trackers-test",
+    }
     args = [
         sys.executable,
         str(REPO / "launch" / "pretrain.py"),
         "--output-dir",
         str(out),
         "--save-every",
-        "3",
+        "2",
     ]
-    args += ["--set", f"train.report_to=[tensorboard,{','.join(names)}]", "--set", "train.eval_every=0"]
-    run([*args, "--max-steps", "3"], env=env)
+    args += ["--set", "train.report_to=[tensorboard,wandb,mlflow,wandb]", "--set", "train.eval_every=0"]
+    run([*args, "--max-steps", "4"], env=env)
     first_ids = json.loads((out / "run_record.json").read_text())["trackers"]
-    assert set(first_ids) == set(names)
-    # The resumed start: a new run record, the same tracker runs.
-    run([*args, "--max-steps", "6", "--resume", str(out / "checkpoints" / "step_00000003")], env=env)
+    assert set(first_ids) == {"wandb", "mlflow"}
+    # The resumed start, from the older checkpoint: steps 3 and 4 are trained again, into the same tracker runs.
+    run([*args, "--max-steps", "6", "--resume", str(out / "checkpoints" / "step_00000002")], env=env)
     records = [json.loads(p.read_text()) for p in out.glob("run_record*.json")]
     assert len(records) == 2 and all(r["trackers"] == first_ids for r in records)
 
-    want = {r["step"]: r["train/loss"] for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r}
-    assert sorted(want) == list(range(1, 7))
+    want = [
+        (r["step"], r["train/loss"]) for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r
+    ]
+    assert [step for step, _ in want] == [1, 2, 3, 4, 3, 4, 5, 6]
     ids, got = wandb_history(out)
-    assert ids == {first_ids["wandb"]} and got == pytest.approx(want, rel=1e-6)
+    assert ids == {first_ids["wandb"]}
+    assert [s for s, _ in got] == [s for s, _ in want]  # none dropped: W&B's x axis is our step metric
+    assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    # Scalars and config only: no host/argv metadata, package list, code or console output went to W&B.
+    uploaded = {p.name for p in (out / "wandb").rglob("*") if p.is_file()}
+    assert not uploaded & {"wandb-metadata.json", "requirements.txt", "output.log", "diff.patch"}, uploaded
 
-    if not mlflow_server:
-        return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
     history = client.get_metric_history(first_ids["mlflow"], "train/loss")
-    assert {m.step: m.value for m in history} == pytest.approx(want, rel=1e-6)
+    logged = sorted((m.step, m.value) for m in history)
+    assert [s for s, _ in logged] == sorted(s for s, _ in want)
+    assert [v for _, v in logged] == pytest.approx([v for _, v in sorted(want)], rel=1e-6)
     mlflow_run = client.get_run(first_ids["mlflow"])
-    assert mlflow_run.data.params["optim.lr"] == "0.003" and mlflow_run.data.params["task"] == "pretrain"
+    params = mlflow_run.data.params
+    assert params["optim.lr"] == "0.003" and params["task"] == "pretrain"
+    assert params["data.sources.mimic.weight"] == json.dumps(
+        records[0]["config"]["data"]["sources"][1]["weight"]
+    )
     assert mlflow_run.info.status == "FINISHED"
     experiment = client.get_experiment_by_name("trackers-test")
     assert len(client.search_runs([experiment.experiment_id])) == 1  # one run for both starts
@@ -163,7 +168,6 @@ def test_wandb_and_mlflow_get_the_runs_scalars_and_config_and_a_resume_continues
 
 
 def test_an_unreachable_tracker_warns_once_and_metrics_jsonl_goes_on(tmp_path, monkeypatch, caplog):
-    needs_mlflow()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     with caplog.at_level(logging.WARNING):
@@ -206,16 +210,125 @@ def test_an_unknown_tracker_or_a_missing_extra_is_one_line_naming_the_fix(monkey
     )
     assert trackers.config_problems(["tensorboard", "wandb", "neptune"]) == [
         "train.report_to: wandb is not installed; pip install 'mellama-train[wandb]' (or drop wandb)",
-        "train.report_to: unknown tracker 'neptune'; choose from tensorboard, wandb, mlflow",
+        "train.report_to: unknown tracker 'neptune'; choose from tensorboard, wandb, mlflow or none",
     ]
 
 
-def test_earlier_tracker_ids_are_read_back_from_the_newest_record_that_has_them(tmp_path):
+def test_earlier_tracker_ids_are_read_back_newest_per_tracker(tmp_path):
     (tmp_path / "run_record.json").write_text(json.dumps({"trackers": {"wandb": "a1", "mlflow": "m1"}}))
+    # A start on which MLflow was unreachable recorded W&B's id alone: MLflow's run is still m1.
     (tmp_path / "run_record.20261207-010101.json").write_text(json.dumps({"trackers": {"wandb": "a2"}}))
     (tmp_path / "run_record.20261207-020202.json").write_text("{not json")  # damaged: passed over
-    assert trackers.previous_ids(tmp_path) == {"wandb": "a2"}
+    assert trackers.previous_ids(tmp_path) == {"wandb": "a2", "mlflow": "m1"}
     (tmp_path / "run_record.20261207-030303.json").write_text(
-        json.dumps({"trackers": {"x": "y", "wandb": 5}})
+        json.dumps({"trackers": {"x": "y", "wandb": 5, "mlflow": "z" * 500}})
     )
-    assert trackers.previous_ids(tmp_path) == {}  # hostile values are no ids
+    assert trackers.previous_ids(tmp_path) == {"wandb": "a2", "mlflow": "m1"}  # hostile values are no ids
+    (tmp_path / "run_record.20261207-040404.json").write_text(json.dumps({"trackers": ["wandb"]}))
+    assert trackers.previous_ids(tmp_path) == {"wandb": "a2", "mlflow": "m1"}
+
+
+def test_report_to_none_and_a_name_listed_twice(tmp_path, monkeypatch):
+    assert trackers.config_problems(["none"]) == []
+    assert trackers.config_problems(["none", "wandb"]) == [
+        "train.report_to: `none` cannot be listed with trackers; give either, not both"
+    ]
+    opened = []
+    monkeypatch.setitem(
+        trackers.FACTORIES, "wandb", lambda *a: opened.append(a) or type("T", (), {"run_id": "w"})()
+    )
+    assert [g.name for g in trackers.open_trackers(["wandb", "tensorboard", "wandb"], tmp_path, {})] == [
+        "wandb"
+    ]
+    assert len(opened) == 1
+
+
+def test_online_wandb_without_an_api_key_is_skipped_with_a_warning_not_a_prompt(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setattr(
+        wandb, "init", lambda **kw: pytest.fail("wandb.init would ask for a key on the terminal")
+    )
+    with caplog.at_level(logging.WARNING):
+        assert trackers.open_trackers(["wandb"], tmp_path, {}) == []
+    assert "WANDB_API_KEY" in caplog.text and "metrics.jsonl goes on" in caplog.text
+
+
+def test_credentials_never_reach_a_warning(monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "s3cr3t-token-value")
+    text = trackers.redact(
+        "POST https://alice:hunter2@mlflow.example.org/api failed; Authorization: Bearer abc.def; "
+        "api_key=XYZ123 token s3cr3t-token-value"
+    )
+    for secret in ("hunter2", "alice", "abc.def", "XYZ123", "s3cr3t-token-value"):
+        assert secret not in text, text
+    assert "mlflow.example.org" in text
+
+    class Leaky:
+        run_id = "r"
+
+        def log(self, step, scalars):
+            raise ConnectionError("https://bob:pa55@host/ refused (token=s3cr3t-token-value)")
+
+    with caplog.at_level(logging.WARNING):
+        trackers.Guarded("mlflow", Leaky()).log(1, {"train/loss": 1.0})
+    message = caplog.records[-1].getMessage()
+    assert "pa55" not in message and "s3cr3t" not in message and "ConnectionError" in message
+
+
+def test_mlflow_marks_how_the_run_ended_and_keeps_metrics_when_parameters_fail(
+    tmp_path, monkeypatch, mlflow_server
+):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "outcomes")
+    client = MlflowClient(mlflow_server)
+    for outcome, status in [("finished", "FINISHED"), ("stopped", "KILLED"), ("failed", "FAILED")]:
+        tracker = trackers.Guarded(
+            "mlflow", trackers.MlflowTracker(tmp_path / outcome, {"a": {"b": 1}}, None)
+        )
+        # A source name MLflow would refuse as a key (it allows letters, digits, _ - . space : /).
+        tracker.log(1, {"train/loss/pub(med)#1": 2.5})
+        tracker.close(outcome)
+        run_info = client.get_run(tracker_id_of(client, outcome))
+        assert run_info.info.status == status
+        assert run_info.data.metrics == {"train/loss/pub_med__1": 2.5}
+        assert run_info.data.params == {"a.b": "1"}
+
+    def refuse(self, config):
+        raise RuntimeError("params rejected")
+
+    monkeypatch.setattr(trackers.MlflowTracker, "_log_params", refuse)
+    kept = trackers.MlflowTracker(tmp_path / "noparams", {"a": 1}, None)
+    kept.log(3, {"train/loss": 1.5})
+    kept.close("finished")
+    assert client.get_run(kept.run_id).data.metrics == {"train/loss": 1.5}
+
+
+def tracker_id_of(client, run_name: str) -> str:
+    experiment = client.get_experiment_by_name("outcomes")
+    (found,) = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == run_name]
+    return found.info.run_id
+
+
+def test_a_crash_or_a_stop_reaches_the_trackers_as_the_runs_outcome(tmp_path):
+    seen = []
+
+    class Recorder:
+        run_id = "r"
+
+        def log(self, step, scalars):
+            pass
+
+        def close(self, outcome):
+            seen.append(outcome)
+
+    metrics = MetricsLogger(
+        tmp_path, True, tensorboard=False, trackers=[trackers.Guarded("mlflow", Recorder())]
+    )
+    metrics.close("failed")
+    metrics.close("finished")  # a second close (the loop's, after a stop's) changes nothing
+    assert seen == ["failed"]

@@ -506,12 +506,18 @@ def resume_candidates(output_dir: Path, resume: str, same_run: bool = False) -> 
     if resume != "auto":
         path = Path(resume)
         if _TAG_RE.match(path.name) is None or not path.is_dir():
-            hint = (
-                f"; {path} is an exported model: to train on from its weights, start a new run (a new"
-                f" --output-dir) with --set model.init=pretrained --set model.path={path} (tuning: --base {path})"
-                if (path / "config.json").is_file()
-                else ""
-            )
+            hint = ""
+            if (path / "config.json").is_file():
+                hint = (
+                    f"; {path} is an exported model: to train on from its weights, start a new run (a new"
+                    f" --output-dir) with --set model.init=pretrained --set model.path={path}"
+                    f" (tuning: --base {path})"
+                )
+            elif (path / "adapter_config.json").is_file():
+                hint = (
+                    f"; {path} is a LoRA adapter: to tune it on, start a new run (a new --output-dir) with"
+                    f" --base <its base model> --init-adapter {path}"
+                )
             raise ValueError(f"--resume {resume}: not a checkpoint directory (checkpoints/step_N){hint}")
         if problem := verify(path):
             raise ValueError(

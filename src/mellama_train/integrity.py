@@ -29,6 +29,7 @@ import os
 import stat
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,24 +266,146 @@ def umask() -> int:
     return mask
 
 
-def follow_umask(root: Path, since: float | None = None, include_root: bool = True) -> None:
+_OPEN_NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+"""How follow_umask opens an entry to set its mode through the descriptor: never through a symbolic link
+(O_NOFOLLOW: ELOOP instead), never waiting for a FIFO's writer (O_NONBLOCK), never taking a terminal."""
+
+Snapshot = set[tuple[int, int, int]]
+"""(st_dev, st_ino, st_ctime_ns) of the entries under a directory: what files_under returns."""
+
+
+def _walk(top_fd: int, visit: Callable[[os.DirEntry[str], int], int | None]) -> None:
+    """Call `visit(entry, parent_fd)` for every entry below the directory open as `top_fd`, depth first.
+
+    Each entry is reached by its name relative to its parent directory's descriptor, so swapping a directory on
+    the way for a symbolic link leads nowhere. `visit` returns a descriptor of a directory to descend into (this
+    closes it) or None. Descriptors held: one a level; a directory that cannot be listed is passed over."""
+
+    def entries(fd: int) -> Iterator[os.DirEntry[str]]:
+        try:
+            with os.scandir(fd) as it:  # listed at once: its own descriptor is not held while descending
+                return iter(list(it))
+        except OSError:
+            return iter(())
+
+    stack = [(top_fd, entries(top_fd))]
+    try:
+        while stack:
+            fd, pending = stack[-1]
+            entry = next(pending, None)
+            if entry is None:
+                stack.pop()
+                if fd != top_fd:
+                    os.close(fd)
+                continue
+            child = visit(entry, fd)
+            if child is not None:
+                stack.append((child, entries(child)))
+    finally:
+        for fd, _ in stack:
+            if fd != top_fd:
+                os.close(fd)
+
+
+def _open_root(root: Path) -> int | None:
+    """A descriptor of directory `root` to walk below, or None (gone, or not a directory). The root itself may be
+    named through a link (`--out` pointing at scratch): whatever was written under it went through that link."""
+    try:
+        return os.open(root, (_OPEN_NOFOLLOW & ~os.O_NOFOLLOW) | os.O_DIRECTORY)
+    except OSError:
+        return None
+
+
+def files_under(root: Path) -> Snapshot:
+    """(st_dev, st_ino, st_ctime_ns) of `root` and of every entry below it, links not followed (a link is listed,
+    not what it points at): taken before writing into a directory that may already hold the user's files, and
+    given to follow_umask as `keep`. An empty set when `root` does not exist.
+
+    The inode names the file whatever its name; the inode-change time (set by the kernel on every write, chmod,
+    rename or new link, and not settable by `touch` or a copy tool preserving times) tells a file we rewrote, or a
+    new file that reuses a deleted one's inode, from the one that was there. Both come from the file system, not
+    this host's clock, which on NFS may differ from the server's."""
+    found: Snapshot = set()
+    with contextlib.suppress(OSError):
+        info = os.lstat(root)
+        found.add((info.st_dev, info.st_ino, info.st_ctime_ns))
+    top = _open_root(root)
+    if top is None:
+        return found
+
+    def visit(entry: os.DirEntry[str], parent: int) -> int | None:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            found.add((info.st_dev, info.st_ino, info.st_ctime_ns))
+            if stat.S_ISDIR(info.st_mode):
+                return os.open(entry.name, _OPEN_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent)
+        except OSError:
+            pass  # gone meanwhile, a link swapped in (ELOOP), or unreadable: nothing below it to list
+        return None
+
+    try:
+        _walk(top, visit)
+    finally:
+        os.close(top)
+    return found
+
+
+def follow_umask(root: Path, keep: Snapshot | None = None, include_root: bool = True) -> None:
     """Give what we wrote under `root` the modes any other tool would (0644 files and 0755 directories under the
     usual umask 022; group-writable under 002): safetensors writes 0600 files through a temporary file, which
-    on a shared cluster leaves colleagues unable to read the model. Only the owner's files are touched; with
-    `since`, only those modified since then (a directory that already held other files keeps theirs); a
-    directory keeps its setgid bit (a shared group's directory)."""
+    on a shared cluster leaves colleagues unable to read the model.
+
+    Only the owner's regular files and directories are touched; links are never followed (not even one swapped
+    in for a file while this runs: each entry is opened with O_NOFOLLOW relative to its parent's descriptor and
+    its mode set through that descriptor), and FIFOs, sockets and devices are left alone. Entries we cannot open
+    for reading are left as they are. With `keep` (files_under(root), taken before writing), a file still in the
+    snapshot (same device, inode and inode-change time) keeps its mode, and so does any directory that was there
+    (same device and inode: writing into a directory changes its inode-change time, yet a directory of the user's
+    that we wrote into is still theirs). A directory keeps its setgid bit (a shared group's directory)."""
     mask = umask()
-    for path in [root, *root.rglob("*")] if include_root else root.rglob("*"):
-        with contextlib.suppress(OSError):  # gone meanwhile, or not ours (a shared directory): leave it
-            info = path.lstat()
-            if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-                continue
-            if since is not None and info.st_mtime < since:
-                continue
+    keep = keep or set()
+    kept_dirs = {(dev, ino) for dev, ino, _ in keep}
+    uid = os.getuid()
+
+    def set_mode(name: str | Path, parent: int | None) -> int | None:
+        """Set one entry's mode; return a descriptor of it when it is a directory (to descend into)."""
+        try:
+            fd = os.open(name, _OPEN_NOFOLLOW, dir_fd=parent)
+        except OSError:
+            return None  # ELOOP: a link; gone meanwhile; or not readable by us (not ours, or made 0200)
+        try:
+            info = os.fstat(fd)
             if stat.S_ISDIR(info.st_mode):
-                os.chmod(path, (0o777 & ~mask) | (info.st_mode & stat.S_ISGID))
-            else:
-                os.chmod(path, 0o666 & ~mask)
+                if info.st_uid == uid and (info.st_dev, info.st_ino) not in kept_dirs:
+                    os.fchmod(fd, (0o777 & ~mask) | (info.st_mode & stat.S_ISGID))
+                return fd  # descended into even when not ours: what we wrote inside is ours
+            if stat.S_ISREG(info.st_mode) and info.st_uid == uid:
+                if (info.st_dev, info.st_ino, info.st_ctime_ns) not in keep:
+                    os.fchmod(fd, 0o666 & ~mask)
+        except OSError:
+            pass  # a file system refusing chmod (some mounts): leave the mode
+        os.close(fd)
+        return None
+
+    def visit(entry: os.DirEntry[str], parent: int) -> int | None:
+        # Pre-sorted by the directory's own type field (no open): a device is never opened, as opening a tape
+        # drive rewinds it. set_mode checks the type again on the descriptor, in case of a swap meanwhile.
+        try:
+            if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
+                return None
+        except OSError:
+            return None
+        return set_mode(entry.name, parent)
+
+    top = set_mode(root, None) if include_root else None
+    if top is None:
+        top = _open_root(root)  # not included, a link, or not ours to open for reading
+    if top is None:
+        return
+    try:
+        _walk(top, visit)
+    finally:
+        os.close(top)
 
 
 def digests_of(paths: list[Path], threads: int | None = None) -> dict[Path, FileDigest | OSError]:

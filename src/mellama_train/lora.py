@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -101,14 +100,15 @@ def merge_adapter(
     watchdog.progress("merge: adapter folded in")
     merged.config.use_cache = True
     out_dir = Path(out_dir)
-    existed, started = out_dir.exists(), time.time() - 1  # `merge --out` may name a directory holding more
+    # `merge --out` may name a directory already holding the user's files: only what this writes gets its mode set.
+    before = integrity.files_under(out_dir)
     merged.save_pretrained(out_dir, safe_serialization=True)
     watchdog.progress("merge: weights written")
     # The adapter directory's tokenizer carries the chat template used in tuning; the base's may have none.
     tokenizer_dir = adapter if (Path(adapter) / "tokenizer_config.json").is_file() else base
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     carry_model_card(Path(adapter), out_dir)
-    integrity.follow_umask(out_dir, since=started, include_root=not existed)
+    integrity.follow_umask(out_dir, keep=before)
     log.info("merged %s into %s -> %s", adapter, base, out_dir)
     return out_dir
 

@@ -50,13 +50,16 @@ class MetricsLogger:
         for tracker in self._trackers:
             tracker.log(step, clean)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
+        """Flush and close every sink; `outcome` (finished, stopped, failed) is how trackers mark the run. A
+        second close does nothing."""
         if self._jsonl:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
         for tracker in self._trackers:
-            tracker.close()
+            tracker.close(outcome)
+        self._jsonl = self._tb = None
         self._trackers = []
 
 

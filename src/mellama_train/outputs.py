@@ -120,14 +120,16 @@ def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(record, dict) and isinstance(record.get("config"), dict):
-                _flatten(record["config"])  # what same_run does with it: a record it cannot walk is damaged
+                flatten_config(
+                    record["config"]
+                )  # what same_run does with it: a record it cannot walk is damaged
                 return record
         except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             continue
     return None
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested config dict -> {dotted key: value}; sources are keyed by name, as `--set data.sources.mimic.weight`."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
@@ -137,9 +139,9 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             sources = [s for s in value if isinstance(s, dict)]
             flat[dotted] = [s.get("name") for s in sources]  # added, removed or reordered sources
             for src in sources:
-                flat.update(_flatten(src, f"{dotted}.{src.get('name')}."))
+                flat.update(flatten_config(src, f"{dotted}.{src.get('name')}."))
         elif isinstance(value, dict) and value and dotted != "data.sources":
-            flat.update(_flatten(value, f"{dotted}."))
+            flat.update(flatten_config(value, f"{dotted}."))
         else:
             flat[dotted] = value
     return flat
@@ -159,7 +161,7 @@ def _show(value: Any) -> str:
 def config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every compared key that differs. Keys missing from the record (a field this
     version added) are not compared: the old run could not have set them."""
-    old, new = _flatten(recorded), _flatten(current)
+    old, new = flatten_config(recorded), flatten_config(current)
     return [
         f"{key}: {_show(old[key])} -> {_show(value)}"
         for key, value in new.items()

@@ -1,10 +1,10 @@
 """Experiment trackers beside metrics.jsonl: Weights & Biases and MLflow (`train.report_to`).
 
 Rank 0 alone reports, and only what metrics.jsonl holds (the same numeric scalars at the same steps) plus the
-resolved config as parameters: no text, no samples, no console capture, no code or git diff upload. A resumed run
-continues the same tracker run: each tracker's run id is kept in the run record, and the next start reads it
-back. metrics.jsonl stays the source of truth: a tracker that cannot be reached (no server, no API key, a network
-drop mid-run) is warned about once and dropped, and training goes on.
+resolved config as parameters: no text, no samples, no console capture, no code, git state, host or machine
+metadata. A resumed run continues the same tracker run: each tracker's run id is kept in the run record, and the
+next start reads it back. metrics.jsonl stays the source of truth: a tracker that cannot be reached (no server,
+no API key, a network drop mid-run) is warned about once and dropped, and training goes on.
 
 Endpoints and credentials come from the environment only, as the tools themselves read them: WANDB_API_KEY,
 WANDB_MODE (offline), WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, MLFLOW_TRACKING_TOKEN.
@@ -16,17 +16,27 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Protocol
+
+from .outputs import flatten_config
 
 log = logging.getLogger(__name__)
 
 KNOWN = ("tensorboard", "wandb", "mlflow")
 EXTERNAL = ("wandb", "mlflow")  # the optional extras: pip install 'mellama-train[wandb]' / '[mlflow]'
+NONE = "none"  # report_to: [none], as HF Trainer spells "metrics.jsonl only"
 PROJECT = (
     "mellama-train"  # the W&B project and MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME
 )
+STEP_METRIC = "train/step"
+"""Our step, sent as a metric of its own and used as W&B's x axis: W&B drops a row whose `step=` is below the
+last one it saw, which is every step re-trained after a resume from an older checkpoint."""
+OUTCOMES = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
+"""How a run ended (MetricsLogger.close) -> MLflow's run status. `stopped`: a signal or a stop rule checkpointed
+and ended it, to be resumed."""
 
 
 class Tracker(Protocol):
@@ -34,48 +44,54 @@ class Tracker(Protocol):
 
     def log(self, step: int, scalars: dict[str, float]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, outcome: str) -> None: ...
 
 
 def config_problems(report_to: list[str]) -> list[str]:
     """Start-up problems of train.report_to: unknown names, and trackers whose package is not installed."""
     problems = []
     for name in report_to:
-        if name not in KNOWN:
-            problems.append(f"train.report_to: unknown tracker {name!r}; choose from {', '.join(KNOWN)}")
+        if name not in (*KNOWN, NONE):
+            problems.append(
+                f"train.report_to: unknown tracker {name!r}; choose from {', '.join(KNOWN)} or none"
+            )
         elif name in EXTERNAL and importlib.util.find_spec(name) is None:
             problems.append(
                 f"train.report_to: {name} is not installed; pip install 'mellama-train[{name}]' (or drop {name})"
             )
+    if NONE in report_to and len(set(report_to)) > 1:
+        problems.append("train.report_to: `none` cannot be listed with trackers; give either, not both")
     return problems
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """The config as dotted keys (optim.lr, data.sources.0.weight): what trackers show as parameters."""
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list) and tree:
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in items:
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
+_SECRET_IN_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
+_SECRET_PARAM = re.compile(r"(?i)\b(token|api[_-]?key|password|secret|authorization)([=:]\s*)(bearer\s+)?\S+")
 
 
-# Nothing but the scalars and the config: no console capture, code, git state, system stats or package list.
+def redact(text: str) -> str:
+    """An error message with what could be a credential masked: the values of the trackers' secret environment
+    variables, a URL's user:password@, and token=/api_key=/password= values (errors often echo the request)."""
+    for name in ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        if (secret := os.environ.get(name)) and len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return _SECRET_PARAM.sub(r"\1\2***", _SECRET_IN_URL.sub(r"\1***@", text))
+
+
+# Nothing but the scalars and the config: no console capture, code, git state, system stats, package list,
+# host/user/argv metadata or machine info. The x_ settings come and go between wandb releases (`_known`).
 WANDB_QUIET = {
     "console": "off",
     "save_code": False,
     "disable_git": True,
     "x_disable_stats": True,
+    "x_disable_meta": True,
+    "x_disable_machine_info": True,
     "x_save_requirements": False,
 }
 
 
 def _known(settings_class: Any, wanted: dict[str, Any]) -> dict[str, Any]:
-    """The settings this wandb version has (the x_ ones come and go between releases)."""
+    """The settings this wandb version has."""
     fields = getattr(settings_class, "model_fields", None)
     return {k: v for k, v in wanted.items() if fields is None or k in fields}
 
@@ -84,6 +100,11 @@ class WandbTracker:
     def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str | None):
         import wandb
 
+        mode = os.environ.get("WANDB_MODE", "online").lower()
+        if mode not in ("offline", "dryrun", "disabled") and not os.environ.get("WANDB_API_KEY"):
+            # Online without a key, wandb asks for one on the terminal (a batch job waits forever) or reads
+            # ~/.netrc; secrets come from the environment only.
+            raise RuntimeError("online W&B needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", PROJECT),
             name=run_dir.name,
@@ -91,26 +112,29 @@ class WandbTracker:
             resume="allow",  # the same id continues the same run (a resume), else starts it
             config=config,
             dir=str(run_dir),  # its files under <run>/wandb/, beside the run's own
-            settings=wandb.Settings(
-                console="off",
-                save_code=False,
-                disable_git=True,
-                x_disable_stats=True,
-                x_save_requirements=False,
-            ),
+            settings=wandb.Settings(**_known(wandb.Settings, WANDB_QUIET)),
         )
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
         self.run_id = self.run.id
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        self.run.log(scalars, step=step)
+        self.run.log({**scalars, STEP_METRIC: step})  # W&B's own _step counts calls; ours is STEP_METRIC
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, outcome: str) -> None:
+        if outcome == "stopped" and hasattr(self.run, "mark_preempting"):
+            self.run.mark_preempting()  # to be resumed, not a failure
+        self.run.finish(exit_code=1 if outcome == "failed" else 0)
+
+
+def mlflow_key(key: str) -> str:
+    """A metric or parameter name MLflow accepts: letters, digits, _ - . space : / and at most 250 characters
+    (a source named with other characters would otherwise fail the whole batch)."""
+    return re.sub(r"[^\w\-. :/]", "_", key)[:250]
 
 
 class MlflowTracker:
     def __init__(self, run_dir: Path, config: dict[str, Any], run_id: str | None):
-        from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         # A dead server should cost seconds, not MLflow's default of minutes of retries on every call.
@@ -124,32 +148,49 @@ class MlflowTracker:
                 return
             except Exception as exc:  # noqa: BLE001 - deleted, or another server: a new run, said so
                 log.warning(
-                    "mlflow: the earlier run %s cannot be continued (%s); starting a new one", run_id, exc
+                    "mlflow: the earlier run %s cannot be continued (%s); starting a new one",
+                    run_id,
+                    redact(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__),
                 )
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         experiment = self.client.get_experiment_by_name(name)
         experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(name)
         self.run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
-        # MLflow caps a parameter value at 6000 characters and a batch at 100 parameters.
-        params = [
-            Param(key, json.dumps(v) if not isinstance(v, str) else v) for key, v in flatten(config).items()
-        ]
-        for start in range(0, len(params), 100):
-            self.client.log_batch(
-                self.run_id, params=[Param(p.key, p.value[:6000]) for p in params[start : start + 100]]
-            )
+        try:
+            self._log_params(config)
+        except Exception as exc:  # noqa: BLE001 - parameters lost are no reason to lose the metrics too
+            log.warning("mlflow: the config was not recorded as parameters (%s); metrics go on", _short(exc))
+
+    def _log_params(self, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # The dotted keys `--set` takes (sources by name). MLflow caps a value at 6000 characters and a batch
+        # at 100 parameters.
+        params = {
+            mlflow_key(key): (v if isinstance(v, str) else json.dumps(v))[:6000]
+            for key, v in flatten_config(config).items()
+        }
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start : start + 100])
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+        metrics = [Metric(mlflow_key(k), v, now, step) for k, v in scalars.items()]
+        self.client.log_batch(self.run_id, metrics=metrics)
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, outcome: str) -> None:
+        self.client.set_terminated(self.run_id, status=OUTCOMES.get(outcome, "FAILED"))
 
 
 FACTORIES = {"wandb": WandbTracker, "mlflow": MlflowTracker}
+
+
+def _short(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
 
 
 class Guarded:
@@ -164,11 +205,10 @@ class Guarded:
 
     def _drop(self, what: str, exc: Exception) -> None:
         log.warning(
-            "%s: %s failed (%s: %s); reporting to %s stops here, metrics.jsonl goes on",
+            "%s: %s failed (%s); reporting to %s stops here, metrics.jsonl goes on",
             self.name,
             what,
-            type(exc).__name__,
-            str(exc).splitlines()[0][:300] if str(exc) else "",
+            _short(exc),
             self.name,
         )
         self.tracker = None
@@ -180,31 +220,36 @@ class Guarded:
             except Exception as exc:  # noqa: BLE001 - a tracker never stops training
                 self._drop("logging", exc)
 
-    def close(self) -> None:
+    def close(self, outcome: str = "finished") -> None:
         if self.tracker:
             try:
-                self.tracker.close()
+                self.tracker.close(outcome)
             except Exception as exc:  # noqa: BLE001
                 self._drop("closing", exc)
+            self.tracker = None
 
 
 def previous_ids(run_dir: Path) -> dict[str, str]:
-    """The tracker run ids an earlier start of this run kept in its run record (the newest that has any)."""
+    """Each tracker's run id from the newest run record that has one for it. Per tracker: a start on which one
+    tracker was unreachable records only the others, and the next start still continues the first one's run."""
+    ids: dict[str, str] = {}
     for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
         try:
-            ids = json.loads(path.read_text(encoding="utf-8")).get("trackers")
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("trackers")
         except (OSError, ValueError, AttributeError, RecursionError):
             continue
-        if isinstance(ids, dict) and ids:
-            return {k: v for k, v in ids.items() if k in EXTERNAL and isinstance(v, str) and len(v) < 200}
-    return {}
+        if isinstance(recorded, dict):
+            for name, value in recorded.items():
+                if name in EXTERNAL and name not in ids and isinstance(value, str) and 0 < len(value) < 200:
+                    ids[name] = value
+    return ids
 
 
 def open_trackers(report_to: list[str], run_dir: Path, config: dict[str, Any]) -> list[Guarded]:
-    """Rank 0: the external trackers of train.report_to, each continuing its earlier run when there is one."""
+    """Rank 0: the external trackers of train.report_to (each once), each continuing its earlier run."""
     earlier = previous_ids(run_dir)
     opened = []
-    for name in report_to:
+    for name in dict.fromkeys(report_to):  # a name listed twice opens one tracker
         if name not in FACTORIES:
             continue
         try:

@@ -182,8 +182,11 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
                 metrics.log(state.step, {"checkpoint/save_seconds": time.perf_counter() - began})
                 watchdog.beat(f"checkpoint {saved.name}")
             if stopping:
-                metrics.close()
+                metrics.close("stopped")
                 raise stopping.error(str(saved))
+    except BaseException:
+        metrics.close("failed")  # a crash ends the tracker runs as failed (after a stop, closed already)
+        raise
     finally:
         progress.close()
 
@@ -197,8 +200,10 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         began = time.perf_counter()
         _write_outputs(cfg, run)
         metrics.log(state.step, {"export/seconds": time.perf_counter() - began})
-    finally:
-        metrics.close()
+    except BaseException:
+        metrics.close("failed")
+        raise
+    metrics.close("finished")
     return run.run_dir
 
 

@@ -10,6 +10,30 @@ from pathlib import Path
 from mellama_train.cli.common import error, os_error, traceback_if, watchdog_flag, watched
 
 
+def _unusable_base(base: object) -> str | None:
+    """Why the adapter's base_model_name_or_path cannot name the base (missing, not a string, empty, holding a
+    control character such as a newline), or None."""
+    if base is None:
+        return "is missing or null"
+    if not isinstance(base, str):
+        try:
+            shown = json.dumps(base)
+        except (ValueError, RecursionError):
+            shown = "..."
+        return f"is {shown if len(shown) <= 40 else shown[:37] + '...'} (a JSON {_json_type(base)})"
+    if not base.strip():
+        return "is empty"
+    if any(ord(c) < 32 or ord(c) == 127 for c in base):
+        return f"holds a control character ({base[:40]!r})"
+    return None
+
+
+def _json_type(value: object) -> str:
+    return {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mellama-train merge",
@@ -32,11 +56,19 @@ def merge_main(argv: list[str] | None = None) -> int:
         if not config.is_file():
             return error(f"--adapter {args.adapter}: no adapter_config.json; pass a PEFT adapter directory")
         try:
-            base = json.loads(config.read_text()).get("base_model_name_or_path")
-        except (ValueError, AttributeError):
+            adapter_config = json.loads(config.read_text(encoding="utf-8"))
+        except OSError as exc:
+            return error(os_error(exc))
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+            adapter_config = None
+        if not isinstance(adapter_config, dict):
             return error(f"{config} is not a JSON object; pass the adapter directory PEFT wrote")
-        if not base:
-            return error(f"{config} names no base model; pass --base")
+        base = adapter_config.get("base_model_name_or_path")
+        if problem := _unusable_base(base):
+            return error(
+                f"{config}: base_model_name_or_path {problem}, not a base model directory or Hub id;"
+                " pass the base with --base"
+            )
     from mellama_train.config import hub
 
     if hub.looks_like_hub_id(base):  # --base or the adapter's base may be a Hub id: the cached snapshot

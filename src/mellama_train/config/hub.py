@@ -1,7 +1,7 @@
 """Hugging Face Hub ids as model paths, through the local Hugging Face cache only.
 
-Clusters pre-download models into the Hugging Face cache (`huggingface-cli download meta-llama/Llama-2-13b-hf`,
-HF_HOME / HF_HUB_CACHE) and every peer (HF Trainer, LLaMA-Factory, axolotl) accepts `meta-llama/Llama-2-13b-hf`
+Clusters pre-download models into the Hugging Face cache (`hf download meta-llama/Llama-2-13b-hf`, HF_HOME /
+HF_HUB_CACHE) and every peer (HF Trainer, LLaMA-Factory, axolotl) accepts `meta-llama/Llama-2-13b-hf`
 where a directory is expected. Here a Hub id resolves to its snapshot directory in that cache at config time;
 nothing is ever downloaded (local_files_only): a training start on 512 ranks must not fetch 26 GB 512 times, and
 compute nodes rarely reach the Hub. A model missing from the cache is a one-line error naming the download.
@@ -54,6 +54,6 @@ def missing_message(field: str, path: str) -> str:
 
     return (
         f"{field}: {path} is not a directory here, and not a model in the Hugging Face cache"
-        f" ({constants.HF_HUB_CACHE}); download it where there is network (`huggingface-cli download {path}`,"
-        " with HF_HOME pointing at the cache the nodes share) or give the model's directory"
+        f" ({constants.HF_HUB_CACHE}); download it where there is network (`hf download {path}`, with"
+        " HF_HOME pointing at the cache the nodes share) or give the model's directory"
     )

@@ -262,7 +262,7 @@ class TrainConfig(_Freezable):
     log_every: int = 10
     """Steps between metric lines (each log is a host sync)."""
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    """Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow (the extras
+    """Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, mlflow, or `none` alone (the extras
     `mellama-train[wandb]`, `[mlflow]`; endpoints and keys from their usual environment variables). Rank 0 only,
     the same scalars, the resolved config as parameters; a resume continues the same tracker run."""
     save_every: int = 500

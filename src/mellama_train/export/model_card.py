@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,30 @@ KINDS = {
     "merged": "the base model with the LoRA adapter merged into its weights",
     "export": "the full model as it was at the checkpoint below, exported and verified by `mellama-train export`",
 }
+
+# The license identifiers the Hugging Face Hub accepts in a card's `license` (its docs, "Licenses"); any other
+# terms are `license: other` with a `license_name`.
+# fmt: off
+HUB_LICENSES = frozenset(
+    {
+        "apache-2.0", "mit", "openrail", "bigscience-openrail-m", "creativeml-openrail-m",
+        "bigscience-bloom-rail-1.0", "bigcode-openrail-m", "afl-3.0", "artistic-2.0", "bsl-1.0", "bsd",
+        "bsd-2-clause", "bsd-3-clause", "bsd-3-clause-clear", "c-uda", "cc", "cc0-1.0", "cc-by-2.0",
+        "cc-by-2.5", "cc-by-3.0", "cc-by-4.0", "cc-by-sa-3.0", "cc-by-sa-4.0", "cc-by-nc-2.0", "cc-by-nc-3.0",
+        "cc-by-nc-4.0", "cc-by-nd-4.0", "cc-by-nc-nd-3.0", "cc-by-nc-nd-4.0", "cc-by-nc-sa-2.0",
+        "cc-by-nc-sa-3.0", "cc-by-nc-sa-4.0", "cdla-sharing-1.0", "cdla-permissive-1.0",
+        "cdla-permissive-2.0", "wtfpl", "ecl-2.0", "epl-1.0", "epl-2.0", "etalab-2.0", "eupl-1.1",
+        "eupl-1.2", "agpl-3.0", "gfdl", "gpl", "gpl-2.0", "gpl-3.0", "lgpl", "lgpl-2.1", "lgpl-3.0", "isc",
+        "h-research", "intel-research", "lppl-1.3c", "ms-pl", "apple-ascl", "apple-amlr", "mpl-2.0",
+        "odc-by", "odbl", "openmdw-1.0", "openmdw-1.1", "openrail++", "osl-3.0", "postgresql", "ofl-1.1",
+        "ncsa", "unlicense", "zlib", "pddl", "lgpl-lr", "deepfloyd-if-license",
+        "fair-noncommercial-research-license", "llama2", "llama3", "llama3.1", "llama3.2", "llama3.3",
+        "llama4", "grok2-community", "gemma", "unknown", "other",
+    }
+)
+# fmt: on
+LICENSE_NAME = "base-model-and-training-data-terms"  # the `license_name` of a card whose license is `other`
+_CARD_BYTES = 65536  # the most of a base model's README.md read for its front matter
 
 
 def _trainer_state(step_dir: Path) -> dict[str, Any] | None:
@@ -99,6 +124,13 @@ def _newest_trainer_state(run_dir: Path) -> tuple[dict[str, Any], str]:
     return {}, ""
 
 
+def _pretrained_base(config: dict[str, Any]) -> tuple[bool, str | None]:
+    """(whether the weights start from a pretrained base, its path): a random initialisation has no base terms."""
+    model = config["model"]
+    pretrained = model.get("init") == "pretrained"
+    return pretrained, (model.get("path") or None) if pretrained else None
+
+
 def _base_model(config: dict[str, Any]) -> str:
     model = config["model"]
     if model.get("init") == "pretrained" and model.get("path"):
@@ -110,29 +142,40 @@ def _base_model(config: dict[str, Any]) -> str:
     return f"random initialisation ({shape}){written}"
 
 
-# What a license note that is a Hub license identifier looks like ("apache-2.0", "llama2", "cc-by-4.0").
-_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+def _base_license_line(config: dict[str, Any]) -> list[str]:
+    """The card's line on a pretrained base's terms (none for a random initialisation: no base terms)."""
+    pretrained, base = _pretrained_base(config)
+    if not pretrained:
+        return []
+    if found := _card_license(base):
+        return [f"- base model license: {found} (its card's `license`); its terms apply to these weights"]
+    return [
+        "- base model license: not given by its card (README.md front matter); its terms, whatever they are,"
+        " apply to these weights: check them before using or sharing these weights"
+    ]
 
 
 def front_matter(config: dict[str, Any], kind: str, licenses: dict[str, str]) -> dict[str, Any]:
     """The card's metadata as the Hugging Face Hub reads it (huggingface_hub's ModelCardData): base_model (the
     Hub id, when the base came from the Hugging Face cache), license, datasets (sources read from cached Hub
     datasets), tags, pipeline_tag, library_name. The license is one identifier only when the base's (its card's
-    `license`) and every source's note are the same identifier; otherwise `other`, and the card's body gives
-    each term: weights derived from data carry the data's terms, which no single identifier can say."""
-    model, sources = config["model"], config["data"]["sources"]
-    base = model.get("path") if model.get("init") == "pretrained" else None
+    `license`; a pretrained base whose card gives none has unknown terms) and every source's note are the same
+    identifier, and that identifier is one the Hub accepts (HUB_LICENSES); otherwise `other`, and the card's
+    body gives each term: weights derived from a base and data carry their terms, which no single identifier
+    can say."""
+    sources = config["data"]["sources"]
+    pretrained, base = _pretrained_base(config)
     meta: dict[str, Any] = {}
     if base_id := hub.hub_id(base):
         meta["base_model"] = base_id
-    notes = {licenses.get(s["name"], s.get("license")) or None for s in sources}
-    if base_license := _card_license(base):
-        notes.add(base_license)
-    terms = {n.strip().lower() for n in notes if n}
-    only = next(iter(terms)) if len(terms) == 1 and None not in notes else None
-    meta["license"] = only if only and _LICENSE_ID.match(only) else "other"
+    notes = [licenses.get(s["name"], s.get("license")) for s in sources]
+    if pretrained:  # the base's terms apply too: unreadable ones are unknown ones
+        notes.append(_card_license(base))
+    terms = {n.strip().lower() if isinstance(n, str) and n.strip() else None for n in notes}
+    only = next(iter(terms)) if len(terms) == 1 else None
+    meta["license"] = only if only in HUB_LICENSES else "other"
     if meta["license"] == "other":
-        meta["license_name"] = "base-model-and-training-data-terms"
+        meta["license_name"] = LICENSE_NAME
     datasets = sorted({d for s in sources for p in s.get("paths", []) if (d := hub.hub_id(p, "datasets"))})
     if datasets:
         meta["datasets"] = datasets
@@ -142,19 +185,41 @@ def front_matter(config: dict[str, Any], kind: str, licenses: dict[str, str]) ->
     return meta
 
 
+def _read_card(path: str) -> str | None:
+    """The first _CARD_BYTES of a regular file, decoded (undecodable bytes replaced); None for anything else.
+    A base directory is not ours: its README.md may be a FIFO (a plain open would wait for a writer forever),
+    a device such as /dev/zero (endless), or a link to one. Opened non-blocking and checked with fstat, so
+    only a regular file is ever read."""
+    fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], _CARD_BYTES
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
 def _card_license(model_dir: str | None) -> str | None:
-    """The `license` of a base model's own card (README.md front matter), if it has one we can read."""
+    """The `license` of a base model's own card (README.md front matter), if it has one we can read: one line,
+    at most 200 characters. Whatever the card holds (a FIFO, a device, front matter nested deeper than the
+    parser goes, invalid YAML) gives None: the card is written after training and must never fail the run."""
     if not model_dir:
         return None
     try:
-        text = (Path(model_dir) / CARD).read_text(encoding="utf-8")[:65536]
-        if not text.startswith("---"):
+        text = _read_card(os.path.join(model_dir, CARD))
+        if text is None or not text.startswith("---"):
             return None
         meta = yaml.safe_load(text.split("---", 2)[1])
-    except (OSError, ValueError, IndexError, yaml.YAMLError):
+    except (OSError, ValueError, TypeError, IndexError, RecursionError, yaml.YAMLError):
         return None
     value = meta.get("license") if isinstance(meta, dict) else None
-    return value if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    return " ".join(value.split())[:200] or None
 
 
 def _last_held_out(run_dir: Path, up_to: int | None = None) -> tuple[int | None, dict[str, float]]:
@@ -194,6 +259,7 @@ def render(
         f"This directory holds {KINDS[kind]}, trained with mellama-train.",
         "",
         f"- base model: {_base_model(config)}",
+        *_base_license_line(config),
         f"- steps: {trainer.get('step', 'unknown')}, each {train['global_batch_size']} sequences of"
         f" {data['seq_len']} tokens; peak lr {optim['lr']:g}, {train['precision']}",
     ]

@@ -20,7 +20,7 @@ import torch
 from mellama_train import integrity, leftovers
 from mellama_train.backends.base import DistEnv, LossParts
 from mellama_train.backends.collectives import broadcast_object
-from mellama_train.backends.deepspeed import universal
+from mellama_train.backends.deepspeed import load, universal
 from mellama_train.backends.deepspeed.files import CheckpointFiles, safe_load, safe_loading, step_counters
 from mellama_train.loss import forward_loss
 from mellama_train.watchdog import progress
@@ -44,7 +44,7 @@ def init_distributed(timeout_minutes: int) -> DistEnv:
     Without a launcher, `deepspeed.init_distributed()` would fall into MPI discovery and fail, so a plain
     `python launch/pretrain.py` is made a world of one by setting the variables a launcher would set.
     """
-    import deepspeed
+    deepspeed = load()
     from deepspeed.accelerator import get_accelerator
 
     if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
@@ -120,7 +120,7 @@ class DeepSpeedBackend:
         lr_lambda: Callable[[int], float],
         env: DistEnv,
     ):
-        import deepspeed
+        deepspeed = load()
 
         self.env = env
 
@@ -290,7 +290,7 @@ class DeepSpeedBackend:
 
         Under ZeRO-3 only these parameters are gathered, never the frozen base, so saving a 70B model's adapter
         costs the adapter's size in memory and traffic."""
-        import deepspeed
+        deepspeed = load()
 
         named = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
         is_main = self.env.is_main

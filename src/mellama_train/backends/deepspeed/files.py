@@ -15,12 +15,14 @@ from typing import Any
 import torch
 
 from mellama_train import integrity
+from mellama_train.backends.deepspeed import load
 
 
 def _deepspeed_safe_globals() -> list[Any]:
     """The plain data classes DeepSpeed pickles into its checkpoints: an enum, the loss scalers and ZeRO-1/2's
     `fragment_address` (numel, start) in its parameter slice mappings. Attributes only: no code of theirs runs to
     build them. Everything else must be tensors and builtin containers."""
+    load()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -27,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from mellama_train import integrity
+from mellama_train.backends.deepspeed import load
 from mellama_train.backends.deepspeed.files import safe_loading
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Conversion:
 
 def convert(step_dir: Path, partial: Path, workers: int) -> None:
     """The child process: DeepSpeed's conversion with every file read weights-only, then the seal."""
+    load()
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     args = SimpleNamespace(
