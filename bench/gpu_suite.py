@@ -260,6 +260,10 @@ def peers(seq_len: int) -> Callable[[Ctx, int], dict[str, Any]]:
         # Named by the check, not the shape: checkpoint reads peers_2048's run in --smoke too.
         args = ["bench/peers.py", *shape, "--pairs", "1", "--workdir", str(ctx.work / f"peers_{seq_len}")]
         args += ["--out", str(out), *(["--matmul-tflops", str(rate)] if rate and not ctx.smoke else [])]
+        args += [
+            "--llamafactory-python",
+            "",
+        ]  # HF Trainer only: the budget holds no third side (nor its venv)
         if seq_len == 2048:
             args.append("--keep-checkpoints")  # the checkpoint check resumes that run, then deletes it
         py(ctx, args, cap)

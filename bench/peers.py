@@ -9,14 +9,20 @@ side that goes first alternating too (shared machines drift); threads per rank a
 (--warmup, --steps]; wall is the whole launcher process; peak RSS is the largest process's (os.wait4 over the
 launcher's tree); the final loss shows both did the same work.
 
+LLaMA-Factory is an optional third side (bench/peers_llamafactory.py, its own `run_exp` with stage pt) when
+its venv is there: --llamafactory-python, else $LLAMAFACTORY_PYTHON, else .venv-llamafactory/ (built by
+tools/llamafactory_venv.sh; it pins older transformers and datasets than ours, so it cannot share this venv).
+The three sides then take turns in each round, the first one rotating; ours / LLaMA-Factory is reported too.
+
     python bench/peers.py --shape tiny --pairs 5                 # CPU: 2 ranks over gloo, fp32
     python bench/peers.py --shape 25m --pairs 5
     python bench/peers.py --shape 1b --seq-len 2048 --ranks 1 --precision bf16 --pairs 2   # one GPU
 
 Shapes: tiny = the demo's model (2 layers, hidden 64); 25m = hidden 512, 8 layers (25M in the blocks);
 1b = TinyLlama-1.1B's shape (22 layers, hidden 2048, GQA 32/4, vocab 32000). Writes --out (JSON) and prints a
-table: ours / HF per pair, median (range). MFU = PaLM's 6N + attention FLOPs (mellama_train.model) over the
-device's bf16 peak, and over --matmul-tflops when given (a rate measured in the same call: bench/gpu_suite.py).
+table: ours / HF (and ours / LLaMA-Factory) per pair, median (range). MFU = PaLM's 6N + attention FLOPs
+(mellama_train.model) over the device's bf16 peak, and over --matmul-tflops when given (a rate measured in the
+same call: bench/gpu_suite.py).
 """
 
 from __future__ import annotations
@@ -145,10 +151,39 @@ def write_inputs(args: argparse.Namespace, ranks: int, data: Path) -> dict[str, 
     return spec
 
 
-def launched(command: list[str], ranks: int, port: int, env: dict[str, str], log: Path) -> dict[str, Any]:
-    """One side's run under DeepSpeed's launcher: exit status, wall seconds, peak RSS of its largest process."""
+def write_lf_inputs(args: argparse.Namespace, ranks: int, data: Path) -> None:
+    """What LLaMA-Factory reads that HF's side does not: a saved dataset for tokenized_path and a pretrained
+    model directory (random weights with the run's seed, our tokenizer). Written by its venv's python, so that
+    its own (older) datasets and transformers write them."""
+    from mellama_train.config import resolve
+
+    cfg = resolve("tiny", None, [*overrides(args), f"train.world_size={ranks}"], task="pretrain")
+    tokenizer = cfg.model.tokenizer or cfg.model.path
+    cmd = [args.llamafactory_python, "bench/peers_llamafactory.py", "--prepare", "--data", str(data)]
+    done = subprocess.run([*cmd, "--tokenizer", str(tokenizer)], cwd=REPO, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"preparing LLaMA-Factory's inputs failed:\n{done.stderr[-3000:]}")
+
+
+def llamafactory_python(given: str | None) -> str | None:
+    """The LLaMA-Factory venv's python, or None (the side is skipped): --llamafactory-python, else
+    $LLAMAFACTORY_PYTHON, else .venv-llamafactory/bin/python where it exists. An empty value turns it off."""
+    path = given if given is not None else os.environ.get("LLAMAFACTORY_PYTHON")
+    if path is None:
+        default = REPO / ".venv-llamafactory" / "bin" / "python"
+        path = str(default) if default.exists() else ""
+    if path and not Path(path).exists():
+        sys.exit(f"LLaMA-Factory's python {path} does not exist (tools/llamafactory_venv.sh builds one)")
+    return path or None
+
+
+def launched(
+    command: list[str], ranks: int, port: int, env: dict[str, str], log: Path, python: str = sys.executable
+) -> dict[str, Any]:
+    """One side's run under DeepSpeed's launcher (python's: the ranks run with the launcher's interpreter):
+    exit status, wall seconds, peak RSS of its largest process."""
     launcher = [
-        sys.executable,
+        python,
         "-m",
         "deepspeed.launcher.runner",
         f"--num_gpus={ranks}",
@@ -204,15 +239,13 @@ def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
     return result
 
 
-def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
-    out = fresh(work / "hf")
-    cmd = ["bench/peers_hf.py", "--data", str(work / "data"), "--ds", args.ds, "--out", str(out)]
-    result = launched(cmd, ranks, port, env, work / "hf.log")
-    got = json.loads((out / "hf_result.json").read_text())
+def peer_result(args, spec, work: Path, out: Path, side: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A peer side's own record (SIDE_result.json, SIDE_rows_rankR.json) read into its run's result."""
+    got = json.loads((out / f"{side}_result.json").read_text())
     times = {int(k): v for k, v in got["times"].items()}
     losses = {int(k): v for k, v in got["losses"].items()}
     want = json.loads((work / "data" / "rows.json").read_text())
-    handed = [json.loads((out / f"hf_rows_rank{r}.json").read_text()) for r in range(len(want))]
+    handed = [json.loads((out / f"{side}_rows_rank{r}.json").read_text()) for r in range(len(want))]
     # A prefix: accelerate's loader may fetch one batch past the last step.
     result.update(
         tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
@@ -221,6 +254,37 @@ def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
         same_sequences=all(h[: len(w)] == w for h, w in zip(handed, want)),
     )
     return result
+
+
+def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
+    out = fresh(work / "hf")
+    cmd = ["bench/peers_hf.py", "--data", str(work / "data"), "--ds", args.ds, "--out", str(out)]
+    return peer_result(args, spec, work, out, "hf", launched(cmd, ranks, port, env, work / "hf.log"))
+
+
+def run_lf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
+    out = fresh(work / "lf")
+    cmd = ["bench/peers_llamafactory.py", "--data", str(work / "data"), "--ds", args.ds, "--out", str(out)]
+    # DeepSpeed's JIT-built ops (CPU Adam, shared-memory comm) go in a directory of their own: built against
+    # the other venv's paths, ninja would rebuild them over ours at every turn (100 s each on 2 cores).
+    ext = (
+        Path(env.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions") / "llamafactory"
+    )
+    env = {**env, "TORCH_EXTENSIONS_DIR": str(ext)}
+    result = launched(cmd, ranks, port, env, work / "lf.log", python=args.llamafactory_python)
+    return peer_result(args, spec, work, out, "lf", result)
+
+
+def hide_mlflow(work: Path, env: dict[str, str]) -> None:
+    """Every side's `import deepspeed` imports mlflow when it is installed (DeepSpeed's autotuner: ~160 MB and
+    ~0.8 s a rank here). Ours keeps it out (backends/deepspeed/load); the peers would pay it only because this
+    venv has the [mlflow] extra. A stand-in that fails to import, first on every side's path, makes them equal."""
+    stub = work / "hidden" / "mlflow"
+    stub.mkdir(parents=True, exist_ok=True)
+    (stub / "__init__.py").write_text(
+        'raise ImportError("hidden by bench/peers.py: no side reports to MLflow")\n'
+    )
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(stub.parent), env.get("PYTHONPATH")]))
 
 
 def peak_flops() -> tuple[float | None, str]:
@@ -259,7 +323,16 @@ def main() -> int:
         "--keep-checkpoints", action="store_true", help="keep our last run's checkpoints and final/"
     )
     p.add_argument("--out", type=Path, default=None, help="results JSON")
+    p.add_argument(
+        "--llamafactory-python",
+        default=None,
+        help="LLaMA-Factory's venv python, the third side (default: $LLAMAFACTORY_PYTHON, else "
+        ".venv-llamafactory/bin/python if it exists; '' turns it off)",
+    )
     args = p.parse_args()
+    args.llamafactory_python = llamafactory_python(args.llamafactory_python)
+    if not args.llamafactory_python:
+        print("LLaMA-Factory side skipped (its venv: tools/llamafactory_venv.sh, or --llamafactory-python)")
     import torch
 
     gpus = torch.cuda.device_count()
@@ -270,14 +343,21 @@ def main() -> int:
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mellama-peers-"))
+    hide_mlflow(work, env)
     spec = write_inputs(args, ranks, work / "data")
+    sides = [("ours", run_ours), ("hf", run_hf)]
+    if args.llamafactory_python:
+        write_lf_inputs(args, ranks, work / "data")
+        sides.append(("lf", run_lf))
     peak, device = peak_flops()
     runs: list[dict[str, Any]] = []
     for pair in range(args.pairs):
-        sides = [("ours", run_ours), ("hf", run_hf)]
         row: dict[str, Any] = {}
-        for name, side in sides if pair % 2 == 0 else sides[::-1]:
-            row[name] = side(args, spec, ranks, 29700 + 2 * pair + (name == "hf"), env, work)
+        # Each round starts with the next side (with two: ours first, then HF first, ...); a port per run.
+        turn = pair % len(sides)
+        for name, side in sides[turn:] + sides[:turn]:
+            port = 29700 + len(sides) * pair + [n for n, _ in sides].index(name)
+            row[name] = side(args, spec, ranks, port, env, work)
             if args.out:  # after every run: a kill (a device call's time limit) keeps the runs so far
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"partial": True, "runs": [*runs, row]}, indent=2) + "\n")
@@ -288,20 +368,24 @@ def main() -> int:
                 flush=True,
             )
         row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        if "lf" in row:
+            row["ratio_lf"] = row["ours"]["tokens_per_s"] / row["lf"]["tokens_per_s"]
         runs.append(row)
 
     def stat(values: list[float]) -> dict[str, float]:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
     summary: dict[str, Any] = {"ratio_ours_over_hf": stat([r["ratio"] for r in runs])}
-    for name in ("ours", "hf"):
+    if args.llamafactory_python:
+        summary["ratio_ours_over_lf"] = stat([r["ratio_lf"] for r in runs])
+    for name, _ in sides:
         rate = statistics.median(r[name]["tokens_per_s"] for r in runs)
         summary[name] = {
             "tokens_per_s": rate,
             "wall_s": statistics.median(r[name]["wall_s"] for r in runs),
             "peak_rss_mib": max(r[name]["peak_rss_mib"] for r in runs),
             "final_loss": runs[-1][name]["final_loss"],
-            **({"same_sequences": all(r["hf"]["same_sequences"] for r in runs)} if name == "hf" else {}),
+            **({"same_sequences": all(r[name]["same_sequences"] for r in runs)} if name != "ours" else {}),
             "gpu_peak_gib": runs[-1][name]["gpu_peak_gib"],
             # Per device: every rank trains tokens_per_s / ranks of them.
             "mfu": rate * spec["flops_per_token"] / (peak * ranks) if peak else None,
@@ -326,6 +410,9 @@ def main() -> int:
         "summary": summary,
         "runs": runs,
     }
+    if args.llamafactory_python:
+        lf = json.loads((work / "lf" / "lf_result.json").read_text())
+        result["llamafactory"] = {"python": args.llamafactory_python, "versions": lf["versions"]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
@@ -335,6 +422,13 @@ def main() -> int:
         f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) over {len(runs)} pairs; peak RSS ours "
         f"{summary['ours']['peak_rss_mib']:.0f} MiB, HF {summary['hf']['peak_rss_mib']:.0f} MiB"
     )
+    if args.llamafactory_python:
+        r, lf = summary["ratio_ours_over_lf"], summary["lf"]
+        print(
+            f"ours / LLaMA-Factory tokens/s median {r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}); "
+            f"peak RSS LLaMA-Factory {lf['peak_rss_mib']:.0f} MiB, final loss {lf['final_loss']:.4f} "
+            f"(ours {summary['ours']['final_loss']:.4f}), same sequences: {lf['same_sequences']}"
+        )
     return 0
 
 

@@ -89,16 +89,11 @@ def share_cpu_ranks(targs: TrainingArguments) -> None:
     targs.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=targs.hf_deepspeed_config)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--ds", required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--local_rank", type=int, default=-1)  # DeepSpeed's launcher passes it
-    args = p.parse_args()
-    spec = json.loads((args.data / "spec.json").read_text())
-    settings = dict(
-        output_dir=str(args.out),
+def training_arguments(spec: dict, ds: str, out: Path) -> dict:
+    """The TrainingArguments both peers (HF's run_clm recipe, LLaMA-Factory) share: the batch, optimizer,
+    schedule, precision and ZeRO JSON of spec.json, no saving, no reporting, in-process data loading."""
+    return dict(
+        output_dir=str(out),
         per_device_train_batch_size=spec["micro_batch_size"],
         gradient_accumulation_steps=spec["grad_accum_steps"],
         max_steps=spec["steps"],
@@ -112,15 +107,28 @@ def main() -> None:
         weight_decay=spec["weight_decay"],
         max_grad_norm=spec["grad_clip"],
         bf16=spec["precision"] == "bf16",
-        deepspeed=args.ds,
-        gradient_checkpointing=spec["gradient_checkpointing"],
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        deepspeed=ds,
         logging_steps=spec["log_every"],
         save_strategy="no",
         report_to="none",
         dataloader_num_workers=0,
         seed=spec["seed"],
         disable_tqdm=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--ds", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--local_rank", type=int, default=-1)  # DeepSpeed's launcher passes it
+    args = p.parse_args()
+    spec = json.loads((args.data / "spec.json").read_text())
+    settings = training_arguments(spec, args.ds, args.out)
+    settings.update(
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     targs = TrainingArguments(**settings)
     if not torch.cuda.is_available():

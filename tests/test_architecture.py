@@ -22,6 +22,7 @@ LOOP = [
     "evaluation",
     "export.final",
     "lora",
+    "feed",
 ]
 # What data/ may never import (top-level names): the loop's side, the backends, the guard, the exports.
 BACKEND_SIDE = {"train", "step", "accounting", "checkpointing", "startup", "checkpoint", "lora", "export"}

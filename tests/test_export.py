@@ -231,3 +231,56 @@ def test_outputs_follow_the_umask_so_colleagues_can_read_them(run_dir, tmp_path)
     proc = subprocess.run(["bash", "-c", command], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert modes(out) == {"files": {"0o664"}, "dirs": {"0o775"}}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_final_is_written_shard_by_shard_and_loads_as_save_pretrained_writes_it(tmp_path, tied):
+    """final/ without the whole state dict on rank 0: planned from the shapes, each shard gathered and written in
+    turn. The result loads to the same weights and config as save_pretrained's, in one file or in shards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mellama_train.backends.single import SingleDeviceBackend
+    from mellama_train.export.final import write_hf_model
+    from mellama_train.sample_data import TOKENIZER_DIR
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=tied,
+    )
+    model = LlamaForCausalLM(config)
+    reference = tmp_path / "reference"
+    model.save_pretrained(reference)  # the inference default, use_cache=True
+    model.config.use_cache = False  # as in training
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.0}]
+    eng = SingleDeviceBackend(
+        model,
+        groups,
+        lambda s: 1.0,
+        optimizer="adamw",
+        lr=1e-3,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        grad_clip=1.0,
+        accum_steps=1,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    for name, size in (("one", "5GB"), ("sharded", "200KB")):
+        out = tmp_path / name
+        write_hf_model(eng, tokenizer, out, True, run_dir=tmp_path, max_shard_size=size)
+        shards = sorted(p.name for p in out.glob("*.safetensors"))
+        assert (len(shards) > 1) == (name == "sharded"), shards
+        assert (out / "model.safetensors.index.json").is_file() == (name == "sharded")
+        got = AutoModelForCausalLM.from_pretrained(out)
+        want = AutoModelForCausalLM.from_pretrained(reference)
+        assert got.state_dict().keys() == want.state_dict().keys()
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in want.state_dict().items())
+        mine, theirs = (json.loads((d / "config.json").read_text()) for d in (out, reference))
+        assert mine == theirs
+        assert (out / "generation_config.json").is_file() and (out / "tokenizer_config.json").is_file()
+    assert model.config.use_cache is False  # the training model's config is left as it was

@@ -121,8 +121,9 @@ def test_tuning_a_hub_id_base_keeps_the_id_in_the_adapter_and_merge_finds_it(tmp
         ({}, "is missing or null"),
         ({"base_model_name_or_path": "  "}, "is empty"),
         ({"base_model_name_or_path": "/models/a\nb"}, "holds a control character"),
+        ({"base_model_name_or_path": "/models/\u202eb"}, "holds a control character"),
     ],
-    ids=["number", "array", "object", "boolean", "null", "missing", "blank", "newline"],
+    ids=["number", "array", "object", "boolean", "null", "missing", "blank", "newline", "bidi"],
 )
 def test_merge_with_an_adapter_naming_no_usable_base_is_one_line_naming_the_file_field_and_fix(
     tmp_path, capsys, field, shown
@@ -154,3 +155,12 @@ def test_merge_with_an_adapter_config_that_is_no_json_object_is_one_line(tmp_pat
     assert main(["merge", "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 2
     line = one_line(capsys.readouterr().err)
     assert line == f"error: {config} is not a JSON object; pass the adapter directory PEFT wrote"
+
+
+def test_merge_with_an_empty_base_flag_is_one_line(tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    assert main(["merge", "--adapter", str(adapter), "--base", " ", "--out", str(tmp_path / "m")]) == 2
+    assert one_line(capsys.readouterr().err) == (
+        "error: --base is empty; pass the base model's directory or Hub id"
+    )

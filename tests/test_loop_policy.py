@@ -113,8 +113,15 @@ class FakeBackend:
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return self._module.state_dict()
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._module.state_dict()
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            n: torch.empty(w.shape, dtype=w.dtype, device="meta")
+            for n, w in self._module.state_dict().items()
+        }
+
+    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor]:
+        weights = self._module.state_dict()
+        return {n: weights[n].clone() for n in names}
 
 
 class Script:
@@ -194,7 +201,9 @@ def test_divergence_stops_after_saving_the_last_good_weights(monkeypatch, tmp_pa
     assert not (tmp_path / "run" / "final").exists()
 
 
-def test_a_stop_signal_saves_and_stops_after_the_next_step_then_the_run_resumes_there(monkeypatch, tmp_path):
+def test_a_stop_signal_saves_and_stops_at_the_end_of_its_step_then_the_run_resumes_there(
+    monkeypatch, tmp_path
+):
     def signal_in_step_2(step: int) -> None:
         if step == 2 and not fired:
             fired.append(step)
@@ -204,14 +213,15 @@ def test_a_stop_signal_saves_and_stops_after_the_next_step_then_the_run_resumes_
     script = Script(on_forward=signal_in_step_2)
     with pytest.raises(Preempted) as caught:
         run(monkeypatch, tmp_path / "run", script, "train.save_every=10")
-    # Step 2's stop vote was counted before its forwards: every rank learns of it in step 3's first collective.
-    assert caught.value.step == 3 and caught.value.reason == "SIGTERM"
-    assert script.saves == [3] and steps_kept(tmp_path / "run") == [3]
+    # The signal came during step 2's forward; the stop votes travel in the step's one collective, after its
+    # last forward: every rank stops at the end of step 2.
+    assert caught.value.step == 2 and caught.value.reason == "SIGTERM"
+    assert script.saves == [2] and steps_kept(tmp_path / "run") == [2]
 
     again = Script()
     run(monkeypatch, tmp_path / "run", again, "train.save_every=10")  # resume: auto
-    assert again.saves == [6]  # steps 4..6 only: the run went on from step 3
-    assert steps_kept(tmp_path / "run") == [3, 6]
+    assert again.saves == [6]  # steps 3..6 only: the run went on from step 2
+    assert steps_kept(tmp_path / "run") == [2, 6]
 
 
 def test_forgetting_stops_after_saving_when_asked_and_only_logs_when_not(monkeypatch, tmp_path):
@@ -246,3 +256,39 @@ def test_preflight_turns_tuning_epochs_into_steps_on_a_copy():
     per_step = cfg.train.global_batch_size
     assert checked.config.train.max_steps == math.ceil(2 * checked.examples / per_step)
     assert cfg.train.max_steps is None  # the config given is left as it was
+
+
+def test_tracker_runs_end_finished_stopped_or_failed_even_when_the_start_fails(monkeypatch, tmp_path):
+    """The trackers hear how the run ended: finished, stopped (a signal: to be resumed), or failed, also when the
+    failure comes before the first step (here the step-0 evaluation) or while closing metrics.jsonl fails."""
+    from mellama_train.trackers import Guarded
+
+    ended: list[str] = []
+
+    class Recorder:
+        run_id = "r1"
+
+        def log(self, step, scalars):
+            assert all(type(v) is float for v in scalars.values())
+
+        def close(self, outcome):
+            ended.append(outcome)
+
+    monkeypatch.setattr(train_module, "open_trackers", lambda *a: [Guarded("mlflow", Recorder())])
+    run(monkeypatch, tmp_path / "fine", Script())
+    assert ended == ["finished"]
+
+    def broken_eval(n: int) -> float:
+        raise RuntimeError("the held-out set is gone")
+
+    with pytest.raises(RuntimeError, match="held-out set"):
+        run(monkeypatch, tmp_path / "early", Script(eval_loss=broken_eval), "train.eval_every=2")
+    assert ended == ["finished", "failed"]
+
+    def signal_in_step_2(step: int) -> None:
+        if step == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    with pytest.raises(Preempted):
+        run(monkeypatch, tmp_path / "stopped", Script(on_forward=signal_in_step_2))
+    assert ended == ["finished", "failed", "stopped"]

@@ -291,7 +291,8 @@ def test_a_pretrained_base_whose_license_cannot_be_read_makes_the_license_other(
     if readme is None or "license: " not in readme or "[" in readme:
         assert "- base model license: not given by its card (README.md front matter)" in card
     else:
-        assert "- base model license: " + readme.split("license: ")[1].split("\n")[0] + " (its card's" in card
+        named = readme.split("license: ")[1].split("\n")[0]
+        assert f"- base model license: `{named}` (its card's" in card
 
 
 def _fifo(readme: Path) -> None:  # a plain open waits for a writer forever

@@ -144,6 +144,10 @@ def test_wandb_and_mlflow_get_the_runs_scalars_and_config_and_a_resume_continues
     assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
     # Scalars and config only: no host/argv metadata, package list, code or console output went to W&B.
     uploaded = {p.name for p in (out / "wandb").rglob("*") if p.is_file()}
+    runs = [
+        r.run for f in (out / "wandb").rglob("run-*.wandb") for r in wandb_records(f) if r.HasField("run")
+    ]
+    assert runs and all(r.host == "" for r in runs)  # not this machine's name
     assert not uploaded & {"wandb-metadata.json", "requirements.txt", "output.log", "diff.patch"}, uploaded
 
     from mlflow.tracking import MlflowClient
@@ -332,3 +336,104 @@ def test_a_crash_or_a_stop_reaches_the_trackers_as_the_runs_outcome(tmp_path):
     metrics.close("failed")
     metrics.close("finished")  # a second close (the loop's, after a stop's) changes nothing
     assert seen == ["failed"]
+
+
+@pytest.mark.parametrize(
+    "leak",
+    [
+        '{"api_key": "SEKRET1"}',
+        "{'Authorization': 'Bearer SEKRET1'}",
+        "Authorization: Basic SEKRET1",
+        "access_token=SEKRET1&x=1",
+        "MLFLOW_TRACKING_TOKEN=SEKRET1",
+        "password: SEKRET1",
+        "https://user:SEKRET1@host/api",
+    ],
+)
+def test_redact_masks_credentials_in_the_forms_errors_echo_them(leak):
+    assert "SEKRET1" not in trackers.redact(f"request failed: {leak} (status 401)")
+
+
+def test_a_secret_crossing_the_cut_of_a_warning_is_masked_whole(monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "abcd1234efgh5678")
+    message = trackers._short(RuntimeError("x" * 290 + " key abcd1234efgh5678 refused"))
+    assert "abcd1234" not in message
+
+
+def test_tracker_ids_come_only_from_regular_run_records_of_our_names(tmp_path):
+    import os
+
+    (tmp_path / "run_record.json").write_text(json.dumps({"trackers": {"wandb": "good1", "mlflow": "m\nX"}}))
+    os.mkfifo(tmp_path / "run_record.20261207-050505.json")  # would block a plain read forever
+    (tmp_path / "run_record.20261207-060606.json").symlink_to("/dev/zero")  # would never end
+    (tmp_path / "run_record.zzz.json").write_text(json.dumps({"trackers": {"wandb": "stray"}}))
+    (tmp_path / "run_record.20261207-040404.json").write_text(json.dumps({"trackers": {"wandb": "a/b?c"}}))
+    assert trackers.previous_ids(tmp_path) == {"wandb": "good1"}
+
+
+def test_a_wandb_run_that_cannot_be_continued_starts_a_new_one(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["id"])
+        if kwargs["id"] is not None:
+            raise RuntimeError("run gone1 was deleted")
+        return type("Run", (), {"id": "fresh1", "define_metric": lambda *a, **k: None})()
+
+    monkeypatch.setattr(wandb, "init", init)
+    with caplog.at_level(logging.WARNING):
+        tracker = trackers.WandbTracker(tmp_path, {}, "gone1")
+    assert calls == ["gone1", None] and tracker.run_id == "fresh1"
+    assert "cannot be continued" in caplog.text
+
+
+def test_a_wandb_lacking_a_privacy_setting_is_refused(monkeypatch):
+    class Old:
+        model_fields = {k: None for k in trackers.WANDB_QUIET if k != "x_disable_meta"}
+
+    with pytest.raises(RuntimeError, match="lacks the settings x_disable_meta"):
+        trackers._quiet_settings(Old)
+
+
+def test_a_tracker_whose_close_hangs_is_left_behind_after_the_limit(monkeypatch, caplog):
+    import threading
+
+    release = threading.Event()
+
+    class Hanging:
+        run_id = "h1"
+
+        def close(self, outcome):
+            release.wait(30)
+
+    monkeypatch.setattr(trackers, "CLOSE_SECONDS", 0.2)
+    with caplog.at_level(logging.WARNING):
+        started = time.monotonic()
+        trackers.Guarded("wandb", Hanging()).close("finished")
+    release.set()
+    assert time.monotonic() - started < 5 and "closing did not finish" in caplog.text
+
+
+def test_a_sink_that_fails_to_close_still_closes_the_trackers(tmp_path, caplog):
+    ended = []
+
+    class Recorder:
+        run_id = "r"
+
+        def close(self, outcome):
+            ended.append(outcome)
+
+    metrics = MetricsLogger(
+        tmp_path, True, tensorboard=False, trackers=[trackers.Guarded("mlflow", Recorder())]
+    )
+
+    class BadFile:
+        def close(self):
+            raise OSError("disk gone")
+
+    metrics._jsonl.close()
+    metrics._jsonl = BadFile()
+    with caplog.at_level(logging.WARNING):
+        metrics.close_quietly("failed")
+    assert ended == ["failed"] and "disk gone" in caplog.text

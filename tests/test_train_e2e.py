@@ -210,6 +210,13 @@ def test_two_rank_zero3_resume_reproduces_the_uninterrupted_losses(tmp_path):
     restarted = json.loads((tmp_path / "gathers_resumed.json").read_text())["per_step"]  # steps 5-8
     assert len(fresh) == 8 and len(restarted) == 4
     assert set(fresh[1:]) == set(restarted[1:]) and len(set(fresh[1:])) == 1, (fresh, restarted)
+    # One collective of the loop's own a step, logged steps included (tiny logs every step): the step's
+    # all-reduce carries its loss, the next step's token count, the stop votes and the log window (step.py).
+    # Steps 4 and 8 also save (and 8 evaluates); the first step's loss scale was asked for before step 1.
+    ours = json.loads((tmp_path / "gathers_full.json").read_text())["ours_per_step"]
+    ours_resumed = json.loads((tmp_path / "gathers_resumed.json").read_text())["ours_per_step"]
+    plain_steps = [ours[i] for i in (0, 1, 2, 4, 5, 6)] + [ours_resumed[i] for i in (0, 1, 2)]
+    assert plain_steps == [["all_reduce_sum"]] * 9, (ours, ours_resumed)
 
     # A checkpoint partitioned over 2 ranks exports (DeepSpeed's reader joins the partitions) and verifies.
     from mellama_train.cli import main

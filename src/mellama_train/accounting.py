@@ -12,6 +12,7 @@ import torch
 from mellama_train.backends import Backend, collectives
 from mellama_train.checkpoint import TrainerState
 from mellama_train.data.source import data_counts, reason_counts
+from mellama_train.feed import LedgerCounts
 
 
 @dataclass
@@ -39,39 +40,54 @@ class Window:
         self.processed += processed
 
 
-def window_metrics(
-    window: Window,
-    eng: Backend,
-    data: Any,
-    names: list[str],
-    flops_tok: float,
-    peak_flops: float | None,
-    world_size: int,
-    decontaminating: bool = False,
-) -> dict[str, float]:
-    """One all-reduce of loss sums, token counts and data counters; the only host sync of a logged step."""
-    n = len(names)
-    device = window.sums.device
+def window_part(window: Window, data: Any, processed: int) -> torch.Tensor:
+    """This rank's log-window counters, summed over ranks by the logged step's own collective (step.py): the
+    window's loss sums and counts (its earlier steps; the logged step's own come with the step), tokens and
+    weight units taken by source, truncated examples, tokens run through the model (`processed`, this step's
+    included) and documents by reason. Read before the next step's batches are drawn (feed.py)."""
+    n = len(window.sums)
     truncated = getattr(data, "truncated", None)  # instruction data only
 
     def vector(values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float64, device=device)
+        return torch.tensor(values, dtype=torch.float64, device=window.sums.device)
 
-    local = torch.cat(
+    return torch.cat(
         [
             window.sums,
             window.counts,
             vector(data.mixture.tokens_by_source),
             vector(truncated or [0] * n),
             vector(data.mixture.taken),
-            vector([window.processed]),
+            vector([processed]),
             vector(reason_counts(data.mixture.streams)),
         ]
     )
-    total = collectives.all_reduce_sum(local).tolist()
+
+
+def window_metrics(
+    total: list[float],
+    step_totals: list[float] | None,
+    window: Window,
+    eng: Backend,
+    data: Any,
+    epochs: list[int],
+    flops_tok: float,
+    peak_flops: float | None,
+    world_size: int,
+    decontaminating: bool = False,
+) -> dict[str, float]:
+    """The log line's metrics from window_part summed over ranks (`total`) and, when the logged step was
+    applied, its own per-source loss sums and counts over ranks (`step_totals`). No collective: the numbers
+    came with the step's. `epochs`: epochs started by this (rank 0's) reader, per source."""
+    names = data.source_names
+    n = len(names)
     sums, counts, tokens = total[:n], total[n : 2 * n], total[2 * n : 3 * n]
+    if step_totals is not None:
+        sums = [a + b for a, b in zip(sums, step_totals[:n])]
+        counts = [a + b for a, b in zip(counts, step_totals[n : 2 * n])]
     cut, taken, processed = total[3 * n : 4 * n], total[4 * n : 5 * n], total[5 * n]
     by_reason = data_counts(names, total[5 * n + 1 :])
+    truncated = getattr(data, "truncated", None)
     elapsed = time.perf_counter() - window.started
     tokens_per_sec = processed / max(elapsed, 1e-9)
     values = {"train/tokens_per_sec": tokens_per_sec, "train/tokens": sum(tokens)}
@@ -81,8 +97,8 @@ def window_metrics(
         values["train/grad_norm"] = norm
     if peak_flops:
         values["train/mfu"] = flops_tok * tokens_per_sec / (peak_flops * world_size)
-    if device.type == "cuda":  # this rank's peak since the start (what the memory plan predicts)
-        values["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if window.sums.device.type == "cuda":  # this rank's peak since the start (what the memory plan predicts)
+        values["train/gpu_peak_gib"] = torch.cuda.max_memory_allocated(window.sums.device) / 2**30
     for i, name in enumerate(names):
         if counts[i]:
             values[f"train/loss/{name}"] = sums[i] / counts[i]
@@ -91,20 +107,20 @@ def window_metrics(
             values[f"data/truncated/{name}"] = cut[i]
         if decontaminating:
             values[f"data/decontaminated/{name}"] = by_reason.get(f"data/reasons/{name}/contaminated", 0.0)
-        # Epochs started by this (rank 0's) reader; ranks hold equal shares, so they wrap within a few documents.
-        values[f"data/epochs/{name}"] = data.mixture.streams[i].epochs_completed
+        # Ranks hold equal shares of each source, so their epochs wrap within a few documents of each other.
+        values[f"data/epochs/{name}"] = epochs[i]
     values.update(by_reason)
     values.update(data.mixture.drift_metrics(taken, world_size * data.mixture.max_take))
     return values
 
 
-def record_ledger(state: TrainerState, data: Any, names: list[str], device: torch.device) -> None:
+def record_ledger(state: TrainerState, counts: LedgerCounts, names: list[str], device: torch.device) -> None:
     """The mixture ledger saved with every checkpoint, over all ranks: tokens and weight units (tokens; tune:
     examples) taken per source, summed, and epochs completed per source, the fewest (an epoch counts once every
-    rank has finished it)."""
-    mix, n = data.mixture, len(names)
-    sums = torch.tensor([*mix.tokens_by_source, *mix.taken], dtype=torch.float64, device=device)
-    epochs = torch.tensor([s.epochs_completed for s in mix.streams], dtype=torch.float64, device=device)
+    rank has finished it). `counts`: this rank's, as of the step saved (feed.py)."""
+    n = len(names)
+    sums = torch.tensor([*counts.tokens_by_source, *counts.taken], dtype=torch.float64, device=device)
+    epochs = torch.tensor(counts.epochs, dtype=torch.float64, device=device)
     sums_ = collectives.all_reduce_sum(sums).tolist()
     state.tokens_by_source = {name: int(v) for name, v in zip(names, sums_[:n])}
     state.mixture_taken = {name: int(v) for name, v in zip(names, sums_[n:])}

@@ -20,6 +20,7 @@ from mellama_train.accounting import record_ledger
 from mellama_train.backends import Backend
 from mellama_train.config import TrainConfig
 from mellama_train.evaluation import Forgetting, ForgettingMonitor
+from mellama_train.feed import StepFeed
 from mellama_train.guard import Diverged, StepGuard
 from mellama_train.preemption import Preempted, StopFlag
 
@@ -72,7 +73,7 @@ class CheckpointManager:
         checkpoints_dir: Path,
         t: TrainConfig,
         guard: StepGuard,
-        data: Any,
+        data: StepFeed,
         names: list[str],
         meta: Callable[[], Callable[[Path], None] | None],
         cfg: Any,
@@ -88,7 +89,7 @@ class CheckpointManager:
         env = self.backend.env
         state.guard = self.guard.state_dict()
         # Small collectives per save: the mixture ledger, and rank 0's free-disk verdict.
-        record_ledger(state, self.data, self.names, env.device)
+        record_ledger(state, self.data.counts, self.names, env.device)
         disk_space.ensure_room(self.dir, self.cfg, env.is_main)
         return checkpoint.save(
             self.backend, self.dir, state, self.data.state_dict(), env.rank, self.t.keep_last, self.meta()

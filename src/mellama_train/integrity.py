@@ -252,6 +252,34 @@ def atomic_write(path: Path, text: str) -> FileDigest:
     return bytes_digest(data)
 
 
+def read_capped(path: Path | str, limit: int, truncate: bool = False) -> bytes | None:
+    """A file read back untrusted: its bytes if it is a regular file of at most `limit` bytes (with `truncate`,
+    its first `limit` bytes whatever its size); None for anything else (missing, unreadable, a directory, a
+    FIFO that would block the reader forever, a device such as /dev/zero that never ends, or too large).
+    Checked with stat before it is opened (opening some devices acts: a tape rewinds), opened non-blocking,
+    and checked again on the descriptor (a file swapped meanwhile)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or (info.st_size > limit and not truncate):
+            return None
+        chunks, left = [], limit + (0 if truncate else 1)  # one byte more: a file that grew past the limit
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+        data = b"".join(chunks)
+        return None if len(data) > limit else data
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def umask() -> int:
     """The process's umask, read without changing it (os.umask sets one to read it: another thread creating a
     file meanwhile would get the wrong mode). /proc has it since Linux 4.7; elsewhere, the set-and-restore."""
@@ -388,12 +416,17 @@ def follow_umask(root: Path, keep: Snapshot | None = None, include_root: bool = 
         return None
 
     def visit(entry: os.DirEntry[str], parent: int) -> int | None:
-        # Pre-sorted by the directory's own type field (no open): a device is never opened, as opening a tape
-        # drive rewinds it. set_mode checks the type again on the descriptor, in case of a swap meanwhile.
+        # Sorted by lstat first (no open): a device is never opened, as opening a tape drive rewinds it, and a
+        # file of the snapshot is not even opened (an existing tree of the user's costs no open per file).
+        # set_mode checks the type again on the descriptor, in case of a swap meanwhile.
         try:
-            if not (entry.is_file(follow_symlinks=False) or entry.is_dir(follow_symlinks=False)):
-                return None
+            info = entry.stat(follow_symlinks=False)
         except OSError:
+            return None
+        if stat.S_ISREG(info.st_mode):
+            if (info.st_dev, info.st_ino, info.st_ctime_ns) in keep:
+                return None
+        elif not stat.S_ISDIR(info.st_mode):
             return None
         return set_mode(entry.name, parent)
 

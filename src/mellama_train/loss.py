@@ -25,13 +25,18 @@ def causal_lm_loss(
     """Sum of next-token losses, plus per-source loss sums and token counts (detached) for logging.
 
     Shapes: B batch, T sequence, V vocabulary. Token t predicts token t+1; the target's source is its own.
-    The cross-entropy runs in fp32: bf16 log-softmax over 32k classes loses the precision the loss needs.
+    The labels are shifted, not the logits: `logits[:, :-1]` is not contiguous, so flattening it copies the
+    whole [B, T, V] tensor, and its backward writes another of zeros (at a 32k vocabulary and 2048 tokens, two
+    256 MB copies a micro-batch); the last position gets an ignored target instead. The cross-entropy runs in
+    fp32: bf16 log-softmax over 32k classes loses the precision the loss needs.
     """
-    logits = logits_BTV[:, :-1].float().flatten(0, 1)
-    targets = labels_BT[:, 1:].flatten()
-    per_token = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    valid = targets != IGNORE_INDEX
-    sums, counts = _per_source(per_token[valid], source_ids_BT[:, 1:].flatten()[valid], num_sources)
+    logits = logits_BTV.flatten(0, 1).float()  # a view when the logits are fp32 already
+    targets = F.pad(labels_BT[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()
+    per_token = F.cross_entropy(
+        logits, targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # 0 where ignored
+    sources = F.pad(source_ids_BT[:, 1:], (0, 1)).flatten()
+    sums, counts = _per_source(per_token, sources, targets != IGNORE_INDEX, num_sources)
     return per_token.sum(), sums, counts
 
 
@@ -41,13 +46,16 @@ def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _per_source(
-    per_token: torch.Tensor, sources: torch.Tensor, num_sources: int
+    per_token: torch.Tensor, sources: torch.Tensor, valid: torch.Tensor | None, num_sources: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss sums and labelled-token counts by source. `valid`: which positions count (None: all); an ignored
+    position's loss is 0 already, so it is added without a boolean-indexed copy."""
     with torch.no_grad():
         sums = torch.zeros(num_sources, dtype=torch.float64, device=per_token.device)
         counts = torch.zeros(num_sources, dtype=torch.float64, device=per_token.device)
         sums.index_add_(0, sources, per_token.double())
-        counts.index_add_(0, sources, torch.ones_like(per_token, dtype=torch.float64))
+        weights = valid.double() if valid is not None else torch.ones_like(per_token, dtype=torch.float64)
+        counts.index_add_(0, sources, weights)
     return sums, counts
 
 
@@ -80,7 +88,7 @@ def chunked_causal_lm_loss(
         for i in range(0, hidden.shape[0], chunk_tokens)
     ]
     per_token = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    sums, counts = _per_source(per_token, sources, num_sources)
+    sums, counts = _per_source(per_token, sources, None, num_sources)
     return per_token.sum(), sums, counts
 
 

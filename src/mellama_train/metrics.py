@@ -7,11 +7,14 @@ Only numbers pass through here: decoded training text never reaches a metric, a 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class MetricsLogger:
@@ -47,20 +50,34 @@ class MetricsLogger:
             for key, value in clean.items():
                 self._tb.add_scalar(key, value, step)
             self._tb.flush()
+        # Floats only: MLflow refuses a bool (one would drop the tracker for the rest of the run).
+        scalars = {k: float(v) for k, v in clean.items()}
         for tracker in self._trackers:
-            tracker.log(step, clean)
+            tracker.log(step, scalars)
 
     def close(self, outcome: str = "finished") -> None:
-        """Flush and close every sink; `outcome` (finished, stopped, failed) is how trackers mark the run. A
-        second close does nothing."""
-        if self._jsonl:
-            self._jsonl.close()
-        if self._tb:
-            self._tb.close()
-        for tracker in self._trackers:
+        """Flush and close every sink, each whatever the others do; `outcome` (finished, stopped, failed) is how
+        trackers mark the run. A second close does nothing. Raises the first sink's error, after all closed."""
+        sinks, self._jsonl, self._tb = [self._jsonl, self._tb], None, None
+        trackers, self._trackers = self._trackers, []
+        errors = []
+        for sink in sinks:
+            try:
+                if sink:
+                    sink.close()
+            except Exception as exc:  # noqa: BLE001 - the trackers still close
+                errors.append(exc)
+        for tracker in trackers:  # Guarded: never raises, and gives up on a close that hangs
             tracker.close(outcome)
-        self._jsonl = self._tb = None
-        self._trackers = []
+        if errors:
+            raise errors[0]
+
+    def close_quietly(self, outcome: str) -> None:
+        """close() while another error is on its way out: a sink that fails to close is logged, not raised."""
+        try:
+            self.close(outcome)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("closing the metrics sinks failed (%s: %s)", type(exc).__name__, exc)
 
 
 def _ends_with_newline(path: Path) -> bool:

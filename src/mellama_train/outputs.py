@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mellama_train.config import Config
-from mellama_train.integrity import atomic_write
+from mellama_train.integrity import atomic_write, read_capped
 
 PACKAGES = (
     "torch",
@@ -112,13 +112,20 @@ def source_licenses(cfg: Config) -> dict[str, str | None]:
     return {src.name: src.license for src in cfg.data.sources}
 
 
+RECORD_BYTES = 64 * 2**20
+"""The largest run record read back: the config and the data manifest, megabytes at most."""
+
+
 def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
     """The record of the run directory's newest start (a resumed start adds run_record.<time>.json); records
     that cannot be read (not written by this trainer, or damaged) are passed over. A record returned is a JSON
     object whose `config` is one that config_changes can compare."""
     for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
+        data = read_capped(path, RECORD_BYTES)  # a FIFO or a link to /dev/zero there is no record
+        if data is None:
+            continue
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(data)
             if isinstance(record, dict) and isinstance(record.get("config"), dict):
                 flatten_config(
                     record["config"]

@@ -1,36 +1,66 @@
 """One training step: every micro-batch's forward and backward, then the optimizer step inside the backend.
 
-Two small collectives a step, both left on the device: before the forwards, the global count of labelled tokens
-(the loss scale) with the ranks' stop votes; after the last forward, the step's global loss, which the guard
-judges before the last backward (guard.py). The loop reads them on the host once, after the step's work is
-queued.
+One small collective a step, left on the device: after the last forward, one all-reduce carries the step's
+per-source loss sums and token counts (the global loss, which the guard judges before the last backward:
+guard.py), the next step's labelled-token count (its loss scale: feed.py draws each step's batches the step
+before), the ranks' stop votes and, on a logged step, the log window's counters (accounting.py). At 512 ranks
+each small all-reduce is a latency-bound round trip on every step, so everything the step needs from its peers
+travels together. The loop reads the result on the host once, after the step's work is queued.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from mellama_train.backends import Backend, collectives
 from mellama_train.guard import StepGuard
-from mellama_train.loss import labelled_tokens
+
+# The layout of the step's all-reduce, after the 2 * num_sources loss sums and counts.
+NEXT_TOKENS, STOP_VOTES, EXTRA = 0, 1, 2
+
+
+@dataclass
+class StepResult:
+    """A step's numbers, on the device until the loop reads `reduced` once."""
+
+    sums: torch.Tensor
+    """This rank's per-source loss sums (float64)."""
+    counts: torch.Tensor
+    """This rank's per-source labelled-token counts."""
+    reduced: torch.Tensor
+    """The all-reduce over ranks: per-source loss sums, per-source counts, then the ranks' own part (below)."""
+    num_sources: int
+
+    def loss(self, values: list[float]) -> float:
+        """The step's global loss, from `reduced` read on the host."""
+        n = self.num_sources
+        return sum(values[:n]) / max(sum(values[n : 2 * n]), 1.0)
+
+    def tail(self, values: list[float]) -> list[float]:
+        """What the loop added: [next step's labelled tokens, stop votes, then its log window's counters]."""
+        return values[2 * self.num_sources :]
 
 
 def train_step(
     backend: Backend,
     micro_batches: list[dict[str, torch.Tensor]],
+    scale: torch.Tensor,
     guard: StepGuard,
-    stop_requested: bool,
     num_sources: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ranks_part: Callable[[], torch.Tensor],
+) -> StepResult:
     """Forward and backward every micro-batch; the optimizer steps inside the last `backend.step()`.
 
-    Returns this rank's per-source loss sums and token counts, the step's global loss and the ranks' stop votes,
-    all still on the device."""
+    `scale`: this step's loss scale (loss_scale()). `ranks_part()` is called once the last forward is queued
+    (the device computes while the host draws the next step's batches): this rank's float64 vector of
+    [next step's labelled tokens, stop vote, log counters...], summed over ranks in the step's one collective."""
     env = backend.env
-    scale, stop_votes = step_reduce(micro_batches, env.world_size, env.device, stop_requested)
     sums = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
     counts = torch.zeros_like(sums)
-    step_loss = sums.new_zeros(())
+    reduced = sums
     for i, batch in enumerate(micro_batches):
         loss_sum, batch_sums, batch_counts = backend.forward_loss(batch, num_sources)
         sums += batch_sums
@@ -39,30 +69,25 @@ def train_step(
         if i == len(micro_batches) - 1:
             # The step's loss is known once its last forward is done. For a step the guard rejects, this last
             # backward is multiplied by NaN on every rank, so the backend discards the whole step (guard.py).
-            step_loss = global_step_loss(sums, counts)
+            reduced = collectives.all_reduce_sum(torch.cat([sums, counts, ranks_part().to(sums.device)]))
+            step_loss = reduced[:num_sources].sum() / reduced[num_sources : 2 * num_sources].sum().clamp(
+                min=1.0
+            )
             factor = scale * guard.backward_factor(step_loss)
         backend.backward(loss_sum * factor.to(loss_sum.dtype))
         backend.step()  # optimizer + lr schedule step only on the last micro-batch
-    return sums, counts, step_loss, stop_votes
+    return StepResult(sums, counts, reduced, num_sources)
 
 
-def step_reduce(
-    micro_batches: list[dict[str, torch.Tensor]], world_size: int, device: torch.device, stop_requested: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's first collective, before its forward passes: (loss scale, ranks that asked to stop).
-
-    The scale turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py): the backend
-    divides each backward by the accumulation steps and averages gradients over ranks. The stop count rides
-    along so every rank learns of a peer's stop signal without another collective."""
-    local = torch.tensor(
-        [float(sum(labelled_tokens(b) for b in micro_batches)), float(stop_requested)], device=device
-    )
-    total = collectives.all_reduce_sum(local)
-    return (len(micro_batches) * world_size) / total[:1].clamp(min=1.0), total[1]
+def loss_scale(global_tokens: torch.Tensor | float, grad_accum: int, world_size: int) -> torch.Tensor:
+    """The factor that turns a micro-batch's loss SUM into its share of the global-batch token mean (loss.py):
+    the backend divides each backward by the accumulation steps and averages gradients over ranks."""
+    total = torch.as_tensor(global_tokens, dtype=torch.float64)
+    return (grad_accum * world_size) / total.clamp(min=1.0)
 
 
-def global_step_loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """The step's loss over the whole global batch: one all-reduce of two numbers, on the device (no host
-    sync). A non-finite loss on any rank makes it non-finite on every rank."""
-    total = collectives.all_reduce_sum(torch.stack([sums.sum(), counts.sum()]))
-    return total[0] / total[1].clamp(min=1.0)
+def first_scale(local_tokens: float, grad_accum: int, world_size: int, device: torch.device) -> torch.Tensor:
+    """The loss scale of a start's first step: the one collective outside a step (later steps' token counts
+    ride on the step before)."""
+    total = collectives.all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64, device=device))
+    return loss_scale(total[0], grad_accum, world_size)

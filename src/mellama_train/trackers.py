@@ -17,11 +17,13 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from .outputs import flatten_config
+from .integrity import read_capped
+from .outputs import RECORD_BYTES, flatten_config
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +67,28 @@ def config_problems(report_to: list[str]) -> list[str]:
 
 
 _SECRET_IN_URL = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]+@")
-_SECRET_PARAM = re.compile(r"(?i)\b(token|api[_-]?key|password|secret|authorization)([=:]\s*)(bearer\s+)?\S+")
+_SECRET_FIELD = re.compile(
+    r"""(?ix)(?<![a-z])(token|api[_-]?key|password|passwd|secret|authorization)  # the field, also in x_token
+    (["']?\s*[=:]\s*["']?)                                                    # = or : maybe quoted (JSON)
+    (?:(?:bearer|basic|token)\s+)?                                              # an auth scheme
+    [^\s"',}]+"""
+)
+SECRET_ENV = ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "DATABRICKS_TOKEN")
 
 
 def redact(text: str) -> str:
     """An error message with what could be a credential masked: the values of the trackers' secret environment
-    variables, a URL's user:password@, and token=/api_key=/password= values (errors often echo the request)."""
-    for name in ("WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+    variables, a URL's user:password@, and token=/api_key=/password=/Authorization: values, quoted or not
+    (errors often echo the request)."""
+    for name in SECRET_ENV:
         if (secret := os.environ.get(name)) and len(secret) >= 4:
             text = text.replace(secret, "***")
-    return _SECRET_PARAM.sub(r"\1\2***", _SECRET_IN_URL.sub(r"\1***@", text))
+    return _SECRET_FIELD.sub(r"\1\2***", _SECRET_IN_URL.sub(r"\1***@", text))
 
 
 # Nothing but the scalars and the config: no console capture, code, git state, system stats, package list,
-# host/user/argv metadata or machine info. The x_ settings come and go between wandb releases (`_known`).
+# host/user/argv metadata or machine info, and neither the host name nor the program path with the run. W&B
+# still adds its own telemetry to the run's config (`_wandb`: Python and wandb versions, frameworks imported).
 WANDB_QUIET = {
     "console": "off",
     "save_code": False,
@@ -87,13 +97,22 @@ WANDB_QUIET = {
     "x_disable_meta": True,
     "x_disable_machine_info": True,
     "x_save_requirements": False,
+    "host": "",
+    "program": PROJECT,
 }
 
 
-def _known(settings_class: Any, wanted: dict[str, Any]) -> dict[str, Any]:
-    """The settings this wandb version has."""
+def _quiet_settings(settings_class: Any) -> dict[str, Any]:
+    """WANDB_QUIET, refused whole on a wandb that lacks one of them: a privacy setting silently dropped would
+    upload what it keeps back."""
     fields = getattr(settings_class, "model_fields", None)
-    return {k: v for k, v in wanted.items() if fields is None or k in fields}
+    missing = [k for k in WANDB_QUIET if fields is not None and k not in fields]
+    if missing:
+        raise RuntimeError(
+            f"this wandb lacks the settings {', '.join(missing)} that keep host and code data back;"
+            " pip install -U 'mellama-train[wandb]'"
+        )
+    return dict(WANDB_QUIET)
 
 
 class WandbTracker:
@@ -105,15 +124,28 @@ class WandbTracker:
             # Online without a key, wandb asks for one on the terminal (a batch job waits forever) or reads
             # ~/.netrc; secrets come from the environment only.
             raise RuntimeError("online W&B needs WANDB_API_KEY in the environment (or WANDB_MODE=offline)")
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", PROJECT),
-            name=run_dir.name,
-            id=run_id,  # None: W&B makes one, kept in the run record for the next start
-            resume="allow",  # the same id continues the same run (a resume), else starts it
-            config=config,
-            dir=str(run_dir),  # its files under <run>/wandb/, beside the run's own
-            settings=wandb.Settings(**_known(wandb.Settings, WANDB_QUIET)),
-        )
+        settings = wandb.Settings(**_quiet_settings(wandb.Settings))
+
+        def start(run_id: str | None) -> Any:
+            return wandb.init(
+                project=os.environ.get("WANDB_PROJECT", PROJECT),
+                name=run_dir.name,
+                id=run_id,  # None: W&B makes one, kept in the run record for the next start
+                resume="allow",  # the same id continues the same run (a resume), else starts it
+                config=config,
+                dir=str(run_dir),  # its files under <run>/wandb/, beside the run's own
+                settings=settings,
+            )
+
+        try:
+            self.run = start(run_id)
+        except Exception as exc:  # noqa: BLE001 - deleted on the server, say: a new run, said so
+            if run_id is None:
+                raise
+            log.warning(
+                "wandb: the earlier run %s cannot be continued (%s); starting a new one", run_id, _short(exc)
+            )
+            self.run = start(None)
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("*", step_metric=STEP_METRIC)
         self.run_id = self.run.id
@@ -150,7 +182,7 @@ class MlflowTracker:
                 log.warning(
                     "mlflow: the earlier run %s cannot be continued (%s); starting a new one",
                     run_id,
-                    redact(str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__),
+                    _short(exc),
                 )
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", PROJECT)
         experiment = self.client.get_experiment_by_name(name)
@@ -189,8 +221,13 @@ FACTORIES = {"wandb": WandbTracker, "mlflow": MlflowTracker}
 
 
 def _short(exc: BaseException) -> str:
-    first = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return redact(f"{type(exc).__name__}: {first}" if first else type(exc).__name__)
+    """An error in one line for a warning: masked first (a secret cut in two would no longer be recognised)."""
+    text = redact(str(exc))
+    first = text.splitlines()[0][:300] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+CLOSE_SECONDS = 60
 
 
 class Guarded:
@@ -221,27 +258,63 @@ class Guarded:
                 self._drop("logging", exc)
 
     def close(self, outcome: str = "finished") -> None:
-        if self.tracker:
+        """Close within CLOSE_SECONDS: W&B's finish can wait on an unreachable server for a long time, and a run
+        that has written everything must not hang on it (nor a second Ctrl-C lose the error that ended it)."""
+        tracker, self.tracker = self.tracker, None
+        if tracker is None:
+            return
+        failed: list[Exception] = []
+
+        def close() -> None:
             try:
-                self.tracker.close(outcome)
+                tracker.close(outcome)
             except Exception as exc:  # noqa: BLE001
-                self._drop("closing", exc)
-            self.tracker = None
+                failed.append(exc)
+
+        closing = threading.Thread(target=close, name=f"close-{self.name}", daemon=True)
+        closing.start()
+        closing.join(CLOSE_SECONDS)
+        if closing.is_alive():
+            log.warning(
+                "%s: closing did not finish in %d s; left to finish in the background",
+                self.name,
+                CLOSE_SECONDS,
+            )
+        elif failed:
+            self.tracker = tracker
+            self._drop("closing", failed[0])
+
+
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+"""A tracker run id as W&B and MLflow make them (W&B: 8 of [a-z0-9]; MLflow: 32 hex digits): anything else in a
+run record is not one (W&B refuses / # ? % :, and a log line must not carry a newline from a hostile file)."""
+_RECORD_NAME = re.compile(r"^run_record(\.\d{8}-\d{6})?\.json$")
 
 
 def previous_ids(run_dir: Path) -> dict[str, str]:
     """Each tracker's run id from the newest run record that has one for it. Per tracker: a start on which one
-    tracker was unreachable records only the others, and the next start still continues the first one's run."""
+    tracker was unreachable records only the others, and the next start still continues the first one's run.
+    Records are read back untrusted: run_record[.<time>].json names only, regular files of at most RECORD_BYTES
+    (a FIFO would block rank 0, a link to /dev/zero never end), and ids of the form trackers make."""
     ids: dict[str, str] = {}
-    for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
+    names = sorted(
+        (p.name for p in run_dir.glob("run_record*.json") if _RECORD_NAME.match(p.name)), reverse=True
+    )
+    for name in [*(n for n in names if n != "run_record.json"), "run_record.json"]:
+        data = read_capped(run_dir / name, RECORD_BYTES)
         try:
-            recorded = json.loads(path.read_text(encoding="utf-8")).get("trackers")
-        except (OSError, ValueError, AttributeError, RecursionError):
+            recorded = json.loads(data).get("trackers") if data is not None else None
+        except (ValueError, AttributeError, RecursionError):
             continue
         if isinstance(recorded, dict):
-            for name, value in recorded.items():
-                if name in EXTERNAL and name not in ids and isinstance(value, str) and 0 < len(value) < 200:
-                    ids[name] = value
+            for tracker, value in recorded.items():
+                if (
+                    tracker in EXTERNAL
+                    and tracker not in ids
+                    and isinstance(value, str)
+                    and _RUN_ID.match(value)
+                ):
+                    ids[tracker] = value
     return ids
 
 

@@ -9,6 +9,7 @@ and the hang watchdog (watchdog.py). The loop never names a concrete backend.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from mellama_train import checkpoint, lora
-from mellama_train.accounting import Window, window_metrics
+from mellama_train.accounting import Window, window_metrics, window_part
 from mellama_train.backends import Backend, BackendMaker, collectives, open_backend
 from mellama_train.checkpointing import CheckpointManager, StopPolicy
 from mellama_train.config import Config, is_frozen, replaced
@@ -35,6 +36,7 @@ from mellama_train.data.pubmed import INDEX_DIR
 from mellama_train.ds_config import resolve_ds_config
 from mellama_train.evaluation import ForgettingMonitor, evaluate
 from mellama_train.export import final as export
+from mellama_train.feed import StepFeed
 from mellama_train.guard import StepGuard
 from mellama_train.metrics import MetricsLogger
 from mellama_train.model import (
@@ -49,7 +51,7 @@ from mellama_train.outputs import amend_run_record, default_output_dir, source_l
 from mellama_train.preemption import StopFlag
 from mellama_train.schedule import lr_lambda
 from mellama_train.startup import resume, start_point
-from mellama_train.step import train_step
+from mellama_train.step import NEXT_TOKENS, first_scale, loss_scale, train_step
 from mellama_train.threads import set_rank_threads
 from mellama_train.trackers import open_trackers
 from mellama_train.watchdog import Watchdog, outcome
@@ -105,20 +107,35 @@ class Run:
 
 def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
     run = _build(cfg, watchdog)
+    t, is_main = run.cfg.train, run.backend.env.is_main
+    trackers = open_trackers(t.report_to, run.run_dir, run.cfg.to_dict()) if is_main else []
+    metrics = MetricsLogger(run.run_dir, is_main, "tensorboard" in t.report_to, trackers)
+    try:
+        if trackers and run.record_path:  # the next start continues the same tracker runs
+            amend_run_record(run.record_path, trackers={g.name: g.run_id for g in trackers if g.run_id})
+        _train_and_export(run, metrics, watchdog, stop)
+    except BaseException:
+        # Whatever ended the run (a stop has closed them as stopped already): the tracker runs end as failed,
+        # and closing never hides the error.
+        metrics.close_quietly("failed")
+        raise
+    metrics.close("finished")
+    return run.run_dir
+
+
+def _train_and_export(run: Run, metrics: MetricsLogger, watchdog: Watchdog, stop: StopFlag) -> None:
+    """The loop, then final/ (or adapter/). Every rank; rank 0 logs."""
     cfg = run.cfg
     b, t, data, state = run.backend, cfg.train, run.data, run.state
     names, env = data.source_names, run.backend.env
-    trackers = open_trackers(t.report_to, run.run_dir, cfg.to_dict()) if env.is_main else []
-    metrics = MetricsLogger(run.run_dir, env.is_main, "tensorboard" in t.report_to, trackers)
-    if trackers and run.record_path:  # the next start continues the same tracker runs
-        amend_run_record(run.record_path, trackers={g.name: g.run_id for g in trackers if g.run_id})
     guard = StepGuard(t.loss_spike_factor, t.skip_loss_spikes, t.max_consecutive_skips)
     guard.load_state_dict(state.guard)
     forgetting = ForgettingMonitor(t.forgetting_source, t.forgetting_margin, t.stop_on_forgetting)
     forgetting.baseline = dict(state.eval_baseline)
     stops = StopPolicy(t, guard, forgetting, stop)
+    feed = StepFeed(data, cfg.grad_accum_steps)
     saver = CheckpointManager(
-        b, run.run_dir / "checkpoints", t, guard, data, names, _probe_meta(run, cfg.train.precision), cfg
+        b, run.run_dir / "checkpoints", t, guard, feed, names, _probe_meta(run, cfg.train.precision), cfg
     )
     pad_id = run.tokenizer.pad_token_id
     pad_id = run.tokenizer.eos_token_id if pad_id is None else pad_id
@@ -144,24 +161,43 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         watchdog.beat("step-0 evaluation")
     watchdog.enter("training")
     b.train()
+    scale = None
+    # The one collective outside a step: the first step's loss scale (later ones ride on the step before).
+    if state.step < cfg.total_steps:
+        scale = first_scale(feed.draw(), cfg.grad_accum_steps, env.world_size, env.device)
     try:
         while state.step < cfg.total_steps:
             lr = b.lr  # the rate this step applies; the scheduler advances inside the last b.step()
-            micro_batches = [next(data) for _ in range(cfg.grad_accum_steps)]
-            sums, counts, step_loss, stop_votes = train_step(
-                b, micro_batches, guard, stop.requested, len(names)
+            micro_batches = feed.take()
+            last = state.step + 1 == cfg.total_steps
+            logged = (state.step + 1) % t.log_every == 0 or last
+            step_tokens = sum(mb["input_ids"].numel() for mb in micro_batches)
+            ranks_part = functools.partial(
+                _ranks_part, feed, window, data, step_tokens, logged, last, stop, env.device
             )
+            result = train_step(b, micro_batches, scale, guard, len(names), ranks_part)
             state.step += 1
-            # The step's one host read, after its work is queued: its global loss and the ranks' stop votes.
-            loss_value, votes = torch.cat([step_loss.reshape(1), stop_votes.reshape(1)]).tolist()
+            reduced = result.reduced.tolist()  # the step's one host read, after its work is queued
+            loss_value, (_, votes, *window_total) = result.loss(reduced), result.tail(reduced)
+            next_tokens = result.reduced[2 * len(names) + NEXT_TOKENS]  # on the device: no second read
+            scale = loss_scale(next_tokens, cfg.grad_accum_steps, env.world_size)
             verdict = guard.after_step(state.step, loss_value, b.step_applied)
-            window.add(sums, counts, sum(mb["input_ids"].numel() for mb in micro_batches), verdict.applied)
+            window.add(result.sums, result.counts, step_tokens, verdict.applied)
             watchdog.beat(f"step {state.step}")
 
-            last = state.step == cfg.total_steps
-            if state.step % t.log_every == 0 or last:
+            if logged:
+                step_totals = reduced[: 2 * len(names)] if verdict.applied else None
                 values = window_metrics(
-                    window, b, data, names, run.flops_per_token, peak_flops, env.world_size, screened
+                    window_total,
+                    step_totals,
+                    window,
+                    b,
+                    data,
+                    feed.counts.epochs,
+                    run.flops_per_token,
+                    peak_flops,
+                    env.world_size,
+                    screened,
                 )
                 values.update({"train/lr": lr, **guard.metrics()})
                 metrics.log(state.step, values)
@@ -184,9 +220,6 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
             if stopping:
                 metrics.close("stopped")
                 raise stopping.error(str(saved))
-    except BaseException:
-        metrics.close("failed")  # a crash ends the tracker runs as failed (after a stop, closed already)
-        raise
     finally:
         progress.close()
 
@@ -196,15 +229,29 @@ def _train(cfg: Config, watchdog: Watchdog, stop: StopFlag) -> Path:
         build_train_batches(cfg, run.tokenizer, rank=0, world_size=1, index_dir=run.run_dir / INDEX_DIR)
     )
     metrics.log(state.step, {"export/probe_loss": export.probe_loss(b, probe, len(names))})
-    try:
-        began = time.perf_counter()
-        _write_outputs(cfg, run)
-        metrics.log(state.step, {"export/seconds": time.perf_counter() - began})
-    except BaseException:
-        metrics.close("failed")
-        raise
-    metrics.close("finished")
-    return run.run_dir
+    began = time.perf_counter()
+    _write_outputs(cfg, run)
+    metrics.log(state.step, {"export/seconds": time.perf_counter() - began})
+
+
+def _ranks_part(
+    feed: StepFeed,
+    window: Window,
+    data: Any,
+    step_tokens: int,
+    logged: bool,
+    last: bool,
+    stop: StopFlag,
+    device: torch.device,
+) -> torch.Tensor:
+    """This rank's share of the step's one collective (step.py), built once the step's last forward is queued:
+    the next step's labelled tokens (drawn now: feed.py), its stop vote and, on a logged step, the log window's
+    counters (read before the draw, so that they end at this step)."""
+    window_now = window_part(window, data, window.processed + step_tokens) if logged else None
+    head = torch.tensor(
+        [0.0 if last else feed.draw(), float(stop.requested)], dtype=torch.float64, device=device
+    )
+    return head if window_now is None else torch.cat([head, window_now])
 
 
 def _build(cfg: Config, watchdog: Watchdog) -> Run:

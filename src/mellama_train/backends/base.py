@@ -100,8 +100,13 @@ class Backend(Protocol):
         """Collective: the trained parameters' full values on rank 0 (None elsewhere)."""
         ...
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective: every weight's full value on rank 0 (None elsewhere)."""
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """The weights a model directory holds (exported_weights) as meta tensors of their full shapes and
+        dtypes: the same on every rank, nothing gathered (what the export plans its shards from)."""
+        ...
+
+    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """Collective: the full values of these weights (full_tensors' names) on rank 0's host, None elsewhere."""
         ...
 
 
@@ -129,3 +134,14 @@ class BackendMaker(Protocol):
     def release_model_construction(self) -> None:
         """Forget the construction context, so a model loaded later in this process is an ordinary one."""
         ...
+
+
+def exported_weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """What a model's state dict saves, by name: every parameter (a tied one once, under its first name, as
+    save_pretrained keeps it) and every persistent buffer; the objects themselves (ZeRO-3 partitions included)."""
+    weights: dict[str, torch.Tensor] = dict(module.named_parameters())
+    for prefix, sub in module.named_modules():
+        for key, buffer in sub._buffers.items():
+            if buffer is not None and key not in sub._non_persistent_buffers_set:
+                weights[f"{prefix}.{key}" if prefix else key] = buffer
+    return weights

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from mellama_train import integrity
-from mellama_train.backends.base import DistEnv, LossParts
+from mellama_train.backends.base import DistEnv, LossParts, exported_weights
 from mellama_train.loss import forward_loss
 
 STATE_FILE = "engine_state.pt"
@@ -179,8 +179,15 @@ class SingleDeviceBackend:
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().clone() for n, p in self._module.named_parameters() if p.requires_grad}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return self._module.state_dict()
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            n: torch.empty(w.shape, dtype=w.dtype, device="meta")
+            for n, w in exported_weights(self._module).items()
+        }
+
+    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor]:
+        weights = exported_weights(self._module)
+        return {n: weights[n].detach().to("cpu", copy=True) for n in names}
 
 
 class SingleDeviceMaker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import unicodedata
 from pathlib import Path
 
 from mellama_train.cli.common import error, os_error, traceback_if, watchdog_flag, watched
@@ -23,7 +24,7 @@ def _unusable_base(base: object) -> str | None:
         return f"is {shown if len(shown) <= 40 else shown[:37] + '...'} (a JSON {_json_type(base)})"
     if not base.strip():
         return "is empty"
-    if any(ord(c) < 32 or ord(c) == 127 for c in base):
+    if any(unicodedata.category(c) in ("Cc", "Cf") for c in base):  # controls, and bidi or zero-width marks
         return f"holds a control character ({base[:40]!r})"
     return None
 
@@ -51,6 +52,8 @@ def merge_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     base = args.base
+    if base is not None and (problem := _unusable_base(base)):
+        return error(f"--base {problem}; pass the base model's directory or Hub id")
     if base is None:
         config = Path(args.adapter) / "adapter_config.json"
         if not config.is_file():

@@ -1,8 +1,9 @@
 """Write the trained model as a Hugging Face directory (`final/`): config, safetensors shards, tokenizer; and
 what each checkpoint carries so that `mellama-train export` (export/verified.py) can turn it into one later.
 
-`final/`: the full 16-bit weights are gathered on rank 0 (ZeRO-3 partitions them over ranks), which holds the
-whole model in rank 0's host memory once. `mellama-train export` streams instead, shard by shard, from any step.
+`final/`: the weights are gathered on rank 0 (ZeRO-3 partitions them over ranks) and written shard by shard, so
+rank 0 holds one shard (FINAL_SHARD_SIZE) at a time, never the whole model. `mellama-train export` does the
+same from any step's checkpoint.
 
 Every full-weight DeepSpeed checkpoint gets an `hf/` directory (written by rank 0 before the completion marker,
 so the manifest vouches for it): the model's config.json, the tokenizer, and `probe.safetensors`, the logits of a
@@ -13,12 +14,14 @@ those logits, and needs neither the recipe's paths nor the tokenizer's original 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from mellama_train import watchdog
 from mellama_train.backends import Backend, collectives
 from mellama_train.export.model_card import write_model_card
 from mellama_train.integrity import follow_umask
@@ -80,20 +83,69 @@ def probe_loss(backend: Backend, batch: dict[str, torch.Tensor], num_sources: in
     return float(total) / max(float(counts.sum()), 1.0)
 
 
+FINAL_SHARD_SIZE = "5GB"
+"""The largest safetensors shard of final/: rank 0 holds one shard at a time, not the whole model (138 GB at 70B).
+5 GB is the Hub's long-standing default, which every loader handles."""
+
+
 def write_hf_model(
-    eng: Backend, tokenizer: Any, out_dir: Path, is_main: bool, run_dir: Path | None = None
+    eng: Backend,
+    tokenizer: Any,
+    out_dir: Path,
+    is_main: bool,
+    run_dir: Path | None = None,
+    max_shard_size: str = FINAL_SHARD_SIZE,
 ) -> None:
-    """Collective (every rank takes part in the gather); rank 0 writes, with a model card (README.md) made from
-    `run_dir` (default: out_dir's parent, the run directory `final/` lives in)."""
-    state_dict = eng.full_state_dict()
+    """Collective (every rank takes part in each gather); rank 0 writes, with a model card (README.md) made from
+    `run_dir` (default: out_dir's parent, the run directory `final/` lives in).
+
+    Shard by shard: the shards are planned from the weights' shapes (huggingface_hub's planner, as
+    save_pretrained plans them), then each shard's weights are gathered, written and freed before the next.
+    save_pretrained itself needs the whole state dict at once."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    planned = eng.full_tensors()
+    split = split_state_dict_into_shards_factory(
+        planned,
+        get_storage_size=lambda t: t.numel() * t.element_size(),
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
+    )
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        module = eng.module
-        module.config.use_cache = True  # restore the inference default turned off for training
-        # safetensors only: loading it can never run code, unlike a pickled .bin.
-        module.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
-        module.config.use_cache = False
+    for filename, names in split.filename_to_tensors.items():
+        shard = eng.gather_full(names)
+        if shard is not None:
+            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
+        del shard
+        watchdog.progress(f"final/: {filename} written")  # a 70B model is many shards, each a beat
+    if is_main:
+        if split.is_sharded:
+            total = sum(t.numel() * t.element_size() for t in planned.values())
+            index = {"metadata": {"total_size": total}, "weight_map": split.tensor_to_filename}
+            (out_dir / "model.safetensors.index.json").write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n"
+            )
+        _write_config(eng.module, planned, out_dir)
         tokenizer.save_pretrained(out_dir)
         write_model_card(out_dir, run_dir or out_dir.parent, "model")
         follow_umask(out_dir)
     collectives.barrier()
+
+
+def _write_config(module: Any, planned: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """config.json (and generation_config.json) as save_pretrained writes them: the weights' dtype, the model
+    class, and the inference default use_cache=True (turned off for training)."""
+    config = module.config
+    dtypes = [t.dtype for t in planned.values() if t.is_floating_point()]
+    use_cache = config.use_cache
+    config.use_cache = True
+    if dtypes:
+        config.dtype = max(set(dtypes), key=dtypes.count)
+    config.architectures = [type(module).__name__]
+    try:
+        config.save_pretrained(out_dir)
+        if module.can_generate():
+            module.generation_config.save_pretrained(out_dir)
+    finally:
+        config.use_cache = use_cache

@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import shutil
-import stat
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from mellama_train.config import hub
+from mellama_train.integrity import read_capped
 from mellama_train.metrics import finite_number, read_metrics
 from mellama_train.outputs import latest_run_record
 
@@ -148,7 +148,8 @@ def _base_license_line(config: dict[str, Any]) -> list[str]:
     if not pretrained:
         return []
     if found := _card_license(base):
-        return [f"- base model license: {found} (its card's `license`); its terms apply to these weights"]
+        shown = found.replace("`", "'")  # the base's own text, shown as code: no Markdown or links of its own
+        return [f"- base model license: `{shown}` (its card's `license`); its terms apply to these weights"]
     return [
         "- base model license: not given by its card (README.md front matter); its terms, whatever they are,"
         " apply to these weights: check them before using or sharing these weights"
@@ -188,19 +189,9 @@ def front_matter(config: dict[str, Any], kind: str, licenses: dict[str, str]) ->
 def _read_card(path: str) -> str | None:
     """The first _CARD_BYTES of a regular file, decoded (undecodable bytes replaced); None for anything else.
     A base directory is not ours: its README.md may be a FIFO (a plain open would wait for a writer forever),
-    a device such as /dev/zero (endless), or a link to one. Opened non-blocking and checked with fstat, so
-    only a regular file is ever read."""
-    fd = os.open(os.path.realpath(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], _CARD_BYTES
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
-    finally:
-        os.close(fd)
-    return b"".join(chunks).decode("utf-8", errors="replace")
+    a device such as /dev/zero (endless), or a link to one (integrity.read_capped)."""
+    data = read_capped(path, _CARD_BYTES, truncate=True)
+    return data.decode("utf-8", errors="replace") if data is not None else None
 
 
 def _card_license(model_dir: str | None) -> str | None:

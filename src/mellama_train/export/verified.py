@@ -29,7 +29,6 @@ Verification (any failure: exit 1, the output left in OUT_DIR.partial for inspec
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from typing import Any
 
 import torch
 
-from mellama_train import checkpoint, watchdog
+from mellama_train import checkpoint, host_memory, watchdog
 from mellama_train.export.final import HF_META, PROBE_FILE
 from mellama_train.integrity import follow_umask
 
@@ -160,22 +159,6 @@ class PeakAnon:
         self.peak = max(self.peak, _anon_bytes() - self._start)
 
 
-def _large_blocks_from_mmap() -> None:
-    """Serve every allocation of 1 MiB or more with its own mmap (glibc mallopt M_MMAP_THRESHOLD), so a freed fp32
-    temporary goes straight back to the OS instead of leaving a hole in the heap that the next, differently
-    sized tensor cannot reuse. glibc's default threshold adapts upwards to 32 MiB, which puts every per-layer
-    tensor of a 7B model on the heap. Process-wide: `export` is a command of its own."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-
-
-def _release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc's malloc_trim). glibc keeps freed blocks below its
-    adaptive mmap threshold (up to 32 MiB) on the heap, so without this the shards' memory piles up there."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def _expected_tensors(config: Any) -> dict[str, torch.Size]:
     """Names and shapes of the state dict the model described by `config` saves (built on the meta device:
     no memory); tied weights are saved once, as save_pretrained does."""
@@ -273,7 +256,7 @@ def _write_shards(
         result.bytes_written += sum(t.numel() * t.element_size() for t in shard.values())
         result.shards += 1
         del shard
-        _release_freed_memory()
+        host_memory.release_freed_memory()  # the shard's blocks below the mmap threshold
     if split.is_sharded:
         index = {"metadata": {"total_size": result.bytes_written}, "weight_map": split.tensor_to_filename}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -389,7 +372,7 @@ def export_checkpoint(
         result.tensors,
         result.parameters / 1e6,
     )
-    _large_blocks_from_mmap()
+    host_memory.large_blocks_from_mmap()  # a freed fp32 temporary goes straight back to the OS
     with PeakAnon() as peak:
         lazy = _lazy_state_dict(ckpt)
         _check_names(lazy, expected, result.problems)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from mellama_train import integrity, leftovers
-from mellama_train.backends.base import DistEnv, LossParts
+from mellama_train.backends.base import DistEnv, LossParts, exported_weights
 from mellama_train.backends.collectives import broadcast_object
 from mellama_train.backends.deepspeed import load, universal
 from mellama_train.backends.deepspeed.files import CheckpointFiles, safe_load, safe_loading, step_counters
@@ -300,12 +300,27 @@ class DeepSpeedBackend:
         with gathered:
             return {n: p.detach().cpu().clone() for n, p in named} if is_main else None
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective: gather the full 16-bit weights on rank 0 (None on other ranks) for the HF export."""
+    def full_tensors(self) -> dict[str, torch.Tensor]:
+        """Full shapes (ZeRO-3 keeps each parameter's in ds_shape; its own tensor is a partition) as meta tensors."""
+        return {
+            n: torch.empty(getattr(w, "ds_shape", w.shape), dtype=w.dtype, device="meta")
+            for n, w in exported_weights(self._ds.module).items()
+        }
+
+    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+        """Collective: ZeRO-3 gathers these parameters on every rank (one export shard at a time: never the whole
+        model at once); rank 0 copies them to its host."""
+        deepspeed = load()
+
+        weights = exported_weights(self._ds.module)
+        gathered = contextlib.nullcontext()
         if self._ds.zero_optimization_partition_weights():
-            return self._ds._zero3_consolidated_16bit_state_dict()
-        state = self._ds.module.state_dict()
-        return state if self.env.is_main else None
+            params = [weights[n] for n in names if isinstance(weights[n], torch.nn.Parameter)]
+            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        with gathered:
+            if not self.env.is_main:
+                return None
+            return {n: weights[n].detach().to("cpu", copy=True) for n in names}
 
 
 def _poll(job: universal.Conversion | str | None) -> str | None:

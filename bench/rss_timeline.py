@@ -1,0 +1,117 @@
+"""Where our peak RSS comes from: each rank's resident memory over one run, split into its phases.
+
+    python bench/rss_timeline.py --shape 25m [--steps 20] [--checkout PATH]
+
+Runs `launch/pretrain.py` (of --checkout, default this one) under DeepSpeed's launcher like bench/peers.py (the
+same shapes, overrides, threads, and mlflow hidden), samples every rank's RSS every 50 ms (psutil over the
+launcher's process tree), and prints each rank's peak in three phases read from metrics.jsonl's timestamps:
+start-up (before step 1 is logged), training (steps 1 to the last), and the end (the final checkpoint, final/
+and exit). bench/peers.py reports only the whole run's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import REPO, SHAPES, fresh, hide_mlflow, overrides  # noqa: E402
+
+
+def sample(root_pid: int, samples: list[tuple[float, int, int]], done: threading.Event) -> None:
+    """(time, pid, rss bytes) of every python process under the launcher, every 50 ms."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    while not done.is_set():
+        try:
+            procs = root.children(recursive=True)
+        except psutil.Error:
+            break
+        now = time.time()
+        for proc in procs:
+            try:
+                if "python" in proc.name():
+                    samples.append((now, proc.pid, proc.memory_info().rss))
+            except psutil.Error:
+                pass
+        time.sleep(0.05)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkout", type=Path, default=REPO)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="25m")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--ds", default="ds_configs/zero3.json")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mellama-rss-"))
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // args.ranks)),
+    }
+    hide_mlflow(work, env)
+    out = fresh(work / "run")
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        f"--num_gpus={args.ranks}",
+        "--master_port=29870",
+    ]
+    cmd += [str(args.checkout / "launch" / "pretrain.py"), "--ds", args.ds, "--output-dir", str(out)]
+    cmd += ["--resume", "never", *[a for o in overrides(args) for a in ("--set", o)]]
+    samples: list[tuple[float, int, int]] = []
+    done = threading.Event()
+    with open(work / "run.log", "w") as log:
+        child = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        watcher = threading.Thread(target=sample, args=(child.pid, samples, done), daemon=True)
+        watcher.start()
+        child.wait()
+        done.set()
+        watcher.join()
+    if child.returncode:
+        print((work / "run.log").read_text()[-3000:])
+        return child.returncode
+    steps = {
+        r["step"]: r["time"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "train/loss" in r
+    }
+    first, last = steps[min(steps)], steps[max(steps)]
+    by_pid: dict[int, list[tuple[float, int]]] = {}
+    for t, pid, rss in samples:
+        by_pid.setdefault(pid, []).append((t, rss))
+    ranks = sorted(by_pid.items(), key=lambda kv: -max(r for _, r in kv[1]))[: args.ranks]
+    print(
+        f"{args.shape}, {args.ranks} ranks, {args.steps} steps: peak RSS MiB by phase (start-up | training | end)"
+    )
+    for pid, series in ranks:
+        phases = [
+            max((r for t, r in series if t < first), default=0),
+            max((r for t, r in series if first <= t <= last), default=0),
+            max((r for t, r in series if t > last), default=0),
+        ]
+        print(f"  pid {pid}: " + " | ".join(f"{v / 2**20:7.0f}" for v in phases))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
