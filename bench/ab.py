@@ -23,7 +23,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import REPO, SHAPES, fresh, hide_mlflow, launched, overrides, window_rate  # noqa: E402
+from peers import (  # noqa: E402
+    REPO,
+    SHAPES,
+    SideFailed,
+    fresh,
+    hide_mlflow,
+    judged,
+    launched,
+    overrides,
+    window_rate,
+)
 
 
 def run(
@@ -31,13 +41,22 @@ def run(
 ) -> dict[str, Any]:
     cmd = [str(checkout / "launch" / "pretrain.py"), "--ds", args.ds, "--output-dir", str(fresh(out))]
     cmd += ["--resume", "never", *[a for o in overrides(args) for a in ("--set", o)]]
-    result = launched(cmd, args.ranks, port, env, out.with_suffix(".log"))
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    times = {r["step"]: r["time"] for r in rows if "train/loss" in r}
-    tokens_per_step = args.global_batch * args.seq_len
-    result["tokens_per_s"] = window_rate(times, args.warmup, args.steps, tokens_per_step)
-    result["final_loss"] = [r["train/loss"] for r in rows if "train/loss" in r][-1]
-    return result
+    log = out.with_suffix(".log")
+    result = launched(cmd, args.ranks, port, env, log)
+
+    def read() -> dict[str, Any]:
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        times = {r["step"]: r["time"] for r in rows if "train/loss" in r}
+        tokens_per_step = args.global_batch * args.seq_len
+        return {
+            "tokens_per_s": window_rate(times, args.warmup, args.steps, tokens_per_step),
+            "final_loss": [r["train/loss"] for r in rows if "train/loss" in r][-1],
+        }
+
+    try:
+        return judged(checkout.name, log, result, read)
+    except SideFailed as e:
+        raise SystemExit(str(e)) from None
 
 
 def main() -> int:

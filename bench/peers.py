@@ -177,11 +177,22 @@ def llamafactory_python(given: str | None) -> str | None:
     return path or None
 
 
+class SideFailed(Exception):
+    """A side's run left no usable results (it died before its last timed step, or wrote nothing readable).
+    The round is kept in the results JSON with the reason and left out of the ratios; the benchmark goes on."""
+
+
+def log_tail(log: Path, lines: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
 def launched(
     command: list[str], ranks: int, port: int, env: dict[str, str], log: Path, python: str = sys.executable
 ) -> dict[str, Any]:
     """One side's run under DeepSpeed's launcher (python's: the ranks run with the launcher's interpreter):
-    exit status, wall seconds, peak RSS of its largest process."""
+    exit status, wall seconds, peak RSS of its largest process. A non-zero exit is recorded, not raised: a
+    side can die in its teardown after writing every result (HF's did, with SIGABRT, at the 25m shape), and
+    whether its results are usable is for the caller to judge from them."""
     launcher = [
         python,
         "-m",
@@ -198,10 +209,26 @@ def launched(
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
+    result = {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
     if child.returncode:
-        tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise SystemExit(f"{command[0]} exited {child.returncode}; last lines of {log}:\n" + "\n".join(tail))
-    return {"wall_s": round(wall, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+        result["exit_code"] = child.returncode
+    return result
+
+
+def judged(name: str, log: Path, result: dict[str, Any], read) -> dict[str, Any]:
+    """result updated with what read() finds in the side's own records; SideFailed (naming the exit status and
+    the log's last lines) when they are missing or stop short. A non-zero exit after complete results is kept
+    and said."""
+    try:
+        result.update(read())
+    except (OSError, ValueError, KeyError, IndexError, SideFailed) as e:
+        code = result.get("exit_code", 0)
+        raise SideFailed(
+            f"{name}: no usable results ({e}); exit status {code}; last lines of {log}:\n" + log_tail(log)
+        ) from None
+    if "exit_code" in result:
+        print(f"{name} exited {result['exit_code']} after writing complete results; kept (see {log})")
+    return result
 
 
 def fresh(path: Path) -> Path:
@@ -212,7 +239,9 @@ def fresh(path: Path) -> Path:
 
 def window_rate(times: dict[int, float], warmup: int, steps: int, tokens_per_step: int) -> float:
     if warmup not in times or steps not in times:
-        raise SystemExit(f"no timestamp at steps {warmup} and {steps}: make both multiples of --log-every")
+        raise SideFailed(
+            f"no timestamp at steps {warmup} and {steps} (both must be multiples of --log-every)"
+        )
     return (steps - warmup) * tokens_per_step / (times[steps] - times[warmup])
 
 
@@ -223,16 +252,21 @@ def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
     cmd = ["launch/pretrain.py", "--ds", args.ds, "--output-dir", str(out), "--resume", "never"]
     for override in overrides(args):
         cmd += ["--set", override]
-    result = launched(cmd, ranks, port, env, work / "ours.log")
-    rows = [r for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r]
-    times = {r["step"]: r["time"] for r in rows}
-    peaks = [r["train/gpu_peak_gib"] for r in rows if "train/gpu_peak_gib" in r]
-    result.update(
-        tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
-        final_loss=rows[-1]["train/loss"],
-        gpu_peak_gib=max(peaks) if peaks else None,
-        step_s=(times[args.steps] - times[args.warmup]) / (args.steps - args.warmup),
-    )
+    log = work / "ours.log"
+    result = launched(cmd, ranks, port, env, log)
+
+    def read() -> dict[str, Any]:
+        rows = [r for r in read_metric_lines(out / "metrics.jsonl") if "train/loss" in r]
+        times = {r["step"]: r["time"] for r in rows}
+        peaks = [r["train/gpu_peak_gib"] for r in rows if "train/gpu_peak_gib" in r]
+        return {
+            "tokens_per_s": window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
+            "final_loss": rows[-1]["train/loss"],
+            "gpu_peak_gib": max(peaks) if peaks else None,
+            "step_s": (times[args.steps] - times[args.warmup]) / (args.steps - args.warmup),
+        }
+
+    judged("ours", log, result, read)
     if not args.keep_checkpoints:  # ZeRO states: 15 GB at 1B, and nothing reads them
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "final", ignore_errors=True)
@@ -241,19 +275,23 @@ def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
 
 def peer_result(args, spec, work: Path, out: Path, side: str, result: dict[str, Any]) -> dict[str, Any]:
     """A peer side's own record (SIDE_result.json, SIDE_rows_rankR.json) read into its run's result."""
-    got = json.loads((out / f"{side}_result.json").read_text())
-    times = {int(k): v for k, v in got["times"].items()}
-    losses = {int(k): v for k, v in got["losses"].items()}
-    want = json.loads((work / "data" / "rows.json").read_text())
-    handed = [json.loads((out / f"{side}_rows_rank{r}.json").read_text()) for r in range(len(want))]
-    # A prefix: accelerate's loader may fetch one batch past the last step.
-    result.update(
-        tokens_per_s=window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
-        final_loss=losses[max(losses)],
-        gpu_peak_gib=got["gpu_peak_gib"],
-        same_sequences=all(h[: len(w)] == w for h, w in zip(handed, want)),
-    )
-    return result
+
+    def read() -> dict[str, Any]:
+        got = json.loads((out / f"{side}_result.json").read_text())
+        times = {int(k): v for k, v in got["times"].items()}
+        losses = {int(k): v for k, v in got["losses"].items()}
+        want = json.loads((work / "data" / "rows.json").read_text())
+        handed = [json.loads((out / f"{side}_rows_rank{r}.json").read_text()) for r in range(len(want))]
+        return {
+            "tokens_per_s": window_rate(times, args.warmup, args.steps, spec["tokens_per_step"]),
+            "final_loss": losses[max(losses)],
+            "gpu_peak_gib": got["gpu_peak_gib"],
+            # A prefix: accelerate's loader may fetch one batch past the last step.
+            "same_sequences": all(h[: len(w)] == w for h, w in zip(handed, want)),
+            **({"versions": got["versions"]} if "versions" in got else {}),
+        }
+
+    return judged(side, work / f"{side}.log", result, read)
 
 
 def run_hf(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
@@ -295,6 +333,47 @@ def peak_flops() -> tuple[float | None, str]:
     if not torch.cuda.is_available():
         return None, "cpu"
     return device_peak_flops(torch.device("cuda", 0)), torch.cuda.get_device_name(0)
+
+
+def play(
+    sides: list[tuple[str, Any]], pairs: int, run: Any, save: Any = lambda partial: None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The alternating rounds: (complete rounds, each with every side's result and the ratios; failed rounds).
+
+    Each round starts with the next side (with two: ours first, then HF first, ...), a port per run. A round in
+    which a side leaves no results (SideFailed) is kept apart with the reason and run again, up to `pairs` more
+    rounds in all: the medians need `pairs` complete ones, and one crash (a peer's teardown, a busy machine) must
+    not throw away the rounds before it."""
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for attempt in range(2 * pairs):
+        if len(runs) == pairs:
+            break
+        row: dict[str, Any] = {}
+        turn = attempt % len(sides)
+        for name, side in sides[turn:] + sides[:turn]:
+            port = 29700 + len(sides) * attempt + [n for n, _ in sides].index(name)
+            try:
+                row[name] = run(side, port)
+            except SideFailed as e:
+                row[name] = {"failed": str(e)}
+                print(f"round {attempt + 1} {name:4s} FAILED: {e}", flush=True)
+                break
+            save({"partial": True, "runs": [*runs, row], "failed_rounds": failed})
+            print(
+                f"round {attempt + 1} {name:4s} {row[name]['tokens_per_s']:10.1f} tokens/s  "
+                f"wall {row[name]['wall_s']:6.1f} s  rss {row[name]['peak_rss_mib']:7.1f} MiB  "
+                f"loss {row[name]['final_loss']:.4f}",
+                flush=True,
+            )
+        if any("failed" in r for r in row.values()):
+            failed.append({"round": attempt + 1, **row})
+            continue
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        if "lf" in row:
+            row["ratio_lf"] = row["ours"]["tokens_per_s"] / row["lf"]["tokens_per_s"]
+        runs.append(row)
+    return runs, failed
 
 
 def main() -> int:
@@ -350,27 +429,17 @@ def main() -> int:
         write_lf_inputs(args, ranks, work / "data")
         sides.append(("lf", run_lf))
     peak, device = peak_flops()
-    runs: list[dict[str, Any]] = []
-    for pair in range(args.pairs):
-        row: dict[str, Any] = {}
-        # Each round starts with the next side (with two: ours first, then HF first, ...); a port per run.
-        turn = pair % len(sides)
-        for name, side in sides[turn:] + sides[:turn]:
-            port = 29700 + len(sides) * pair + [n for n, _ in sides].index(name)
-            row[name] = side(args, spec, ranks, port, env, work)
-            if args.out:  # after every run: a kill (a device call's time limit) keeps the runs so far
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps({"partial": True, "runs": [*runs, row]}, indent=2) + "\n")
-            print(
-                f"pair {pair + 1} {name:4s} {row[name]['tokens_per_s']:10.1f} tokens/s  "
-                f"wall {row[name]['wall_s']:6.1f} s  rss {row[name]['peak_rss_mib']:7.1f} MiB  "
-                f"loss {row[name]['final_loss']:.4f}",
-                flush=True,
-            )
-        row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
-        if "lf" in row:
-            row["ratio_lf"] = row["ours"]["tokens_per_s"] / row["lf"]["tokens_per_s"]
-        runs.append(row)
+
+    def save(partial: dict[str, Any]) -> None:  # after every run: a kill (a device call's limit) keeps them
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(partial, indent=2) + "\n")
+
+    runs, failed = play(sides, args.pairs, lambda side, port: side(args, spec, ranks, port, env, work), save)
+    if not runs:
+        print(f"no complete round in {len(failed)}: every one had a side fail (failed_rounds in --out)")
+        save({"partial": True, "runs": [], "failed_rounds": failed})
+        return 1
 
     def stat(values: list[float]) -> dict[str, float]:
         return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -408,18 +477,20 @@ def main() -> int:
         "steps": args.steps,
         "timed_steps": [args.warmup, args.steps],
         "summary": summary,
+        "rounds": len(runs),
         "runs": runs,
+        "failed_rounds": failed,
     }
     if args.llamafactory_python:
-        lf = json.loads((work / "lf" / "lf_result.json").read_text())
-        result["llamafactory"] = {"python": args.llamafactory_python, "versions": lf["versions"]}
+        result["llamafactory"] = {"python": args.llamafactory_python, "versions": runs[-1]["lf"]["versions"]}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")
     r = summary["ratio_ours_over_hf"]
     print(
         f"{args.shape} seq {args.seq_len} {args.precision} x{ranks}: ours / HF Trainer tokens/s median "
-        f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) over {len(runs)} pairs; peak RSS ours "
+        f"{r['median']:.2f} ({r['min']:.2f}-{r['max']:.2f}) over {len(runs)} rounds"
+        f"{f' ({len(failed)} more left out: a side failed)' if failed else ''}; peak RSS ours "
         f"{summary['ours']['peak_rss_mib']:.0f} MiB, HF {summary['hf']['peak_rss_mib']:.0f} MiB"
     )
     if args.llamafactory_python:

@@ -60,6 +60,30 @@ def test_every_ds_config_is_consistent_and_fully_resolved(ds_path):
     assert ds["gradient_clipping"] == 1.0 and ds["bf16"]["enabled"] is True
 
 
+def test_zero_collective_sizes_never_fall_to_one_matrix_a_bucket_at_small_widths(tmp_path):
+    """HF's hidden-size rule (h^2, 0.9 h^2, 10 h) at 13B/70B widths; below hidden 2048 a floor, so that ZeRO-3
+    does not make a latency-bound collective per weight matrix (1.48x tokens/s on the tiny model: PERFORMANCE.md).
+    A value the user wrote stays theirs."""
+    from mellama_train.ds_config import MIN_BUCKET, MIN_PERSISTENCE
+
+    def sizes(profile: str, path: Path = REPO / "ds_configs/zero3.json") -> tuple[int, int, int]:
+        zero = resolve_ds_config(str(path), resolve(profile))["zero_optimization"]
+        keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+        return tuple(zero[k] for k in keys)
+
+    assert sizes("13b") == (5120**2, int(0.9 * 5120**2), MIN_PERSISTENCE)
+    assert sizes("70b") == (8192**2, int(0.9 * 8192**2), MIN_PERSISTENCE)
+    assert sizes("tiny") == (MIN_BUCKET, MIN_BUCKET, MIN_PERSISTENCE)
+    # Nothing in a 13B or 70B LLaMA lies between 10 h and the persistence floor: only the norms (h) stay whole.
+    for profile in ("13b", "70b"):
+        h = resolve(profile).model.arch.hidden_size
+        assert 10 * h < MIN_PERSISTENCE < h * 1024  # the smallest weight matrix: a GQA k/v projection
+    ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
+    ds["zero_optimization"]["reduce_bucket_size"] = 1000
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    assert sizes("tiny", tmp_path / "ds.json")[0] == 1000
+
+
 def test_ds_config_contradicting_the_recipe_names_both_numbers(tmp_path):
     ds = json.loads((REPO / "ds_configs/zero3.json").read_text())
     ds["gradient_clipping"] = 0.5

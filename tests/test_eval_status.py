@@ -409,6 +409,10 @@ def test_a_nested_newer_run_record_is_passed_over_at_training_start(tmp_path):
     (run / "run_record.99999998-000000.json").unlink()
     assert same_run(run, cfg)  # the nested one is passed over: the first start's record is compared
     check_same_run(run, cfg, run / "checkpoints" / "step_00000010")
+    # Only the names write_run_record gives are records (the same rule as trackers.previous_ids): a planted
+    # run_record.zzz.json would otherwise sort first and stand for the newest start.
+    (run / "run_record.zzz.json").write_text('{"config": {"data": {"sources": [1, "x"]}}}')
+    assert same_run(run, cfg)
 
 
 # ---- whether a run can go on with fewer ranks (slurm/launch.sh asks when a node is lost) ------------------

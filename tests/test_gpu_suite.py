@@ -115,3 +115,65 @@ def test_the_whole_suite_runs_on_the_cpu(tmp_path):
     assert got["qlora_8gb"]["tokens_per_sec_median"] > 0 and got["qlora_8gb"]["planned_gib"] > 0
     log = (tmp_path / "out" / "suite.log").read_text()
     assert all(f"=== {c.name} " in log for c in gpu_suite.CHECKS if c.name not in smoke)
+
+
+# ---- bench/peers.py: one side's crash costs a round, not the benchmark -------------------------------------
+
+
+def test_peers_keeps_a_side_that_dies_after_its_results_and_reruns_a_round_without_them(tmp_path, capsys):
+    """HF's side once aborted in its teardown at the 25m shape, after writing every result: that run counts
+    (its exit status recorded). A side that leaves no results fails its round, which is kept apart with the
+    reason and the log's tail, and another round is run, so the medians still get --pairs complete rounds."""
+    import peers
+
+    log = tmp_path / "hf.log"
+    log.write_text("step 20\nterminate called without an active exception\n")
+
+    def hf_teardown_abort() -> dict:
+        return peers.judged("hf", log, {"wall_s": 1.0, "exit_code": -6}, lambda: {"tokens_per_s": 9.0})
+
+    assert hf_teardown_abort() == {"wall_s": 1.0, "exit_code": -6, "tokens_per_s": 9.0}
+    assert "hf exited -6 after writing complete results" in capsys.readouterr().out
+    with pytest.raises(
+        peers.SideFailed, match=r"(?s)hf: no usable results.*exit status -6.*without an active"
+    ):
+        peers.judged(
+            "hf", log, {"exit_code": -6}, lambda: json.loads((tmp_path / "missing.json").read_text())
+        )
+
+    calls: list[tuple[str, int]] = []
+
+    def side(name: str, fail_on: set[int]):
+        def run(port: int) -> dict:
+            calls.append((name, port))
+            if len([c for c in calls if c[0] == name]) in fail_on:
+                raise peers.SideFailed(f"{name}: no usable results")
+            return {
+                "tokens_per_s": 2.0 if name == "ours" else 1.0,
+                "wall_s": 1,
+                "peak_rss_mib": 1,
+                "final_loss": 0,
+            }
+
+        return run
+
+    saved: list[dict] = []
+    sides = [("ours", side("ours", set())), ("hf", side("hf", {2}))]
+    runs, failed = peers.play(sides, 3, lambda run, port: run(port), saved.append)
+    assert [r["ratio"] for r in runs] == [2.0, 2.0, 2.0]
+    assert (
+        len(failed) == 1
+        and failed[0]["round"] == 2
+        and failed[0]["hf"] == {"failed": "hf: no usable results"}
+    )
+    # Four rounds, the first side alternating (ours, hf, ours, hf first), a port of its own for every run.
+    assert [c[0] for c in calls] == ["ours", "hf", "hf", "ours", "hf", "hf", "ours"]
+    assert len({c[1] for c in calls}) == len(calls)
+    assert saved[-1]["failed_rounds"] == failed
+    # A side that never has results: at most 2 x pairs rounds, then no complete one.
+    runs, failed = peers.play(
+        [("ours", side("ours", set())), ("hf", lambda port: peers.window_rate({}, 1, 2, 1))],
+        2,
+        lambda run, port: run(port),
+    )
+    assert runs == [] and len(failed) == 4

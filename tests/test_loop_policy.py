@@ -119,9 +119,10 @@ class FakeBackend:
             for n, w in self._module.state_dict().items()
         }
 
-    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def gathered_full(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         weights = self._module.state_dict()
-        return {n: weights[n].clone() for n in names}
+        yield {n: weights[n] for n in names}
 
 
 class Script:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,23 +118,41 @@ RECORD_BYTES = 64 * 2**20
 """The largest run record read back: the config and the data manifest, megabytes at most."""
 
 
-def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
-    """The record of the run directory's newest start (a resumed start adds run_record.<time>.json); records
-    that cannot be read (not written by this trainer, or damaged) are passed over. A record returned is a JSON
-    object whose `config` is one that config_changes can compare."""
-    for path in [*sorted(run_dir.glob("run_record.*.json"), reverse=True), run_dir / "run_record.json"]:
-        data = read_capped(path, RECORD_BYTES)  # a FIFO or a link to /dev/zero there is no record
+RECORD_NAME = re.compile(r"^run_record(\.\d{8}-\d{6})?\.json$")
+"""The names write_run_record gives: run_record.json for a run's first start, run_record.<time>.json after."""
+
+
+def run_records(run_dir: Path) -> Iterator[dict[str, Any]]:
+    """The run directory's records, newest start first, as JSON objects; read back untrusted: only the names
+    write_run_record gives, regular files of at most RECORD_BYTES (a FIFO would block rank 0, a link to /dev/zero
+    never end), and a record that is not a JSON object, or that the parser cannot walk, is passed over."""
+    stamped = sorted(
+        (p.name for p in run_dir.glob("run_record.*.json") if RECORD_NAME.match(p.name)), reverse=True
+    )
+    for name in [*stamped, "run_record.json"]:
+        data = read_capped(run_dir / name, RECORD_BYTES)
         if data is None:
             continue
         try:
             record = json.loads(data)
-            if isinstance(record, dict) and isinstance(record.get("config"), dict):
-                flatten_config(
-                    record["config"]
-                )  # what same_run does with it: a record it cannot walk is damaged
-                return record
-        except (OSError, ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
             continue
+        if isinstance(record, dict):
+            yield record
+
+
+def latest_run_record(run_dir: Path) -> dict[str, Any] | None:
+    """The record of the run directory's newest start (a resumed start adds run_record.<time>.json); records
+    that cannot be read (not written by this trainer, or damaged) are passed over. A record returned is a JSON
+    object whose `config` is one that config_changes can compare."""
+    for record in run_records(run_dir):
+        if not isinstance(record.get("config"), dict):
+            continue
+        try:
+            flatten_config(record["config"])  # what same_run does with it: a record it cannot walk is damaged
+        except (ValueError, RecursionError):
+            continue
+        return record
     return None
 
 

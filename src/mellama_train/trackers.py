@@ -22,8 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from .integrity import read_capped
-from .outputs import RECORD_BYTES, flatten_config
+from .outputs import flatten_config, run_records
 
 log = logging.getLogger(__name__)
 
@@ -288,24 +287,16 @@ class Guarded:
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 """A tracker run id as W&B and MLflow make them (W&B: 8 of [a-z0-9]; MLflow: 32 hex digits): anything else in a
 run record is not one (W&B refuses / # ? % :, and a log line must not carry a newline from a hostile file)."""
-_RECORD_NAME = re.compile(r"^run_record(\.\d{8}-\d{6})?\.json$")
 
 
 def previous_ids(run_dir: Path) -> dict[str, str]:
     """Each tracker's run id from the newest run record that has one for it. Per tracker: a start on which one
     tracker was unreachable records only the others, and the next start still continues the first one's run.
-    Records are read back untrusted: run_record[.<time>].json names only, regular files of at most RECORD_BYTES
-    (a FIFO would block rank 0, a link to /dev/zero never end), and ids of the form trackers make."""
+    Records are read back untrusted (outputs.run_records), and so are the ids in them: only the form trackers
+    make."""
     ids: dict[str, str] = {}
-    names = sorted(
-        (p.name for p in run_dir.glob("run_record*.json") if _RECORD_NAME.match(p.name)), reverse=True
-    )
-    for name in [*(n for n in names if n != "run_record.json"), "run_record.json"]:
-        data = read_capped(run_dir / name, RECORD_BYTES)
-        try:
-            recorded = json.loads(data).get("trackers") if data is not None else None
-        except (ValueError, AttributeError, RecursionError):
-            continue
+    for record in run_records(run_dir):
+        recorded = record.get("trackers")
         if isinstance(recorded, dict):
             for tracker, value in recorded.items():
                 if (

@@ -105,8 +105,11 @@ class Backend(Protocol):
         dtypes: the same on every rank, nothing gathered (what the export plans its shards from)."""
         ...
 
-    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor] | None:
-        """Collective: the full values of these weights (full_tensors' names) on rank 0's host, None elsewhere."""
+    def gathered_full(
+        self, names: list[str]
+    ) -> contextlib.AbstractContextManager[dict[str, torch.Tensor] | None]:
+        """Collective context: the full values of these weights (full_tensors' names) on rank 0's host, None
+        elsewhere; valid only inside the block (they may be the gathered buffers themselves, not copies)."""
         ...
 
 

@@ -185,9 +185,11 @@ class SingleDeviceBackend:
             for n, w in exported_weights(self._module).items()
         }
 
-    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor]:
+    @contextlib.contextmanager
+    def gathered_full(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
         weights = exported_weights(self._module)
-        return {n: weights[n].detach().to("cpu", copy=True) for n in names}
+        # From a GPU a copy; on a CPU the weights themselves (written before the block ends).
+        yield {n: weights[n].detach().cpu() for n in names}
 
 
 class SingleDeviceMaker:

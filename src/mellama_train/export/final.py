@@ -114,10 +114,9 @@ def write_hf_model(
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     for filename, names in split.filename_to_tensors.items():
-        shard = eng.gather_full(names)
-        if shard is not None:
-            save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
-        del shard
+        with eng.gathered_full(names) as shard:
+            if shard is not None:
+                save_file(shard, str(out_dir / filename), metadata={"format": "pt"})
         watchdog.progress(f"final/: {filename} written")  # a 70B model is many shards, each a beat
     if is_main:
         if split.is_sharded:

@@ -285,20 +285,25 @@ class DeepSpeedBackend:
                 f"DeepSpeed could not load checkpoint {checkpoints_dir}/{tag}; see its log above"
             )
 
+    @contextlib.contextmanager
+    def _gathered(self, params: list[torch.nn.Parameter]) -> Iterator[None]:
+        """Collective: under ZeRO-3, these parameters whole on every rank for the block, partitioned again after
+        it; otherwise nothing to do (each rank holds them whole)."""
+        if not self._ds.zero_optimization_partition_weights():
+            yield
+            return
+        with load().zero.GatheredParameters(params, modifier_rank=None):
+            yield
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: full copies of the TRAINABLE parameters only (a LoRA adapter) on rank 0, None elsewhere.
 
         Under ZeRO-3 only these parameters are gathered, never the frozen base, so saving a 70B model's adapter
         costs the adapter's size in memory and traffic."""
-        deepspeed = load()
-
         named = [(n, p) for n, p in self._ds.module.named_parameters() if p.requires_grad]
-        is_main = self.env.is_main
-        gathered = contextlib.nullcontext()
-        if self._ds.zero_optimization_partition_weights():
-            gathered = deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None)
-        with gathered:
-            return {n: p.detach().cpu().clone() for n, p in named} if is_main else None
+        with self._gathered([p for _, p in named]):
+            # One copy (from a GPU or from the gathered buffers, which are freed after the block).
+            return {n: p.detach().to("cpu", copy=True) for n, p in named} if self.env.is_main else None
 
     def full_tensors(self) -> dict[str, torch.Tensor]:
         """Full shapes (ZeRO-3 keeps each parameter's in ds_shape; its own tensor is a partition) as meta tensors."""
@@ -307,20 +312,14 @@ class DeepSpeedBackend:
             for n, w in exported_weights(self._ds.module).items()
         }
 
-    def gather_full(self, names: list[str]) -> dict[str, torch.Tensor] | None:
+    @contextlib.contextmanager
+    def gathered_full(self, names: list[str]) -> Iterator[dict[str, torch.Tensor] | None]:
         """Collective: ZeRO-3 gathers these parameters on every rank (one export shard at a time: never the whole
-        model at once); rank 0 copies them to its host."""
-        deepspeed = load()
-
+        model at once). Rank 0 gets them on its host for the block: from a GPU one copy; on a CPU the gathered
+        buffers themselves (DeepSpeed gives each parameter a buffer of its own), so a shard is never held twice."""
         weights = exported_weights(self._ds.module)
-        gathered = contextlib.nullcontext()
-        if self._ds.zero_optimization_partition_weights():
-            params = [weights[n] for n in names if isinstance(weights[n], torch.nn.Parameter)]
-            gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        with gathered:
-            if not self.env.is_main:
-                return None
-            return {n: weights[n].detach().to("cpu", copy=True) for n in names}
+        with self._gathered([weights[n] for n in names if isinstance(weights[n], torch.nn.Parameter)]):
+            yield {n: weights[n].detach().cpu() for n in names} if self.env.is_main else None
 
 
 def _poll(job: universal.Conversion | str | None) -> str | None:
