@@ -258,7 +258,16 @@ def peers(seq_len: int) -> Callable[[Ctx, int], dict[str, Any]]:
             shape += ["--micro-batch", str(micro), "--steps", "12", "--warmup", "4"]
         rate = ctx.results.get("matmul", {}).get("tflops")
         # Named by the check, not the shape: checkpoint reads peers_2048's run in --smoke too.
-        args = ["bench/peers.py", *shape, "--pairs", "1", "--workdir", str(ctx.work / f"peers_{seq_len}")]
+        args = [
+            "bench/peers.py",
+            *shape,
+            "--pairs",
+            "1",
+            "--max-failed-rounds",
+            "0",
+            "--workdir",
+            str(ctx.work / f"peers_{seq_len}"),
+        ]
         args += ["--out", str(out), *(["--matmul-tflops", str(rate)] if rate and not ctx.smoke else [])]
         args += [
             "--llamafactory-python",

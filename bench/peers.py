@@ -215,19 +215,31 @@ def launched(
     return result
 
 
-def judged(name: str, log: Path, result: dict[str, Any], read) -> dict[str, Any]:
-    """result updated with what read() finds in the side's own records; SideFailed (naming the exit status and
-    the log's last lines) when they are missing or stop short. A non-zero exit after complete results is kept
-    and said."""
+def judged(
+    name: str, log: Path, result: dict[str, Any], read, keep_failed_exit: bool = True
+) -> dict[str, Any]:
+    """result updated with what read() finds in the side's own records.
+
+    - A side that crashed (non-zero exit) without complete results: SideFailed, naming the exit status and the
+      log's last lines (the round is run again).
+    - A side that exited 0 without readable results: SystemExit. That is this script's bug or a flag that cannot
+      work (say, --steps not a multiple of --log-every), and every round would fail the same way.
+    - A non-zero exit after complete results is kept and said when keep_failed_exit (a peer that dies in its
+      teardown); our own trainer's is not (a crash in its final save or export is a failure)."""
+    code = result.get("exit_code", 0)
     try:
         result.update(read())
     except (OSError, ValueError, KeyError, IndexError, SideFailed) as e:
-        code = result.get("exit_code", 0)
-        raise SideFailed(
-            f"{name}: no usable results ({e}); exit status {code}; last lines of {log}:\n" + log_tail(log)
-        ) from None
-    if "exit_code" in result:
-        print(f"{name} exited {result['exit_code']} after writing complete results; kept (see {log})")
+        message = f"{name}: no usable results ({e}); exit status {code}; last lines of {log}:\n" + log_tail(
+            log
+        )
+        if not code:
+            raise SystemExit(message) from None
+        raise SideFailed(message) from None
+    if code and not keep_failed_exit:
+        raise SideFailed(f"{name} exited {code} after training; last lines of {log}:\n" + log_tail(log))
+    if code:
+        print(f"{name} exited {code} after writing complete results; kept (see {log})")
     return result
 
 
@@ -266,7 +278,7 @@ def run_ours(args, spec, ranks, port, env, work: Path) -> dict[str, Any]:
             "step_s": (times[args.steps] - times[args.warmup]) / (args.steps - args.warmup),
         }
 
-    judged("ours", log, result, read)
+    judged("ours", log, result, read, keep_failed_exit=False)
     if not args.keep_checkpoints:  # ZeRO states: 15 GB at 1B, and nothing reads them
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         shutil.rmtree(out / "final", ignore_errors=True)
@@ -336,21 +348,26 @@ def peak_flops() -> tuple[float | None, str]:
 
 
 def play(
-    sides: list[tuple[str, Any]], pairs: int, run: Any, save: Any = lambda partial: None
+    sides: list[tuple[str, Any]],
+    pairs: int,
+    run: Any,
+    save: Any = lambda partial: None,
+    max_failed: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The alternating rounds: (complete rounds, each with every side's result and the ratios; failed rounds).
 
-    Each round starts with the next side (with two: ours first, then HF first, ...), a port per run. A round in
-    which a side leaves no results (SideFailed) is kept apart with the reason and run again, up to `pairs` more
-    rounds in all: the medians need `pairs` complete ones, and one crash (a peer's teardown, a busy machine) must
-    not throw away the rounds before it."""
+    Each complete round starts with the next side (with two: ours first, then HF first, ...), a port per run. A
+    round in which a side crashed without results (SideFailed) is kept apart with the reason and run again in the
+    same order, up to `max_failed` failed rounds (default `pairs`): the medians need `pairs` complete ones, and
+    one crash (a peer's teardown, a busy machine) must not throw away the rounds before it."""
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    for attempt in range(2 * pairs):
-        if len(runs) == pairs:
-            break
+    max_failed = pairs if max_failed is None else max_failed
+    attempt = -1
+    while len(runs) < pairs and len(failed) <= max_failed:
+        attempt += 1
         row: dict[str, Any] = {}
-        turn = attempt % len(sides)
+        turn = len(runs) % len(sides)
         for name, side in sides[turn:] + sides[:turn]:
             port = 29700 + len(sides) * attempt + [n for n, _ in sides].index(name)
             try:
@@ -359,7 +376,8 @@ def play(
                 row[name] = {"failed": str(e)}
                 print(f"round {attempt + 1} {name:4s} FAILED: {e}", flush=True)
                 break
-            save({"partial": True, "runs": [*runs, row], "failed_rounds": failed})
+            finally:
+                save({"partial": True, "runs": runs, "in_progress": row, "failed_rounds": failed})
             print(
                 f"round {attempt + 1} {name:4s} {row[name]['tokens_per_s']:10.1f} tokens/s  "
                 f"wall {row[name]['wall_s']:6.1f} s  rss {row[name]['peak_rss_mib']:7.1f} MiB  "
@@ -368,6 +386,7 @@ def play(
             )
         if any("failed" in r for r in row.values()):
             failed.append({"round": attempt + 1, **row})
+            save({"partial": True, "runs": runs, "failed_rounds": failed})
             continue
         row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
         if "lf" in row:
@@ -403,12 +422,20 @@ def main() -> int:
     )
     p.add_argument("--out", type=Path, default=None, help="results JSON")
     p.add_argument(
+        "--max-failed-rounds",
+        type=int,
+        default=None,
+        help="rounds a side may crash in, each run again, before the benchmark stops (default: --pairs)",
+    )
+    p.add_argument(
         "--llamafactory-python",
         default=None,
         help="LLaMA-Factory's venv python, the third side (default: $LLAMAFACTORY_PYTHON, else "
         ".venv-llamafactory/bin/python if it exists; '' turns it off)",
     )
     args = p.parse_args()
+    if args.warmup % args.log_every or args.steps % args.log_every or not 0 <= args.warmup < args.steps:
+        p.error("--warmup and --steps must be multiples of --log-every, --warmup below --steps")
     args.llamafactory_python = llamafactory_python(args.llamafactory_python)
     if not args.llamafactory_python:
         print("LLaMA-Factory side skipped (its venv: tools/llamafactory_venv.sh, or --llamafactory-python)")
@@ -435,7 +462,13 @@ def main() -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(partial, indent=2) + "\n")
 
-    runs, failed = play(sides, args.pairs, lambda side, port: side(args, spec, ranks, port, env, work), save)
+    runs, failed = play(
+        sides,
+        args.pairs,
+        lambda side, port: side(args, spec, ranks, port, env, work),
+        save,
+        args.max_failed_rounds,
+    )
     if not runs:
         print(f"no complete round in {len(failed)}: every one had a side fail (failed_rounds in --out)")
         save({"partial": True, "runs": [], "failed_rounds": failed})
@@ -482,7 +515,8 @@ def main() -> int:
         "failed_rounds": failed,
     }
     if args.llamafactory_python:
-        result["llamafactory"] = {"python": args.llamafactory_python, "versions": runs[-1]["lf"]["versions"]}
+        versions = runs[-1]["lf"].get("versions")
+        result["llamafactory"] = {"python": args.llamafactory_python, "versions": versions}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

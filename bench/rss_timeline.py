@@ -1,12 +1,13 @@
 """Where our peak RSS comes from: each rank's resident memory over one run, split into its phases.
 
-    python bench/rss_timeline.py --shape 25m [--steps 20] [--checkout PATH]
+    python bench/rss_timeline.py --shape 25m [--steps 20] [--checkout PATH] [--side hf]
 
-Runs `launch/pretrain.py` (of --checkout, default this one) under DeepSpeed's launcher like bench/peers.py (the
-same shapes, overrides, threads, and mlflow hidden), samples every rank's RSS every 50 ms (psutil over the
-launcher's process tree), and prints each rank's peak in three phases read from metrics.jsonl's timestamps:
-start-up (before step 1 is logged), training (steps 1 to the last), and the end (the final checkpoint, final/
-and exit). bench/peers.py reports only the whole run's peak.
+Runs `launch/pretrain.py` (of --checkout, default this one), or with --side hf bench/peers_hf.py (HF Trainer on
+the same sequences), under DeepSpeed's launcher like bench/peers.py (the same shapes, overrides, threads, and
+mlflow hidden), samples every rank's RSS every 50 ms (psutil over the launcher's process tree), and prints each
+rank's peak in three phases read from the side's own step timestamps: start-up (before step 1 is logged),
+training (steps 1 to the last), and the end (ours: the final checkpoint, final/ and exit). bench/peers.py reports
+only the whole run's peak.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import REPO, SHAPES, fresh, hide_mlflow, overrides  # noqa: E402
+from peers import REPO, SHAPES, fresh, hide_mlflow, overrides, write_inputs  # noqa: E402
 
 
 def sample(root_pid: int, samples: list[tuple[float, int, int]], done: threading.Event) -> None:
@@ -60,6 +61,7 @@ def main() -> int:
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--save-every", type=int, default=0)
     p.add_argument("--ds", default="ds_configs/zero3.json")
+    p.add_argument("--side", choices=["ours", "hf"], default="ours")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mellama-rss-"))
     env = {
@@ -76,8 +78,12 @@ def main() -> int:
         f"--num_gpus={args.ranks}",
         "--master_port=29870",
     ]
-    cmd += [str(args.checkout / "launch" / "pretrain.py"), "--ds", args.ds, "--output-dir", str(out)]
-    cmd += ["--resume", "never", *[a for o in overrides(args) for a in ("--set", o)]]
+    if args.side == "hf":
+        write_inputs(args, args.ranks, work / "data")
+        cmd += ["bench/peers_hf.py", "--data", str(work / "data"), "--ds", args.ds, "--out", str(out)]
+    else:
+        cmd += [str(args.checkout / "launch" / "pretrain.py"), "--ds", args.ds, "--output-dir", str(out)]
+        cmd += ["--resume", "never", *[a for o in overrides(args) for a in ("--set", o)]]
     samples: list[tuple[float, int, int]] = []
     done = threading.Event()
     with open(work / "run.log", "w") as log:
@@ -90,18 +96,22 @@ def main() -> int:
     if child.returncode:
         print((work / "run.log").read_text()[-3000:])
         return child.returncode
-    steps = {
-        r["step"]: r["time"]
-        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-        if "train/loss" in r
-    }
+    if args.side == "hf":
+        steps = {int(k): t for k, t in json.loads((out / "hf_result.json").read_text())["times"].items()}
+    else:
+        steps = {
+            r["step"]: r["time"]
+            for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+            if "train/loss" in r
+        }
     first, last = steps[min(steps)], steps[max(steps)]
     by_pid: dict[int, list[tuple[float, int]]] = {}
     for t, pid, rss in samples:
         by_pid.setdefault(pid, []).append((t, rss))
     ranks = sorted(by_pid.items(), key=lambda kv: -max(r for _, r in kv[1]))[: args.ranks]
     print(
-        f"{args.shape}, {args.ranks} ranks, {args.steps} steps: peak RSS MiB by phase (start-up | training | end)"
+        f"{args.side}, {args.shape}, {args.ranks} ranks, {args.steps} steps: peak RSS MiB by phase"
+        " (start-up | training | end)"
     )
     for pid, series in ranks:
         phases = [

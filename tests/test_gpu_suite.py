@@ -141,6 +141,13 @@ def test_peers_keeps_a_side_that_dies_after_its_results_and_reruns_a_round_witho
             "hf", log, {"exit_code": -6}, lambda: json.loads((tmp_path / "missing.json").read_text())
         )
 
+    # Our own trainer's non-zero exit is a failure even with its metrics written (a crash in the final save or
+    # export); a side that exited 0 without results is a bug or an impossible flag: it stops the benchmark.
+    with pytest.raises(peers.SideFailed, match="ours exited 1 after training"):
+        peers.judged("ours", log, {"exit_code": 1}, lambda: {"tokens_per_s": 9.0}, keep_failed_exit=False)
+    with pytest.raises(SystemExit, match="exit status 0"):
+        peers.judged("hf", log, {}, lambda: peers.window_rate({1: 0.0}, 1, 2, 1))
+
     calls: list[tuple[str, int]] = []
 
     def side(name: str, fail_on: set[int]):
@@ -166,14 +173,15 @@ def test_peers_keeps_a_side_that_dies_after_its_results_and_reruns_a_round_witho
         and failed[0]["round"] == 2
         and failed[0]["hf"] == {"failed": "hf: no usable results"}
     )
-    # Four rounds, the first side alternating (ours, hf, ours, hf first), a port of its own for every run.
-    assert [c[0] for c in calls] == ["ours", "hf", "hf", "ours", "hf", "hf", "ours"]
+    # Four rounds: complete ones alternate the side that goes first (ours, hf, ours), the failed one is run
+    # again in its order (hf first); a port of its own for every run.
+    assert [c[0] for c in calls] == ["ours", "hf", "hf", "hf", "ours", "ours", "hf"]
     assert len({c[1] for c in calls}) == len(calls)
     assert saved[-1]["failed_rounds"] == failed
-    # A side that never has results: at most 2 x pairs rounds, then no complete one.
+    # A side that never has results: --pairs failed rounds are run again, the next one stops the benchmark.
     runs, failed = peers.play(
         [("ours", side("ours", set())), ("hf", lambda port: peers.window_rate({}, 1, 2, 1))],
         2,
         lambda run, port: run(port),
     )
-    assert runs == [] and len(failed) == 4
+    assert runs == [] and len(failed) == 3
