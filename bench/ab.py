@@ -25,13 +25,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from peers import (  # noqa: E402
     REPO,
-    SHAPES,
     SideFailed,
     fresh,
     hide_mlflow,
     judged,
     launched,
     overrides,
+    shape_arguments,
     window_rate,
 )
 
@@ -63,19 +63,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", type=Path, required=True, help="the other checkout (git worktree add)")
     p.add_argument("--after", type=Path, default=REPO, help="default: this checkout")
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
+    shape_arguments(p, shape="tiny", steps=30, ranks=2, precision="fp32")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--ds", default="ds_configs/zero3.json")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     threads = max(1, (os.cpu_count() or 1) // args.ranks)

@@ -63,6 +63,33 @@ SHAPES = {
 }
 
 
+def shape_arguments(
+    p: argparse.ArgumentParser, *, shape: str, steps: int, ranks: int | None, precision: str | None
+) -> None:
+    """The flags of the work every side trains (read by overrides() and write_inputs()), shared by peers.py,
+    ab.py and rss_timeline.py so the three benchmarks mean the same thing by them."""
+    p.add_argument("--shape", choices=sorted(SHAPES), default=shape)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument(
+        "--ranks", type=int, default=ranks, help=f"default: {ranks or 'the GPUs here, or 2 CPU ranks'}"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=precision,
+        help=f"default: {precision or 'bf16 on GPU, fp32 on CPU'}",
+    )
+    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument(
+        "--save-every", type=int, default=0, help="ours saves at this interval (0: only at the end)"
+    )
+    p.add_argument("--ds", default="ds_configs/zero3.json")
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     """The tiny profile, reshaped: what both sides train (ours reads them as --set, HF through spec.json)."""
     return [
@@ -397,24 +424,10 @@ def play(
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=30)
+    shape_arguments(p, shape="tiny", steps=30, ranks=None, precision=None)
     p.add_argument("--warmup", type=int, default=5, help="steps left out of the timed window")
     p.add_argument("--pairs", type=int, default=5)
-    p.add_argument("--ranks", type=int, default=None, help="default: the GPUs here, or 2 CPU ranks")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16"], default=None, help="default: bf16 on GPU, fp32 on CPU"
-    )
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument(
-        "--save-every", type=int, default=0, help="ours saves at this interval (0: only at the end)"
-    )
     p.add_argument("--threads", type=int, default=None, help="OMP threads per rank (default: cores / ranks)")
-    p.add_argument("--ds", default="ds_configs/zero3.json")
     p.add_argument("--matmul-tflops", type=float, default=None, help="a measured bf16 matmul rate, for MFU")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument(
@@ -501,6 +514,8 @@ def main() -> int:
         "device": device,
         "ranks": ranks,
         "threads_per_rank": threads,
+        # Every side inherits it; peak RSS on CPU depends on it (docs/PERFORMANCE.md, "Peak RSS at the 25M shape").
+        "allocator": os.environ.get("LD_PRELOAD") or "the C library's malloc",
         "shape": args.shape,
         "params": spec["params"],
         "seq_len": args.seq_len,

@@ -6,8 +6,9 @@ Runs `launch/pretrain.py` (of --checkout, default this one), or with --side hf b
 the same sequences), under DeepSpeed's launcher like bench/peers.py (the same shapes, overrides, threads, and
 mlflow hidden), samples every rank's RSS every 50 ms (psutil over the launcher's process tree), and prints each
 rank's peak in three phases read from the side's own step timestamps: start-up (before step 1 is logged),
-training (steps 1 to the last), and the end (ours: the final checkpoint, final/ and exit). bench/peers.py reports
-only the whole run's peak.
+training (steps 1 to the last), and the end (ours: the final checkpoint, final/ and exit), with a rough tokens/s
+over the steps after the first. bench/peers.py reports only the whole run's peak (and measures the rate properly).
+An allocator preloaded for the command (LD_PRELOAD) reaches every rank through the launcher's environment.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers import REPO, SHAPES, fresh, hide_mlflow, overrides, write_inputs  # noqa: E402
+from peers import REPO, fresh, hide_mlflow, overrides, shape_arguments, write_inputs  # noqa: E402
 
 
 def sample(root_pid: int, samples: list[tuple[float, int, int]], done: threading.Event) -> None:
@@ -50,17 +51,7 @@ def sample(root_pid: int, samples: list[tuple[float, int, int]], done: threading
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkout", type=Path, default=REPO)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="25m")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--precision", default="fp32")
-    p.add_argument("--grad-ckpt", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--save-every", type=int, default=0)
-    p.add_argument("--ds", default="ds_configs/zero3.json")
+    shape_arguments(p, shape="25m", steps=20, ranks=2, precision="fp32")
     p.add_argument("--side", choices=["ours", "hf"], default="ours")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mellama-rss-"))
@@ -105,13 +96,15 @@ def main() -> int:
             if "train/loss" in r
         }
     first, last = steps[min(steps)], steps[max(steps)]
+    # Every step after the first: a rough rate beside the memory (bench/peers.py measures it properly).
+    rate = (max(steps) - min(steps)) * args.global_batch * args.seq_len / (last - first)
     by_pid: dict[int, list[tuple[float, int]]] = {}
     for t, pid, rss in samples:
         by_pid.setdefault(pid, []).append((t, rss))
     ranks = sorted(by_pid.items(), key=lambda kv: -max(r for _, r in kv[1]))[: args.ranks]
     print(
         f"{args.side}, {args.shape}, {args.ranks} ranks, {args.steps} steps: peak RSS MiB by phase"
-        " (start-up | training | end)"
+        f" (start-up | training | end); {rate:.0f} tokens/s after step {min(steps)}"
     )
     for pid, series in ranks:
         phases = [

@@ -169,3 +169,39 @@ def test_the_loss_shifts_labels_not_logits_and_matches_the_textbook_formula():
     (mine,) = torch.autograd.grad(total, logits)
     (textbook,) = torch.autograd.grad(flat.sum(), logits)
     assert torch.allclose(mine, textbook, atol=1e-7)
+
+
+class JudgingGuard(StepGuard):
+    """Records the loss each step's guard judged."""
+
+    judged: list[float]
+
+    def backward_factor(self, step_loss: torch.Tensor) -> torch.Tensor:
+        self.judged.append(step_loss.item())
+        return super().backward_factor(step_loss)
+
+
+@pytest.mark.parametrize("labelled", [(5, 11), (0, 0)])
+def test_the_logged_loss_is_exactly_the_one_the_guard_judged(world, labelled):
+    """The host's loss (read from the reduced vector) and the device's (judged before the last backward) are
+    one formula: bit-equal, and 0 rather than NaN for a step with no labelled token anywhere."""
+    calls, other = world
+    other["vector"] = torch.tensor([0.1, 0.2, 3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    if labelled == (0, 0):
+        other["vector"] = torch.zeros(6, dtype=torch.float64)
+    guard = JudgingGuard(10.0, False, 3)
+    guard.judged = []
+    result = step_module.train_step(
+        FakeBackend([1.7, 2.9]),
+        [micro_batch(n) for n in labelled],
+        step_module.loss_scale(19.0, 2, 2),
+        guard,
+        2,
+        lambda: torch.zeros(2, dtype=torch.float64),
+    )
+    logged = result.loss(result.reduced.tolist())
+    assert guard.judged == [logged]
+    if labelled == (0, 0):
+        assert logged == 0.0
+    else:
+        assert logged == pytest.approx((1.7 * 5 + 2.9 * 11 + 0.1 + 0.2) / (5 + 11 + 3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import struct
 import subprocess
@@ -299,7 +300,8 @@ def test_mlflow_marks_how_the_run_ended_and_keeps_metrics_when_parameters_fail(
         tracker.close(outcome)
         run_info = client.get_run(tracker_id_of(client, outcome))
         assert run_info.info.status == status
-        assert run_info.data.metrics == {"train/loss/pub_med__1": 2.5}
+        (key,) = run_info.data.metrics
+        assert key.startswith("train/loss/pub_med__1_") and run_info.data.metrics[key] == 2.5
         assert run_info.data.params == {"a.b": "1"}
 
     def refuse(self, config):
@@ -437,3 +439,11 @@ def test_a_sink_that_fails_to_close_still_closes_the_trackers(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         metrics.close_quietly("failed")
     assert ended == ["failed"] and "disk gone" in caplog.text
+
+
+def test_mlflow_keys_stay_apart_when_names_differ_only_in_characters_mlflow_refuses():
+    names = ["train/loss/pub+med", "train/loss/pub_med", "train/loss/pub med", "x" * 300, "x" * 299 + "y"]
+    keys = [trackers.mlflow_key(n) for n in names]
+    assert len(set(keys)) == len(names)
+    assert keys[1] == names[1] and keys[2] == names[2]  # valid names are kept as they are
+    assert all(len(k) <= 250 and re.fullmatch(r"[\w\-. :/]+", k) for k in keys)

@@ -35,9 +35,9 @@ class StepResult:
     num_sources: int
 
     def loss(self, values: list[float]) -> float:
-        """The step's global loss, from `reduced` read on the host."""
-        n = self.num_sources
-        return sum(values[:n]) / max(sum(values[n : 2 * n]), 1.0)
+        """The step's global loss, from `reduced` read on the host: the same arithmetic as the guard judged."""
+        head = torch.tensor(values[: 2 * self.num_sources], dtype=torch.float64)
+        return global_loss(head, self.num_sources).item()
 
     def tail(self, values: list[float]) -> list[float]:
         """What the loop added: [next step's labelled tokens, stop votes, then its log window's counters]."""
@@ -70,13 +70,17 @@ def train_step(
             # The step's loss is known once its last forward is done. For a step the guard rejects, this last
             # backward is multiplied by NaN on every rank, so the backend discards the whole step (guard.py).
             reduced = collectives.all_reduce_sum(torch.cat([sums, counts, ranks_part().to(sums.device)]))
-            step_loss = reduced[:num_sources].sum() / reduced[num_sources : 2 * num_sources].sum().clamp(
-                min=1.0
-            )
-            factor = scale * guard.backward_factor(step_loss)
+            factor = scale * guard.backward_factor(global_loss(reduced, num_sources))
         backend.backward(loss_sum * factor.to(loss_sum.dtype))
         backend.step()  # optimizer + lr schedule step only on the last micro-batch
     return StepResult(sums, counts, reduced, num_sources)
+
+
+def global_loss(reduced: torch.Tensor, num_sources: int) -> torch.Tensor:
+    """The step's loss over every rank, from the head of the step's reduced vector: every source's loss sum over
+    every source's labelled tokens (at least one, so a step without labels gives 0, not NaN)."""
+    n = num_sources
+    return reduced[:n].sum() / reduced[n : 2 * n].sum().clamp(min=1.0)
 
 
 def loss_scale(global_tokens: torch.Tensor | float, grad_accum: int, world_size: int) -> torch.Tensor:

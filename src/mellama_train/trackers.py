@@ -12,6 +12,7 @@ WANDB_MODE (offline), WANDB_PROJECT; MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -160,8 +161,13 @@ class WandbTracker:
 
 def mlflow_key(key: str) -> str:
     """A metric or parameter name MLflow accepts: letters, digits, _ - . space : / and at most 250 characters
-    (a source named with other characters would otherwise fail the whole batch)."""
-    return re.sub(r"[^\w\-. :/]", "_", key)[:250]
+    (a source named with other characters would otherwise fail the whole batch). A key that had to change ends
+    in a digest of the original, so two sources whose names differ only where MLflow differs ("pub+med",
+    "pub_med") stay two metrics instead of one series written twice a step."""
+    safe = re.sub(r"[^\w\-. :/]", "_", key)
+    if safe == key and len(key) <= 250:
+        return key
+    return f"{safe[:241]}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 class MlflowTracker:

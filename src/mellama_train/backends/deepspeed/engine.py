@@ -109,6 +109,19 @@ def end_model_construction() -> None:
     _LIVE_HF_DS_CONFIGS.clear()
 
 
+def use_torch_adamw(ds_config: dict[str, Any]) -> None:
+    """Without CUDA: DeepSpeed's FusedAdam is a CUDA kernel, so run torch's AdamW (the same update rule) instead
+    of JIT-building a CPU op, and torch's fused CPU kernel of it, not its default per-tensor loop. Under ZeRO
+    each param group's partition is one flat tensor, so each of the loop's temporaries (the second moment's
+    square root, the update) is the size of the whole partition: at the 25M shape the loop added ~100 MB to
+    every rank's peak RSS, and its step took 5x as long (docs/PERFORMANCE.md). A JSON that asks for foreach
+    keeps it."""
+    params = ds_config.setdefault("optimizer", {}).setdefault("params", {})
+    params["torch_adam"] = True
+    if not params.get("foreach"):
+        params.setdefault("fused", True)
+
+
 class DeepSpeedBackend:
     """A DeepSpeed-wrapped model behind the `Backend` verbs."""
 
@@ -128,8 +141,7 @@ class DeepSpeedBackend:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
         if not torch.cuda.is_available():
-            # FusedAdam is a CUDA kernel; on CPU use torch's AdamW (same update rule) instead of JIT-building one.
-            ds_config.setdefault("optimizer", {}).setdefault("params", {})["torch_adam"] = True
+            use_torch_adamw(ds_config)
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
         )
