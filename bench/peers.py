@@ -514,8 +514,13 @@ def main() -> int:
         "device": device,
         "ranks": ranks,
         "threads_per_rank": threads,
-        # Every side inherits it; peak RSS on CPU depends on it (docs/PERFORMANCE.md, "Peak RSS at the 25M shape").
-        "allocator": os.environ.get("LD_PRELOAD") or "the C library's malloc",
+        # Every side inherits them; peak RSS on CPU depends on them (docs/PERFORMANCE.md, "Peak RSS at the 25M
+        # shape"): a preloaded library (an allocator, or another) and glibc's malloc settings.
+        "allocator": {
+            k: v
+            for k, v in os.environ.items()
+            if k in ("LD_PRELOAD", "GLIBC_TUNABLES") or k.startswith("MALLOC_")
+        },
         "shape": args.shape,
         "params": spec["params"],
         "seq_len": args.seq_len,

@@ -97,7 +97,9 @@ def main() -> int:
         }
     first, last = steps[min(steps)], steps[max(steps)]
     # Every step after the first: a rough rate beside the memory (bench/peers.py measures it properly).
-    rate = (max(steps) - min(steps)) * args.global_batch * args.seq_len / (last - first)
+    rate = (
+        (max(steps) - min(steps)) * args.global_batch * args.seq_len / (last - first) if last > first else 0.0
+    )
     by_pid: dict[int, list[tuple[float, int]]] = {}
     for t, pid, rss in samples:
         by_pid.setdefault(pid, []).append((t, rss))

@@ -81,9 +81,9 @@ def test_a_step_makes_one_collective_that_carries_loss_next_tokens_votes_and_log
     )
     assert calls == [2 + 2 + 3]  # one all-reduce a step, of 2 sums + 2 counts + what the loop adds
     assert backend.steps == 2
-    values = result.reduced.tolist()
+    values, loss = result.read()
     # Global loss: (2*6 + 4*10 + 30) / (6 + 10 + 10) tokens.
-    assert result.loss(values) == pytest.approx((12 + 40 + 30) / 26)
+    assert loss == pytest.approx((12 + 40 + 30) / 26)
     next_tokens, votes, counter = result.tail(values)
     assert (next_tokens, votes, counter) == (9.0 + 12.0, 1.0, 8.0)
     # Each backward is the micro-batch's loss sum times (accumulation steps x ranks) / global tokens.
@@ -103,7 +103,7 @@ def test_a_rejected_step_poisons_its_last_backward_on_every_rank(world):
         2,
         lambda: torch.zeros(2, dtype=torch.float64),
     )
-    assert math.isnan(result.loss(result.reduced.tolist()))
+    assert math.isnan(result.read()[1])
     assert math.isfinite(backend.backwards[0]) and math.isnan(backend.backwards[1])
     assert calls == [6]
 
@@ -183,8 +183,8 @@ class JudgingGuard(StepGuard):
 
 @pytest.mark.parametrize("labelled", [(5, 11), (0, 0)])
 def test_the_logged_loss_is_exactly_the_one_the_guard_judged(world, labelled):
-    """The host's loss (read from the reduced vector) and the device's (judged before the last backward) are
-    one formula: bit-equal, and 0 rather than NaN for a step with no labelled token anywhere."""
+    """The loss the loop logs and guards on the host is the value the device judged before the last backward
+    (read with the reduced vector in one transfer), and 0 rather than NaN for a step with no labelled token."""
     calls, other = world
     other["vector"] = torch.tensor([0.1, 0.2, 3.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     if labelled == (0, 0):
@@ -199,8 +199,8 @@ def test_the_logged_loss_is_exactly_the_one_the_guard_judged(world, labelled):
         2,
         lambda: torch.zeros(2, dtype=torch.float64),
     )
-    logged = result.loss(result.reduced.tolist())
-    assert guard.judged == [logged]
+    values, logged = result.read()
+    assert guard.judged == [logged] and values == result.reduced.tolist()
     if labelled == (0, 0):
         assert logged == 0.0
     else:

@@ -32,12 +32,16 @@ class StepResult:
     """This rank's per-source labelled-token counts."""
     reduced: torch.Tensor
     """The all-reduce over ranks: per-source loss sums, per-source counts, then the ranks' own part (below)."""
+    judged: torch.Tensor
+    """The step's global loss as the guard judged it on the device (global_loss)."""
     num_sources: int
 
-    def loss(self, values: list[float]) -> float:
-        """The step's global loss, from `reduced` read on the host: the same arithmetic as the guard judged."""
-        head = torch.tensor(values[: 2 * self.num_sources], dtype=torch.float64)
-        return global_loss(head, self.num_sources).item()
+    def read(self) -> tuple[list[float], float]:
+        """`reduced` and the judged loss, in the step's one host read. The loss is the device's own value, not
+        recomputed on the host: a reduction in another order could land on the other side of the spike limit,
+        and the guard would then see an applied step it rejects."""
+        values = torch.cat([self.reduced, self.judged.view(1).to(self.reduced.dtype)]).tolist()
+        return values[:-1], values[-1]
 
     def tail(self, values: list[float]) -> list[float]:
         """What the loop added: [next step's labelled tokens, stop votes, then its log window's counters]."""
@@ -60,7 +64,7 @@ def train_step(
     env = backend.env
     sums = torch.zeros(num_sources, dtype=torch.float64, device=env.device)
     counts = torch.zeros_like(sums)
-    reduced = sums
+    reduced = judged = sums
     for i, batch in enumerate(micro_batches):
         loss_sum, batch_sums, batch_counts = backend.forward_loss(batch, num_sources)
         sums += batch_sums
@@ -70,10 +74,11 @@ def train_step(
             # The step's loss is known once its last forward is done. For a step the guard rejects, this last
             # backward is multiplied by NaN on every rank, so the backend discards the whole step (guard.py).
             reduced = collectives.all_reduce_sum(torch.cat([sums, counts, ranks_part().to(sums.device)]))
-            factor = scale * guard.backward_factor(global_loss(reduced, num_sources))
+            judged = global_loss(reduced, num_sources)
+            factor = scale * guard.backward_factor(judged)
         backend.backward(loss_sum * factor.to(loss_sum.dtype))
         backend.step()  # optimizer + lr schedule step only on the last micro-batch
-    return StepResult(sums, counts, reduced, num_sources)
+    return StepResult(sums, counts, reduced, judged, num_sources)
 
 
 def global_loss(reduced: torch.Tensor, num_sources: int) -> torch.Tensor:

@@ -160,11 +160,12 @@ class WandbTracker:
 
 
 def mlflow_key(key: str) -> str:
-    """A metric or parameter name MLflow accepts: letters, digits, _ - . space : / and at most 250 characters
-    (a source named with other characters would otherwise fail the whole batch). A key that had to change ends
-    in a digest of the original, so two sources whose names differ only where MLflow differs ("pub+med",
-    "pub_med") stay two metrics instead of one series written twice a step."""
+    """A metric or parameter name MLflow accepts: letters, digits, _ - . space : / at most 250 characters, and
+    a path that normalising leaves as it is (no empty, "." or ".." segment). A key that had to change ends in a
+    digest of the original, so two config keys that differ only where MLflow refuses them ("a+b", "a_b") stay
+    two parameters instead of failing the batch as duplicates."""
     safe = re.sub(r"[^\w\-. :/]", "_", key)
+    safe = "/".join(part if part not in (".", "..") else "_" for part in safe.split("/") if part) or "_"
     if safe == key and len(key) <= 250:
         return key
     return f"{safe[:241]}_{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -177,8 +177,8 @@ def _train_and_export(run: Run, metrics: MetricsLogger, watchdog: Watchdog, stop
             )
             result = train_step(b, micro_batches, scale, guard, len(names), ranks_part)
             state.step += 1
-            reduced = result.reduced.tolist()  # the step's one host read, after its work is queued
-            loss_value, (_, votes, *window_total) = result.loss(reduced), result.tail(reduced)
+            reduced, loss_value = result.read()  # the step's one host read, after its work is queued
+            _, votes, *window_total = result.tail(reduced)
             next_tokens = result.reduced[2 * len(names) + NEXT_TOKENS]  # on the device: no second read
             scale = loss_scale(next_tokens, cfg.grad_accum_steps, env.world_size)
             verdict = guard.after_step(state.step, loss_value, b.step_applied)

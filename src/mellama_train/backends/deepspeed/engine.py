@@ -109,14 +109,30 @@ def end_model_construction() -> None:
     _LIVE_HF_DS_CONFIGS.clear()
 
 
-def use_torch_adamw(ds_config: dict[str, Any]) -> None:
-    """Without CUDA: DeepSpeed's FusedAdam is a CUDA kernel, so run torch's AdamW (the same update rule) instead
-    of JIT-building a CPU op, and torch's fused CPU kernel of it, not its default per-tensor loop. Under ZeRO
-    each param group's partition is one flat tensor, so each of the loop's temporaries (the second moment's
-    square root, the update) is the size of the whole partition: at the 25M shape the loop added ~100 MB to
-    every rank's peak RSS, and its step took 5x as long (docs/PERFORMANCE.md). A JSON that asks for foreach
-    keeps it."""
+# The param-group keys that pick torch's AdamW implementation (fused kernel, foreach, or its loop).
+TORCH_KERNEL_KEYS = ("fused", "foreach")
+
+
+def choose_adam_kernel(ds_config: dict[str, Any], cuda: bool) -> None:
+    """Which AdamW runs. On CUDA, DeepSpeed's FusedAdam (or CPUAdam under offload), which take no `fused` or
+    `foreach`: those keys, torch settings a JSON may carry for CPU runs, are dropped there (said in the log)
+    unless the JSON asks for torch's AdamW itself (`torch_adam`).
+
+    Without CUDA: FusedAdam is a CUDA kernel, so torch's AdamW (the same update rule) instead of JIT-building a
+    CPU op, and torch's fused CPU kernel of it, not its default per-tensor loop. Under ZeRO each param group's
+    partition is one flat tensor, so each of the loop's temporaries (the second moment's square root, the
+    update) is the size of the whole partition: at the 25M shape the loop added 100-130 MB to every rank's
+    peak RSS, and its step took 5x as long (docs/PERFORMANCE.md). A JSON that asks for foreach, or says
+    `"fused": false`, keeps it."""
     params = ds_config.setdefault("optimizer", {}).setdefault("params", {})
+    if cuda:
+        if not params.get("torch_adam"):
+            if dropped := [key for key in TORCH_KERNEL_KEYS if params.pop(key, None) is not None]:
+                log.warning(
+                    "optimizer.params %s: torch AdamW settings, ignored by DeepSpeed's FusedAdam on GPU",
+                    ", ".join(dropped),
+                )
+        return
     params["torch_adam"] = True
     if not params.get("foreach"):
         params.setdefault("fused", True)
@@ -140,8 +156,7 @@ class DeepSpeedBackend:
         def scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
 
-        if not torch.cuda.is_available():
-            use_torch_adamw(ds_config)
+        choose_adam_kernel(ds_config, cuda=torch.cuda.is_available())
         self._ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=param_groups, config=ds_config, lr_scheduler=scheduler
         )
@@ -271,10 +286,16 @@ class DeepSpeedBackend:
         # The flag is read by load_checkpoint only; an engine loads the layout of the checkpoint in hand.
         self._ds._config.load_universal_checkpoint = reshape
         decay = [g["weight_decay"] for g in self.optimizer.param_groups]
+        kernels = [{k: g[k] for k in TORCH_KERNEL_KEYS if k in g} for g in self.optimizer.param_groups]
         with safe_loading():
             path, _ = self._ds.load_checkpoint(
                 checkpoints_dir, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+        # torch's load_state_dict brings back each group's kernel as it was saved: a checkpoint from before the
+        # fused kernel (or from a JSON that said otherwise) would bring back the loop, for good, since every save
+        # writes it again. The kernel is this run's choice (choose_adam_kernel); the state is the same either way.
+        for group, kernel in zip(self.optimizer.param_groups, kernels):
+            group.update(kernel)
         if reshape:
             # DeepSpeed 0.19.8's universal ZeRO-3 load gives every parameter group the hyperparameters of the
             # first ("the hyperparameters of each parameter should be the same"): our norms would take the
